@@ -1,0 +1,150 @@
+"""All networks of the Seed-VC real-time model, built and loaded from the official files or a bundle."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+from torch.nn.utils import parametrize
+
+from app.model.campplus import CAMPPlus, CAMPPlusConfig
+from app.model.checkpoints import dit_checkpoint_parts, load_checked, read_checkpoint
+from app.model.config import ConfigError, SeedVCConfig, load_config
+from app.model.content_encoder import ContentEncoder
+from app.model.dit import DiT
+from app.model.hift import HiFTConfig, HiFTVocoder
+from app.model.length_regulator import LengthRegulator
+from app.model.mel import MelSpectrogram
+from app.model.sources import HUB, ModelFiles, ModelLoadError, resolve_files
+
+log = logging.getLogger(__name__)
+
+# Checkpoint weights that upstream's modules build but the real-time path never runs. `input_pos` is a position
+# buffer whose stored size (the config's block_size) differs from the module's; upstream skips it too.
+DIT_UNUSED_WEIGHTS = ("input_pos", "x_embedder.", "cond_embedder.", "content_mask_embedder.", "skip_linear.")
+REGULATOR_UNUSED_WEIGHTS = ("embedding.", "mask_token", "extra_codebooks.", "extra_codebook_mask_tokens.")
+
+
+class SeedVC(nn.Module):
+    def __init__(
+        self,
+        config: SeedVCConfig,
+        content_encoder: ContentEncoder,
+        length_regulator: LengthRegulator,
+        dit: DiT,
+        vocoder: HiFTVocoder,
+        speaker_encoder: CAMPPlus,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.content_encoder = content_encoder
+        self.length_regulator = length_regulator
+        self.dit = dit
+        self.vocoder = vocoder
+        self.speaker_encoder = speaker_encoder
+        self.mel = MelSpectrogram(config.mel)
+        self.eval()
+
+    @property
+    def sample_rate(self) -> int:
+        return self.config.mel.sample_rate
+
+    @property
+    def device(self) -> torch.device:
+        return self.mel.window.device
+
+    @classmethod
+    def load(cls, source: str | Path = HUB, device: str | torch.device = "cpu") -> SeedVC:
+        """From `hub` (the official files by hub id) or a model bundle directory, onto `device`."""
+        return cls.from_files(resolve_files(source)).to(device)
+
+    @classmethod
+    def from_files(cls, files: ModelFiles) -> SeedVC:
+        config = load_config(files.dit_config)
+        estimator_state, regulator_state = dit_checkpoint_parts(
+            read_checkpoint(files.dit_checkpoint, "DiT"), files.dit_checkpoint
+        )
+        dit = DiT(config.dit)
+        load_checked(dit, estimator_state, "DiT estimator", DIT_UNUSED_WEIGHTS)
+        regulator = LengthRegulator(config.length_regulator)
+        load_checked(regulator, regulator_state, "length regulator", REGULATOR_UNUSED_WEIGHTS)
+        model = cls(
+            config,
+            _load_content_encoder(files.content_encoder, config),
+            regulator,
+            dit,
+            _load_vocoder(files, config),
+            _load_speaker_encoder(files),
+        )
+        log.info("Seed-VC model loaded from %s", files.dit_checkpoint.parent)
+        return model
+
+
+def _load_content_encoder(folder: Path, config: SeedVCConfig) -> ContentEncoder:
+    try:
+        encoder = ContentEncoder.from_pretrained(folder, config.content_encoder)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"cannot load the content encoder from {folder}: {error}") from error
+    if encoder.hidden_size != config.length_regulator.in_channels:
+        raise ModelLoadError(
+            f"content encoder width {encoder.hidden_size} does not match length_regulator.in_channels "
+            f"{config.length_regulator.in_channels} in config_dit.yml"
+        )
+    # The positional conv's weight norm is recomputed on every call; fold it once (same numbers, less work).
+    for module in encoder.modules():
+        if parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    return encoder
+
+
+def _read_mapping(path: Path, parse: str) -> dict:
+    try:
+        text = path.read_text()
+        data = yaml.safe_load(text) if parse == "yaml" else json.loads(text)
+    except (OSError, yaml.YAMLError, json.JSONDecodeError) as error:
+        raise ModelLoadError(f"cannot read {path}: {error}") from error
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} does not hold a mapping")
+    return data
+
+
+def _load_vocoder(files: ModelFiles, config: SeedVCConfig) -> HiFTVocoder:
+    try:
+        vocoder_config = (
+            HiFTConfig.from_yaml_dict(_read_mapping(files.vocoder_config, "yaml"))
+            if files.vocoder_config
+            else HiFTConfig()
+        )
+        state = read_checkpoint(files.vocoder_checkpoint, "HiFT vocoder")
+        vocoder = HiFTVocoder.from_state_dict(vocoder_config, state)
+    except ValueError as error:
+        raise ModelLoadError(f"HiFT vocoder ({files.vocoder_checkpoint}): {error}") from error
+    mel = config.mel
+    if (vocoder_config.in_channels, vocoder_config.sampling_rate, vocoder_config.samples_per_frame) != (
+        mel.n_mels,
+        mel.sample_rate,
+        mel.hop_length,
+    ):
+        raise ConfigError(
+            f"the vocoder (mels {vocoder_config.in_channels}, {vocoder_config.sampling_rate} Hz, "
+            f"{vocoder_config.samples_per_frame} samples/frame) does not fit the DiT's mel "
+            f"({mel.n_mels} mels, {mel.sample_rate} Hz, hop {mel.hop_length})"
+        )
+    return vocoder
+
+
+def _load_speaker_encoder(files: ModelFiles) -> CAMPPlus:
+    try:
+        speaker_config = (
+            CAMPPlusConfig.from_json_dict(_read_mapping(files.speaker_encoder_config, "json"))
+            if files.speaker_encoder_config
+            else CAMPPlusConfig()
+        )
+        state = read_checkpoint(files.speaker_encoder_checkpoint, "CAMPPlus speaker encoder")
+        return CAMPPlus.from_state_dict(speaker_config, state)
+    except ValueError as error:
+        raise ModelLoadError(f"CAMPPlus speaker encoder ({files.speaker_encoder_checkpoint}): {error}") from error
