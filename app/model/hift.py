@@ -107,9 +107,23 @@ class HiFTConfig:
         kinds = {f.name: f.type for f in fields(cls)}
         return cls(**{name: _coerce(kinds[name], value) for name, value in values.items()})
 
+    def to_yaml_dict(self) -> dict[str, Any]:
+        """The hift.yml sections that `from_yaml_dict` reads back to this config (used to write bundles)."""
+        hift: dict[str, Any] = {
+            name: _plain(getattr(self, name)) for name in sorted(_HIFT_KEYS - {"istft_params"})
+        }
+        hift["istft_params"] = {key: getattr(self, field) for key, field in _ISTFT_KEYS.items()}
+        f0 = {key: getattr(self, field) for key, field in _F0_KEYS.items() if field is not None}
+        return {"hift": hift, "f0_predictor": {"num_class": 1, **f0}}
+
     @property
     def samples_per_frame(self) -> int:
         return math.prod(self.upsample_rates) * self.istft_hop
+
+
+def _plain(value: Any) -> Any:
+    """Tuples (nested too) as lists, the way YAML writes sequences."""
+    return [_plain(item) for item in value] if isinstance(value, tuple) else value
 
 
 def _reject_unknown(section: str, values: Mapping[str, Any], known: set[str]) -> None:

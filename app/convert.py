@@ -1,0 +1,214 @@
+"""File-to-file voice conversion through the streaming algorithm, block by block, exactly as a live stream runs.
+
+Usage:
+    python -m app.convert SOURCE REFERENCE OUTPUT [--model hub|BUNDLE_DIR] [--seed 0] [--device auto]
+    python -m app.convert --manifest JOBS.jsonl [settings flags as defaults for every job]
+
+OUTPUT holds what a live listener would hear: output block k answers input block k (no delay compensation),
+followed by the blocks that flush the lookahead. WAV output is 32-bit float at the model rate (22.05 kHz) unless
+--output-rate says otherwise.
+
+A manifest has one JSON object per line: {"source": ..., "reference": ..., "output": ..., "seed": 0} plus any
+setting to override for that job (block_time, crossfade_time, ce_context, dit_context, lookahead, diffusion_steps,
+cfg_rate, max_prompt). Relative paths are relative to the manifest's folder. All jobs run as concurrent streams of
+one model: jobs with equal block settings are batched together, block by block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from app.audio.files import Audio, AudioError, read_audio, resample, write_audio
+from app.model.config import ConfigError
+from app.model.seedvc import SeedVC
+from app.model.sources import HUB, ModelLoadError
+from app.streaming.settings import CONTENT_RATE, SettingsError, StreamSettings
+from app.streaming.stream import Stream, step_streams
+from app.streaming.voice import VoiceCache
+
+SETTING_FLAGS = {
+    "block_time": ("--block-time", float, "seconds per block"),
+    "crossfade_time": ("--crossfade", float, "crossfade between blocks, seconds"),
+    "ce_context": ("--ce-context", float, "content-encoder left context, seconds"),
+    "dit_context": ("--dit-context", float, "DiT left context, seconds (at most --ce-context)"),
+    "lookahead": ("--lookahead", float, "right context, seconds (adds latency)"),
+    "diffusion_steps": ("--steps", int, "diffusion steps per block"),
+    "cfg_rate": ("--cfg-rate", float, "classifier-free guidance rate (0 = off)"),
+    "max_prompt": ("--max-prompt", float, "seconds of the reference used as the voice prompt"),
+}
+
+
+class JobError(ValueError):
+    """A manifest line or job that cannot be run; the message names the line."""
+
+
+@dataclass(frozen=True)
+class Job:
+    source: Path
+    reference: Path
+    output: Path
+    seed: int
+    settings: StreamSettings
+
+
+@dataclass
+class RunningJob:
+    job: Job
+    stream: Stream
+    blocks: list[torch.Tensor]  # input blocks at 16 kHz, padded, plus the flush blocks
+    outputs: list[torch.Tensor]
+
+    @property
+    def done(self) -> bool:
+        return len(self.outputs) == len(self.blocks)
+
+
+def input_blocks(source: Audio, stream: Stream) -> list[torch.Tensor]:
+    """The source at 16 kHz cut into blocks (the last one zero-padded), then silent blocks that flush the lookahead."""
+    samples = resample(torch.from_numpy(source.samples), source.rate, CONTENT_RATE)
+    size = stream.geometry.block_16k
+    count = -(-len(samples) // size) + stream.geometry.flush_blocks
+    padded = torch.zeros(count * size)
+    padded[: len(samples)] = samples
+    return list(padded.split(size))
+
+
+def start_job(model: SeedVC, voices: VoiceCache, job: Job) -> RunningJob:
+    voice = voices.get(read_audio(job.reference), job.settings.max_prompt)
+    stream = Stream(model, voice, job.settings, job.seed)
+    return RunningJob(job=job, stream=stream, blocks=input_blocks(read_audio(job.source), stream), outputs=[])
+
+
+def finish_job(running: RunningJob, model_rate: int, output_rate: int) -> None:
+    audio = resample(torch.cat(running.outputs), model_rate, output_rate)
+    running.job.output.parent.mkdir(parents=True, exist_ok=True)
+    write_audio(running.job.output, audio.numpy(), output_rate)
+
+
+def run_jobs(model: SeedVC, jobs: Sequence[Job], output_rate: int, progress: bool = True) -> None:
+    """Run every job as a concurrent stream; streams that share block settings advance in one batched pass."""
+    voices = VoiceCache(model)
+    running = [start_job(model, voices, job) for job in jobs]
+    with tqdm(total=sum(len(r.blocks) for r in running), unit="block", disable=not progress) as bar:
+        while active := [r for r in running if not r.done]:
+            groups: dict[tuple[Any, ...], list[RunningJob]] = {}
+            for r in active:
+                key = (r.stream.geometry, r.stream.settings.diffusion_steps)
+                groups.setdefault(key, []).append(r)
+            for group in groups.values():
+                step = step_streams(model, [r.stream for r in group], [r.blocks[len(r.outputs)] for r in group])
+                for r, audio in zip(group, step.audio, strict=True):
+                    r.outputs.append(audio)
+                    if r.done:
+                        finish_job(r, model.sample_rate, output_rate)
+                bar.update(len(group))
+
+
+def read_manifest(path: Path, defaults: StreamSettings, default_seed: int) -> list[Job]:
+    base = path.parent
+    known_settings = {f.name for f in fields(StreamSettings)}
+    jobs = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as error:
+        raise JobError(f"cannot read the manifest {path}: {error}") from error
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise JobError(f"{where}: not valid JSON ({error.msg})") from error
+        if not isinstance(entry, dict):
+            raise JobError(f"{where}: each line must be a JSON object")
+        unknown = set(entry) - {"source", "reference", "output", "seed"} - known_settings
+        if unknown:
+            raise JobError(f"{where}: unknown keys {sorted(unknown)}")
+        missing = {"source", "reference", "output"} - set(entry)
+        if missing:
+            raise JobError(f"{where}: missing {sorted(missing)}")
+        try:
+            settings = replace(defaults, **{key: entry[key] for key in known_settings & set(entry)})
+        except SettingsError as error:
+            raise JobError(f"{where}: {error}") from error
+        jobs.append(
+            Job(
+                source=base / entry["source"],
+                reference=base / entry["reference"],
+                output=base / entry["output"],
+                seed=int(entry.get("seed", default_seed)),
+                settings=settings,
+            )
+        )
+    if not jobs:
+        raise JobError(f"{path} holds no jobs")
+    outputs = [job.output.resolve() for job in jobs]
+    if len(set(outputs)) != len(outputs):
+        raise JobError(f"{path}: two jobs write the same output file")
+    return jobs
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m app.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("source", nargs="?", type=Path, help="audio to convert (any common format and rate)")
+    parser.add_argument("reference", nargs="?", type=Path, help="reference voice (at least 1 s)")
+    parser.add_argument("output", nargs="?", type=Path, help="where to write the converted audio")
+    parser.add_argument("--manifest", type=Path, help="JSON lines of jobs to run as concurrent streams")
+    defaults = StreamSettings()
+    for name, (flag, kind, text) in SETTING_FLAGS.items():
+        parser.add_argument(flag, dest=name, type=kind, default=getattr(defaults, name), help=f"{text} (%(default)s)")
+    parser.add_argument("--model", default=HUB, help="'hub' (official files, cached) or a model bundle directory")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the stream's random generator (%(default)s)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--output-rate", type=int, help="resample the output to this rate (default: model rate)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    single = [args.source, args.reference, args.output]
+    if args.manifest is None and None in single:
+        parser.error("give SOURCE REFERENCE OUTPUT, or --manifest JOBS.jsonl")
+    if args.manifest is not None and any(single):
+        parser.error("--manifest replaces SOURCE REFERENCE OUTPUT; give one or the other")
+    if args.output_rate is not None and not 8000 <= args.output_rate <= 192000:
+        parser.error("--output-rate must be between 8000 and 192000")
+    return args
+
+
+def choose_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        settings = StreamSettings(**{name: getattr(args, name) for name in SETTING_FLAGS})
+        if args.manifest is not None:
+            jobs = read_manifest(args.manifest, settings, args.seed)
+        else:
+            jobs = [Job(args.source, args.reference, args.output, args.seed, settings)]
+        model = SeedVC.load(args.model, choose_device(args.device))
+        run_jobs(model, jobs, args.output_rate or model.sample_rate, progress=not args.quiet)
+    except (SettingsError, JobError, AudioError, ConfigError, ModelLoadError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
