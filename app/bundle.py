@@ -52,9 +52,7 @@ def write_bundle(files: ModelFiles, directory: Path, force: bool = False) -> Non
     shutil.copytree(files.content_encoder, directory / BUNDLE_CONTENT_ENCODER, symlinks=False, dirs_exist_ok=True)
     shutil.copyfile(files.vocoder_checkpoint, directory / BUNDLE_VOCODER)
     shutil.copyfile(files.speaker_encoder_checkpoint, directory / BUNDLE_SPEAKER_ENCODER)
-    vocoder = (
-        yaml.safe_load(files.vocoder_config.read_text()) if files.vocoder_config else HiFTConfig().to_yaml_dict()
-    )
+    vocoder = yaml.safe_load(files.vocoder_config.read_text()) if files.vocoder_config else HiFTConfig().to_yaml_dict()
     (directory / BUNDLE_VOCODER_CONFIG).write_text(yaml.safe_dump(vocoder, sort_keys=False))
     speaker = (
         json.loads(files.speaker_encoder_config.read_text())

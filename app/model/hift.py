@@ -109,9 +109,7 @@ class HiFTConfig:
 
     def to_yaml_dict(self) -> dict[str, Any]:
         """The hift.yml sections that `from_yaml_dict` reads back to this config (used to write bundles)."""
-        hift: dict[str, Any] = {
-            name: _plain(getattr(self, name)) for name in sorted(_HIFT_KEYS - {"istft_params"})
-        }
+        hift: dict[str, Any] = {name: _plain(getattr(self, name)) for name in sorted(_HIFT_KEYS - {"istft_params"})}
         hift["istft_params"] = {key: getattr(self, field) for key, field in _ISTFT_KEYS.items()}
         f0 = {key: getattr(self, field) for key, field in _F0_KEYS.items() if field is not None}
         return {"hift": hift, "f0_predictor": {"num_class": 1, **f0}}
