@@ -22,17 +22,16 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from app.audio.files import Audio, AudioError, read_audio, resample, write_audio
+from app.engine.engine import BlockRequest, Engine
 from app.model.config import ConfigError
 from app.model.seedvc import SeedVC
 from app.model.sources import HUB, ModelLoadError
-from app.streaming.settings import CONTENT_RATE, SettingsError, StreamSettings
-from app.streaming.stream import Stream, step_streams
+from app.streaming.settings import CONTENT_RATE, SettingsError, StreamGeometry, StreamSettings
 from app.streaming.voice import VoiceCache
 
 SETTING_FLAGS = {
@@ -63,7 +62,7 @@ class Job:
 @dataclass
 class RunningJob:
     job: Job
-    stream: Stream
+    session_id: str
     blocks: list[torch.Tensor]  # input blocks at 16 kHz, padded, plus the flush blocks
     outputs: list[torch.Tensor]
 
@@ -72,20 +71,14 @@ class RunningJob:
         return len(self.outputs) == len(self.blocks)
 
 
-def input_blocks(source: Audio, stream: Stream) -> list[torch.Tensor]:
+def input_blocks(source: Audio, geometry: StreamGeometry) -> list[torch.Tensor]:
     """The source at 16 kHz cut into blocks (the last one zero-padded), then silent blocks that flush the lookahead."""
     samples = resample(torch.from_numpy(source.samples), source.rate, CONTENT_RATE)
-    size = stream.geometry.block_16k
-    count = -(-len(samples) // size) + stream.geometry.flush_blocks
+    size = geometry.block_16k
+    count = -(-len(samples) // size) + geometry.flush_blocks
     padded = torch.zeros(count * size)
     padded[: len(samples)] = samples
     return list(padded.split(size))
-
-
-def start_job(model: SeedVC, voices: VoiceCache, job: Job) -> RunningJob:
-    voice = voices.get(read_audio(job.reference), job.settings.max_prompt)
-    stream = Stream(model, voice, job.settings, job.seed)
-    return RunningJob(job=job, stream=stream, blocks=input_blocks(read_audio(job.source), stream), outputs=[])
 
 
 def finish_job(running: RunningJob, model_rate: int, output_rate: int) -> None:
@@ -95,22 +88,26 @@ def finish_job(running: RunningJob, model_rate: int, output_rate: int) -> None:
 
 
 def run_jobs(model: SeedVC, jobs: Sequence[Job], output_rate: int, progress: bool = True) -> None:
-    """Run every job as a concurrent stream; streams that share block settings advance in one batched pass."""
+    """Run every job as a session of one engine; sessions that share block settings advance in one batched pass."""
     voices = VoiceCache(model)
-    running = [start_job(model, voices, job) for job in jobs]
+    engine = Engine(model)
+    running = []
+    for number, job in enumerate(jobs):
+        voice = voices.get(read_audio(job.reference), job.settings.max_prompt)
+        session = engine.open(str(number), voice, job.settings, job.seed)
+        blocks = input_blocks(read_audio(job.source), session.stream.geometry)
+        running.append(RunningJob(job=job, session_id=str(number), blocks=blocks, outputs=[]))
+    by_id = {r.session_id: r for r in running}
     with tqdm(total=sum(len(r.blocks) for r in running), unit="block", disable=not progress) as bar:
         while active := [r for r in running if not r.done]:
-            groups: dict[tuple[Any, ...], list[RunningJob]] = {}
-            for r in active:
-                key = (r.stream.geometry, r.stream.settings.diffusion_steps)
-                groups.setdefault(key, []).append(r)
-            for group in groups.values():
-                step = step_streams(model, [r.stream for r in group], [r.blocks[len(r.outputs)] for r in group])
-                for r, audio in zip(group, step.audio, strict=True):
-                    r.outputs.append(audio)
-                    if r.done:
-                        finish_job(r, model.sample_rate, output_rate)
-                bar.update(len(group))
+            report = engine.step([BlockRequest(r.session_id, r.blocks[len(r.outputs)]) for r in active])
+            for result in report.results:
+                finished = by_id[result.session_id]
+                finished.outputs.append(result.audio)
+                if finished.done:
+                    finish_job(finished, model.sample_rate, output_rate)
+                    engine.close(finished.session_id)
+            bar.update(len(report.results))
 
 
 def read_manifest(path: Path, defaults: StreamSettings, default_seed: int) -> list[Job]:

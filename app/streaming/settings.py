@@ -117,6 +117,11 @@ class StreamGeometry:
         )
 
     @property
+    def output_region_16k(self) -> int:
+        """The newest part of the 16 kHz window that becomes this block's output: all but the left context."""
+        return self.window_16k - SAMPLES_PER_CONTENT_FRAME_16K * self.extra // self.zc
+
+    @property
     def vocoder_samples(self) -> int:
         return self.mel_frames * self.hop
 

@@ -31,11 +31,14 @@ class Stream:
         self.generator = torch.Generator().manual_seed(seed)
         self.blocks_done = 0
 
-    def push(self, block_16k: Tensor) -> None:
-        """Shift the rolling window left by one block and append the new input block."""
+    def window_with(self, block_16k: Tensor) -> Tensor:
+        """The rolling window shifted left by one block, with the new input block appended."""
         size = self.geometry.block_16k
         assert block_16k.shape == (size,), f"a block is {size} samples at 16 kHz, got {tuple(block_16k.shape)}"
-        self.window = torch.cat([self.window[size:], block_16k.to(self.window.dtype)])
+        return torch.cat([self.window[size:], block_16k.to(self.window.dtype)])
+
+    def push(self, block_16k: Tensor) -> None:
+        self.window = self.window_with(block_16k)
 
     def next_row(self, model: SeedVC) -> BlockRow:
         """Draw this block's random numbers (always all four, in order) for the stream's next block."""
@@ -52,26 +55,56 @@ class Stream:
 
 @dataclass(frozen=True)
 class StepOutput:
-    audio: Tensor  # (B, block) at the model rate, on the CPU
-    batch: BlockBatch  # the intermediate results (debugging, parity tests, metrics)
+    audio: Tensor  # (B, block) at the model rate, on the CPU; silence for skipped rows
+    batch: BlockBatch | None  # the converted rows' intermediate results (None when every row was skipped)
+    converted: tuple[int, ...]  # which rows went through the model, in batch order
 
 
-def step_streams(model: SeedVC, streams: Sequence[Stream], blocks_16k: Sequence[Tensor]) -> StepOutput:
-    """Feed each stream its next input block and compute all their output blocks in one batched pass."""
+def step_streams(
+    model: SeedVC,
+    streams: Sequence[Stream],
+    blocks_16k: Sequence[Tensor],
+    steps: int | None = None,
+    skip: Sequence[bool] | None = None,
+) -> StepOutput:
+    """Feed each stream its next input block and compute all their output blocks in one batched pass.
+
+    `steps` overrides the streams' diffusion steps for this block (deadline control). A `skip` row does not run the
+    model and outputs silence, yet its window still advances and its generator still draws the block's numbers, so
+    the stream stays in step; the crossfade tail it leaves is silence.
+    """
     geometry = streams[0].geometry
-    steps = streams[0].settings.diffusion_steps
+    default_steps = streams[0].settings.diffusion_steps
     for stream in streams:
-        assert stream.geometry == geometry and stream.settings.diffusion_steps == steps, (
+        assert stream.geometry == geometry and stream.settings.diffusion_steps == default_steps, (
             "streams batched together must share block geometry and diffusion steps"
         )
     for stream, block in zip(streams, blocks_16k, strict=True):
         stream.push(block)
     rows = [stream.next_row(model) for stream in streams]
-    device = model.device
-    windows = torch.stack([stream.window for stream in streams]).to(device)
-    tails = torch.stack([stream.tail for stream in streams])
-    batch = convert_block(model, geometry, windows, tails, rows, steps, fade_in_window(geometry.sola_buffer, device))
-    for index, stream in enumerate(streams):
-        stream.tail = batch.sola.tails[index]
+    converted = tuple(index for index in range(len(streams)) if not (skip and skip[index]))
+    audio = torch.zeros(len(streams), geometry.block)
+    for stream in streams:
         stream.blocks_done += 1
-    return StepOutput(audio=batch.sola.output.cpu(), batch=batch)
+    if not converted:
+        for stream in streams:
+            stream.tail = torch.zeros_like(stream.tail)
+        return StepOutput(audio=audio, batch=None, converted=())
+    device = model.device
+    active = [streams[index] for index in converted]
+    batch = convert_block(
+        model,
+        geometry,
+        torch.stack([stream.window for stream in active]).to(device),
+        torch.stack([stream.tail for stream in active]),
+        [rows[index] for index in converted],
+        steps or default_steps,
+        fade_in_window(geometry.sola_buffer, device),
+    )
+    audio[list(converted)] = batch.sola.output.cpu()
+    silent = set(range(len(streams))) - set(converted)
+    for index in silent:
+        streams[index].tail = torch.zeros_like(streams[index].tail)
+    for position, stream in enumerate(active):
+        stream.tail = batch.sola.tails[position]
+    return StepOutput(audio=audio, batch=batch, converted=converted)
