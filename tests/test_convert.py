@@ -67,9 +67,14 @@ def test_cli_streams_the_fixture_exactly_like_upstream(parity: ParitySet, tmp_pa
     out = tmp_path / "OUT.wav"
     files = parity.bundle["files"]
     result = run_cli(
-        files["source_16k"], files["reference_22k"], str(out), "--model", "model/", *settings_flags(parity),
+        files["source_16k"],
+        files["reference_22k"],
+        str(out),
+        "--model",
+        "model/",
+        *settings_flags(parity),
         cwd=parity.root,
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr
     info = soundfile.info(out)
     assert (info.samplerate, info.channels, info.subtype) == (parity.geometry["sr"], 1, "FLOAT")
@@ -84,8 +89,18 @@ def test_cli_streams_the_fixture_exactly_like_upstream(parity: ParitySet, tmp_pa
 def test_cli_writes_the_requested_output_rate(parity: ParitySet, tmp_path: Path, run_main) -> None:
     out = tmp_path / "out48k.flac"
     files = parity.bundle["files"]
-    result = run_main(files["source_16k"], files["reference_22k"], str(out), "--model", "model/", "--output-rate",
-                     "48000", "--steps", "2", cwd=parity.root)  # fmt: skip
+    result = run_main(
+        files["source_16k"],
+        files["reference_22k"],
+        str(out),
+        "--model",
+        "model/",
+        "--output-rate",
+        "48000",
+        "--steps",
+        "2",
+        cwd=parity.root,
+    )
     assert result.returncode == 0, result.stderr
     info = soundfile.info(out)
     assert info.samplerate == 48000
@@ -144,8 +159,9 @@ def test_cli_reports_bad_input_clearly(parity: ParitySet, tmp_path: Path, run_ma
             config = yaml.safe_load((model / "config_dit.yml").read_text())
             config["model_params"]["DiT"]["depth"] += 1
             (model / "config_dit.yml").write_text(yaml.safe_dump(config))
-    result = run_main(str(source), str(reference), str(tmp_path / "out.wav"), "--model", str(model), *extra,
-                     cwd=tmp_path)  # fmt: skip
+    result = run_main(
+        str(source), str(reference), str(tmp_path / "out.wav"), "--model", str(model), *extra, cwd=tmp_path
+    )
     assert result.returncode == 2, result.stderr
     assert expected in result.stderr
     assert not (tmp_path / "out.wav").exists()

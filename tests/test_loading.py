@@ -72,8 +72,10 @@ def fake_hub(parity: ParitySet, tmp_path_factory: pytest.TempPathFactory) -> Pat
     campplus = hub / sources.HUB_SPEAKER_ENCODER.repo_id
     campplus.mkdir(parents=True)
     speaker = CAMPPlus(CAMPPlusConfig()).state_dict()
-    funasr_layout = {key.replace("dense.", "xvector.dense.", 1) if key.startswith("dense.") else key: value
-                     for key, value in speaker.items()}  # fmt: skip
+    funasr_layout = {
+        key.replace("dense.", "xvector.dense.", 1) if key.startswith("dense.") else key: value
+        for key, value in speaker.items()
+    }
     torch.save(funasr_layout, campplus / sources.HUB_SPEAKER_ENCODER.filename)
     return hub
 
@@ -134,8 +136,12 @@ def test_offline_and_not_cached_fails_fast_with_advice(parity: ParitySet, tmp_pa
     files = parity.bundle["files"]
     result = subprocess.run(
         [sys.executable, "-m", "app.convert", files["source_16k"], files["reference_22k"], str(tmp_path / "o.wav")],
-        cwd=parity.root, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=parity.root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2
     assert "Plachta/Seed-VC" in result.stderr and "python -m app.bundle" in result.stderr
     assert "HF_HUB_OFFLINE" in result.stderr

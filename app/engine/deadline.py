@@ -8,6 +8,7 @@ steps are the only knob that trades quality for time without changing the stream
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
@@ -68,5 +69,6 @@ class StepCostModel:
             return configured
         # Lower every group by the same number of steps until the projection fits (or all reach the floor).
         over = total_configured - budget_seconds
-        cut = int(-(-over // per_step))
+        # (the epsilon keeps float noise like 0.9 / 0.3 = 3.0000000000000004 from costing a whole extra step)
+        cut = math.ceil(over / per_step - 1e-9)
         return [max(min(floor, steps), steps - cut) for steps in configured]

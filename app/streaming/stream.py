@@ -34,7 +34,8 @@ class Stream:
     def window_with(self, block_16k: Tensor) -> Tensor:
         """The rolling window shifted left by one block, with the new input block appended."""
         size = self.geometry.block_16k
-        assert block_16k.shape == (size,), f"a block is {size} samples at 16 kHz, got {tuple(block_16k.shape)}"
+        if block_16k.shape != (size,):
+            raise ValueError(f"a block is {size} samples at 16 kHz, got shape {tuple(block_16k.shape)}")
         return torch.cat([self.window[size:], block_16k.to(self.window.dtype)])
 
     def push(self, block_16k: Tensor) -> None:
@@ -47,7 +48,7 @@ class Stream:
             self.generator,
             n_mels=model.config.mel.n_mels,
             cfm_frames=self.voice.prompt_frames + geometry.mel_frames,
-            harmonics=model.vocoder.config.nb_harmonics + 1,
+            harmonic_channels=model.vocoder.config.nb_harmonics + 1,
             vocoder_samples=geometry.vocoder_samples,
         )
         return BlockRow(voice=self.voice, noise=noise, cfg_rate=self.settings.cfg_rate)
@@ -98,7 +99,7 @@ def step_streams(
         torch.stack([stream.window for stream in active]).to(device),
         torch.stack([stream.tail for stream in active]),
         [rows[index] for index in converted],
-        steps or default_steps,
+        default_steps if steps is None else steps,
         fade_in_window(geometry.sola_buffer, device),
     )
     audio[list(converted)] = batch.sola.output.cpu()
@@ -106,5 +107,5 @@ def step_streams(
     for index in silent:
         streams[index].tail = torch.zeros_like(streams[index].tail)
     for position, stream in enumerate(active):
-        stream.tail = batch.sola.tails[position]
+        stream.tail = batch.sola.tails[position].clone()  # not a view: it would pin the whole batch tensor
     return StepOutput(audio=audio, batch=batch, converted=converted)
