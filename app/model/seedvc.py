@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 import yaml
 from torch import nn
-from torch.nn.utils import parametrize
 
 from app.model.campplus import CAMPPlus, CAMPPlusConfig
 from app.model.checkpoints import dit_checkpoint_parts, load_checked, read_checkpoint
@@ -94,10 +93,6 @@ def _load_content_encoder(folder: Path, config: SeedVCConfig) -> ContentEncoder:
             f"content encoder width {encoder.hidden_size} does not match length_regulator.in_channels "
             f"{config.length_regulator.in_channels} in config_dit.yml"
         )
-    # The positional conv's weight norm is recomputed on every call; fold it once (same numbers, less work).
-    for module in encoder.modules():
-        if parametrize.is_parametrized(module, "weight"):
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
     return encoder
 
 
