@@ -20,7 +20,7 @@ from app.engine.deadline import DeadlinePolicy, StepCostModel
 from app.engine.silence import SilenceGate
 from app.model.seedvc import SeedVC
 from app.streaming.settings import StreamSettings
-from app.streaming.stream import Stream, step_streams
+from app.streaming.stream import Stream, StreamState, step_streams
 from app.streaming.voice import Voice
 
 
@@ -92,11 +92,20 @@ class Engine:
         return session_id in self._sessions
 
     def open(
-        self, session_id: str, voice: Voice, settings: StreamSettings, seed: int, gate: SilenceGate | None = None
+        self,
+        session_id: str,
+        voice: Voice,
+        settings: StreamSettings,
+        seed: int,
+        gate: SilenceGate | None = None,
+        resume: StreamState | None = None,
     ) -> Session:
+        """Open a session; with `resume` it continues exactly where a stream elsewhere left off."""
         if session_id in self._sessions:
             raise ValueError(f"session {session_id} is already open")
         session = Session(stream=Stream(self.model, voice, settings, seed), gate=gate)
+        if resume is not None:
+            session.stream.restore(resume)
         self._sessions[session_id] = session
         return session
 

@@ -20,6 +20,20 @@ from app.streaming.sola import fade_in_window
 from app.streaming.voice import Voice
 
 
+@dataclass(frozen=True)
+class StreamState:
+    """What it takes to continue a stream elsewhere, exactly: its window, SOLA tail, generator and block count.
+
+    Small by design (the window is the largest part, and a transport that keeps its own input history can rebuild
+    it), so a converter can hand it back with every block and a lost stream re-opens on another replica.
+    """
+
+    window: Tensor  # (window_16k,) float32
+    tail: Tensor  # (crossfade,) float32
+    generator_state: Tensor  # torch.Generator.get_state(), uint8
+    blocks_done: int
+
+
 class Stream:
     def __init__(self, model: SeedVC, voice: Voice, settings: StreamSettings, seed: int) -> None:
         self.voice = voice
@@ -30,6 +44,23 @@ class Stream:
         self.tail = torch.zeros(self.geometry.sola_buffer, device=model.device)
         self.generator = torch.Generator().manual_seed(seed)
         self.blocks_done = 0
+
+    def snapshot(self) -> StreamState:
+        return StreamState(
+            window=self.window.clone(),
+            tail=self.tail.cpu().clone(),
+            generator_state=self.generator.get_state(),
+            blocks_done=self.blocks_done,
+        )
+
+    def restore(self, state: StreamState) -> None:
+        geometry = self.geometry
+        if state.window.shape != (geometry.window_16k,) or state.tail.shape != (geometry.sola_buffer,):
+            raise ValueError("the saved stream state does not fit this stream's block settings")
+        self.window = state.window.to(torch.float32).clone()
+        self.tail = state.tail.to(device=self.tail.device, dtype=torch.float32).clone()
+        self.generator.set_state(state.generator_state)
+        self.blocks_done = state.blocks_done
 
     def window_with(self, block_16k: Tensor) -> Tensor:
         """The rolling window shifted left by one block, with the new input block appended."""

@@ -1,0 +1,221 @@
+"""The converter service: one model, many live sessions, one batched engine step for the blocks that are waiting.
+
+A plain class (no Ray): `deployments/converter.py` wraps it in a Serve deployment and feeds `convert_blocks` through
+`@serve.batch`. Every engine call runs on ONE worker thread, so the event loop stays free for health checks and
+routing-stats polls while a step computes, and the engine is never entered twice at once.
+
+Each block's reply carries the session's small resumable state (generator state, crossfade tail, block count).
+The transport keeps its own copy of the input window, so if this replica disappears the session re-opens on another
+one with `resume` and continues exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from app.audio.files import Audio, resample
+from app.engine.deadline import DeadlinePolicy
+from app.engine.engine import BlockRequest, Engine
+from app.engine.silence import SilenceGate
+from app.model.seedvc import SeedVC
+from app.serving.config import ConverterConfig
+from app.serving.wire import (
+    BlockIn,
+    BlockOut,
+    CapacityExceeded,
+    ConverterError,
+    OpenReply,
+    OpenRequest,
+    ResumeState,
+    SessionLost,
+    UnknownVoice,
+)
+from app.streaming.settings import CONTENT_RATE, StreamSettings
+from app.streaming.voice import VoiceCache
+from app.voices.store import VoiceNotFound, VoiceStore
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class SpeedCheck:
+    """How long this replica takes for one block of one stream at the default settings, measured at start-up."""
+
+    block_seconds: float
+    step_seconds: float
+
+    @property
+    def real_time_factor(self) -> float:
+        return self.step_seconds / self.block_seconds
+
+    @property
+    def real_time(self) -> bool:
+        return self.real_time_factor < 1.0
+
+
+class ConverterService:
+    def __init__(self, config: ConverterConfig, model: SeedVC | None = None) -> None:
+        self.config = config
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self.model = model if model is not None else SeedVC.load(config.model, config.resolved_device())
+        self.engine = Engine(self.model, DeadlinePolicy(min_steps=config.deadline_min_steps))
+        self.voices = VoiceCache(self.model, capacity=config.voice_cache_size)
+        self.store = VoiceStore(config.voice_store)
+        self._gate = SilenceGate(config.silence_gate_dbfs) if config.silence_gate_dbfs is not None else None
+        self._settings: dict[str, StreamSettings] = {}
+        self.batch_sizes: Counter[int] = Counter()
+        self.blocks_converted = 0
+        self.speed = self._check_speed()
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    def _check_speed(self) -> SpeedCheck:
+        """Convert a few blocks of a synthetic stream and say plainly when this machine is too slow for real time."""
+        settings = StreamSettings()
+        rate = self.model.sample_rate
+        t = np.arange(int(2.0 * rate), dtype=np.float32) / rate
+        reference = Audio(samples=(0.1 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), rate=rate)
+        engine = Engine(self.model)
+        engine.open("speed-check", self.voices.get(reference, settings.max_prompt), settings, seed=0)
+        block = torch.zeros(engine.session("speed-check").stream.geometry.block_16k)
+        engine.step([BlockRequest("speed-check", block)])  # warm-up: first calls allocate and pick kernels
+        report = engine.step([BlockRequest("speed-check", block)])
+        check = SpeedCheck(block_seconds=settings.block_time, step_seconds=report.seconds)
+        if check.real_time:
+            log.info("speed check: one %.2f s block takes %.3f s here (real-time factor %.2f)",
+                     check.block_seconds, check.step_seconds, check.real_time_factor)  # fmt: skip
+        else:
+            log.warning(
+                "TOO SLOW FOR REAL TIME: one %.2f s block takes %.2f s on %s (real-time factor %.1f). Live streams "
+                "will fall behind and drop audio; run converters on a GPU (see README, 'Running on GPUs').",
+                check.block_seconds, check.step_seconds, self.model.device, check.real_time_factor,
+            )  # fmt: skip
+        return check
+
+    async def _on_engine_thread(self, call: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    # -- sessions ----------------------------------------------------------------------------------------------
+
+    async def open(self, request: OpenRequest) -> OpenReply:
+        if request.session_id not in self.engine and len(self.engine) >= self.config.max_sessions:
+            raise CapacityExceeded(f"this replica holds its maximum of {self.config.max_sessions} sessions")
+        settings = request.settings
+        try:
+            reference = self.store.audio(request.voice_id)
+        except VoiceNotFound as error:
+            raise UnknownVoice(f"unknown voice {request.voice_id}") from error
+        return await self._on_engine_thread(lambda: self._open(request, reference, settings))
+
+    def _open(self, request: OpenRequest, reference: Audio, settings: StreamSettings) -> OpenReply:
+        voice = self.voices.get(reference, settings.max_prompt)
+        self.engine.close(request.session_id)  # a re-open after a lost reply replaces the stale copy
+        resume = request.resume.to_stream_state() if request.resume is not None else None
+        session = self.engine.open(request.session_id, voice, settings, request.seed, self._gate, resume)
+        self._settings[request.session_id] = settings
+        geometry = session.stream.geometry
+        return OpenReply(
+            session_id=request.session_id,
+            replica=self.config.replica_tag,
+            sample_rate=self.model.sample_rate,
+            block_16k=geometry.block_16k,
+            block=geometry.block,
+            window_16k=geometry.window_16k,
+            flush_blocks=geometry.flush_blocks,
+        )
+
+    async def set_voice(self, session_id: str, voice_id: str) -> None:
+        try:
+            reference = self.store.audio(voice_id)
+        except VoiceNotFound as error:
+            raise UnknownVoice(f"unknown voice {voice_id}") from error
+        settings = self._settings.get(session_id)
+        if settings is None or session_id not in self.engine:
+            raise SessionLost(session_id)
+
+        def switch() -> None:
+            self.engine.session(session_id).stream.voice = self.voices.get(reference, settings.max_prompt)
+
+        await self._on_engine_thread(switch)
+
+    async def close(self, session_id: str) -> None:
+        await self._on_engine_thread(lambda: self._close(session_id))
+
+    def _close(self, session_id: str) -> None:
+        self.engine.close(session_id)
+        self._settings.pop(session_id, None)
+
+    # -- blocks ------------------------------------------------------------------------------------------------
+
+    async def convert_blocks(self, blocks: Sequence[BlockIn]) -> list[BlockOut | ConverterError]:
+        """One engine step for every waiting block; a block of an unknown session gets a SessionLost back."""
+        return await self._on_engine_thread(lambda: self._convert(blocks))
+
+    def _convert(self, blocks: Sequence[BlockIn]) -> list[BlockOut | ConverterError]:
+        started = time.time()
+        replies: dict[str, BlockOut | ConverterError] = {
+            block.session_id: SessionLost(block.session_id) for block in blocks if block.session_id not in self.engine
+        }
+        known = [block for block in blocks if block.session_id in self.engine]
+        if known:
+            rows = self._identity_rows(known) if self.config.identity else self._engine_rows(known)
+            computed = time.time() - started
+            self.batch_sizes[len(known)] += 1
+            self.blocks_converted += len(known)
+            for block, (audio, steps, silent) in zip(known, rows, strict=True):
+                stream = self.engine.session(block.session_id).stream
+                replies[block.session_id] = BlockOut(
+                    session_id=block.session_id,
+                    index=block.index,
+                    audio=audio,
+                    steps=steps,
+                    silent=silent,
+                    batch_size=len(known),
+                    queue_seconds=max(0.0, started - block.received_at) if block.received_at else 0.0,
+                    compute_seconds=computed,
+                    state=ResumeState.from_stream_state(stream.snapshot(), keep_window=False),
+                )
+        return [replies[block.session_id] for block in blocks]
+
+    def _engine_rows(self, blocks: Sequence[BlockIn]) -> list[tuple[np.ndarray, int, bool]]:
+        requests = [BlockRequest(b.session_id, torch.from_numpy(b.samples_16k)) for b in blocks]
+        budget = self.config.deadline_fraction * min(self._settings[b.session_id].block_time for b in blocks)
+        report = self.engine.step(requests, budget_seconds=budget)
+        return [(r.audio.numpy(), r.steps_used, r.silent) for r in report.results]
+
+    def _identity_rows(self, blocks: Sequence[BlockIn]) -> list[tuple[np.ndarray, int, bool]]:
+        """Debug mode: each block comes back unconverted (resampled to the model rate), to measure the serving path.
+
+        The streams' windows and counters still advance, so a session's state stays consistent.
+        """
+        rows = []
+        for block in blocks:
+            stream = self.engine.session(block.session_id).stream
+            samples = torch.from_numpy(block.samples_16k)
+            stream.push(samples)
+            stream.blocks_done += 1
+            audio = resample(samples, CONTENT_RATE, self.model.sample_rate)[: stream.geometry.block]
+            rows.append((audio.numpy(), 0, False))
+        return rows
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "sessions": len(self.engine),
+            "capacity": self.config.max_sessions,
+            "batch_sizes": dict(self.batch_sizes),
+            "blocks_converted": self.blocks_converted,
+            "real_time_factor": self.speed.real_time_factor,
+        }

@@ -1,0 +1,276 @@
+"""One live session on the transport side: 48 kHz PCM in, 48 kHz converted PCM out, through a pinned converter.
+
+Transport-agnostic (the WebSocket and WebRTC endpoints both drive it) and Ray-agnostic (it talks to a
+`ConverterClient`). Per session:
+
+    48 kHz frames -> stream-resample to 16 kHz -> cut blocks -> bounded queue -> ONE block in flight to the converter
+    -> reply (model rate) -> stream-resample to 48 kHz -> 20 ms frames out, plus a block event
+
+Nothing is lost when a converter disappears: the session mirrors its converter's input window and keeps the
+resumable state of the last reply, so on `SessionLost` it re-opens elsewhere with that state and re-sends the block
+in flight: the audio continues exactly, only later. A session that falls behind by more than `max_backlog_blocks`
+drops its OLDEST pending input (answered with silence, reported as `late`) instead of accumulating delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from app.audio.framing import Chunker
+from app.audio.opus import FRAME_SAMPLES, SAMPLE_RATE
+from app.audio.stream_resample import StreamingResampler
+from app.serving.wire import BlockIn, BlockOut, OpenReply, OpenRequest, ResumeState, SessionLost
+from app.streaming.settings import CONTENT_RATE, StreamSettings
+
+log = logging.getLogger(__name__)
+
+# How often a session may re-home in a row without converting a block before it gives up.
+MAX_REOPENS_PER_BLOCK = 3
+
+
+class ConverterClient(Protocol):
+    """How a transport reaches converters; `replica` pins a call to the replica that holds the session."""
+
+    async def open(self, request: OpenRequest) -> OpenReply: ...
+
+    async def convert(self, block: BlockIn, replica: str) -> BlockOut: ...
+
+    async def set_voice(self, session_id: str, voice_id: str, replica: str) -> None: ...
+
+    async def close(self, session_id: str, replica: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class BlockReport:
+    """What the transport tells its client about one output block."""
+
+    index: int
+    input_start_ms: float  # the input position this block answers
+    latency_ms: float  # last input sample of the block received -> output block ready
+    queue_ms: float  # waiting at the converter
+    steps: int
+    silent: bool
+    batch_size: int
+    rehomed: bool  # the session moved to another converter for this block
+    voice_id: str  # the voice this block was converted with
+
+
+@dataclass(frozen=True)
+class LateReport:
+    dropped_ms: float
+    total_dropped_ms: float
+
+
+@dataclass
+class _PendingBlock:
+    index: int
+    samples_16k: np.ndarray
+    complete_at: float  # monotonic time its last input sample arrived
+    dropped: bool = False
+
+
+class LiveSession:
+    def __init__(
+        self,
+        client: ConverterClient,
+        session_id: str,
+        voice_id: str,
+        settings: StreamSettings,
+        seed: int,
+        max_backlog_blocks: int = 3,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.client = client
+        self.session_id = session_id
+        self.voice_id = voice_id
+        self.settings = settings
+        self.seed = seed
+        self.max_backlog_blocks = max_backlog_blocks
+        self.clock = clock
+        self.opened: OpenReply | None = None
+        self.rehomes = 0
+        self.total_dropped_blocks = 0
+        self._input = StreamingResampler(SAMPLE_RATE, CONTENT_RATE)
+        self._blocks: Chunker | None = None
+        self._output: StreamingResampler | None = None
+        self._frames = Chunker(FRAME_SAMPLES)
+        self._queue: deque[_PendingBlock] = deque()
+        self._ready = asyncio.Event()
+        self._room = asyncio.Event()
+        self._next_index = 0
+        self._window: np.ndarray | None = None  # mirror of the converter's window after the last reply
+        self._state: ResumeState | None = None  # resumable state after the last reply
+        self._ended = False
+        self._voice_request: str | None = None
+
+    @property
+    def replica(self) -> str:
+        assert self.opened is not None, "the session is not open"
+        return self.opened.replica
+
+    async def open(self) -> OpenReply:
+        self.opened = await self.client.open(self._open_request(resume=None))
+        self._blocks = Chunker(self.opened.block_16k)
+        self._output = StreamingResampler(self.opened.sample_rate, SAMPLE_RATE)
+        self._window = np.zeros(self.opened.window_16k, dtype=np.float32)
+        return self.opened
+
+    def _open_request(self, resume: ResumeState | None) -> OpenRequest:
+        return OpenRequest(self.session_id, self.voice_id, self.settings, self.seed, resume)
+
+    # -- input side ----------------------------------------------------------------------------------------------
+
+    def feed(self, pcm_48k: np.ndarray) -> LateReport | None:
+        """Queue 48 kHz input; returns a report when the backlog bound made it drop old input."""
+        assert self._blocks is not None, "open the session first"
+        now = self.clock()
+        for block in self._blocks.push(self._input.push(torch.from_numpy(pcm_48k)).numpy()):
+            self._enqueue(block, now)
+        return self._drop_excess()
+
+    async def wait_for_room(self) -> None:
+        """Backpressure for input that is not real time (files, tests): wait instead of dropping old input."""
+        while sum(not block.dropped for block in self._queue) >= self.max_backlog_blocks:
+            self._room.clear()
+            await self._room.wait()
+
+    def end_input(self) -> None:
+        """No more input: pad the last block and add the blocks that flush the lookahead."""
+        assert self._blocks is not None and self.opened is not None, "open the session first"
+        now = self.clock()
+        for block in self._blocks.push(self._input.flush().numpy()):
+            self._enqueue(block, now)
+        last = self._blocks.flush_padded()
+        if last is not None:
+            self._enqueue(last, now)
+        for _ in range(self.opened.flush_blocks):
+            self._enqueue(np.zeros(self.opened.block_16k, dtype=np.float32), now)
+        self._ended = True
+        self._ready.set()
+
+    def _enqueue(self, samples: np.ndarray, now: float) -> None:
+        self._queue.append(_PendingBlock(self._next_index, np.ascontiguousarray(samples, np.float32), now))
+        self._next_index += 1
+        self._ready.set()
+
+    def _drop_excess(self) -> LateReport | None:
+        live = [block for block in self._queue if not block.dropped]
+        excess = len(live) - self.max_backlog_blocks
+        if excess <= 0:
+            return None
+        for block in live[:excess]:
+            block.dropped = True
+        self.total_dropped_blocks += excess
+        block_ms = 1000 * self.settings.block_time
+        return LateReport(dropped_ms=excess * block_ms, total_dropped_ms=self.total_dropped_blocks * block_ms)
+
+    # -- output side ---------------------------------------------------------------------------------------------
+
+    async def next_output(self) -> tuple[list[np.ndarray], BlockReport] | None:
+        """Convert the next queued block; returns its 20 ms output frames and report, or None when all is done."""
+        while not self._queue:
+            if self._ended:
+                return None
+            self._ready.clear()
+            await self._ready.wait()
+        pending = self._queue.popleft()
+        self._room.set()
+        if pending.dropped:
+            # Dropped input is answered with silence, so output block k still answers input block k.
+            assert self.opened is not None
+            audio = np.zeros(self.opened.block, dtype=np.float32)
+            report = BlockReport(
+                pending.index, self._input_start_ms(pending.index), 0.0, 0.0, 0, True, 0, False, self.voice_id
+            )
+            self._advance_window(pending.samples_16k)
+            return self._frames_of(audio), report
+        if self._voice_request is not None:
+            self.voice_id, self._voice_request = self._voice_request, None  # a later re-open uses it too
+            try:
+                await self.client.set_voice(self.session_id, self.voice_id, self.replica)
+            except SessionLost:
+                await self._reopen()
+        reply, rehomed = await self._convert(pending)
+        self._advance_window(pending.samples_16k)
+        self._state = reply.state
+        report = BlockReport(
+            index=pending.index,
+            input_start_ms=self._input_start_ms(pending.index),
+            latency_ms=1000 * (self.clock() - pending.complete_at),
+            queue_ms=1000 * reply.queue_seconds,
+            steps=reply.steps,
+            silent=reply.silent,
+            batch_size=reply.batch_size,
+            rehomed=rehomed,
+            voice_id=self.voice_id,
+        )
+        return self._frames_of(reply.audio), report
+
+    def final_frames(self) -> list[np.ndarray]:
+        """What the output resampler still holds once the last block is out, in 20 ms frames (last one padded)."""
+        assert self._output is not None
+        frames = self._frames.push(self._output.flush().numpy())
+        last = self._frames.flush_padded()
+        return frames + ([last] if last is not None else [])
+
+    def _input_start_ms(self, index: int) -> float:
+        return 1000 * index * self.settings.block_time
+
+    def _frames_of(self, audio: np.ndarray) -> list[np.ndarray]:
+        assert self._output is not None
+        return self._frames.push(self._output.push(torch.from_numpy(audio)).numpy())
+
+    def _advance_window(self, block: np.ndarray) -> None:
+        assert self._window is not None
+        self._window = np.concatenate([self._window[len(block) :], block])
+
+    async def _convert(self, pending: _PendingBlock) -> tuple[BlockOut, bool]:
+        block = BlockIn(self.session_id, pending.index, pending.samples_16k)
+        rehomed = False
+        for _ in range(MAX_REOPENS_PER_BLOCK + 1):
+            try:
+                return await self.client.convert(block, self.replica), rehomed
+            except SessionLost:
+                log.warning("session %s lost its converter at block %d; re-opening", self.session_id, pending.index)
+                await self._reopen()
+                rehomed = True
+        raise SessionLost(f"session {self.session_id} could not be re-opened after {MAX_REOPENS_PER_BLOCK} tries")
+
+    async def _reopen(self) -> None:
+        resume = None if self._state is None else replace(self._state, window=self._window)
+        self.opened = await self.client.open(self._open_request(resume))
+        self.rehomes += 1
+
+    # -- control -------------------------------------------------------------------------------------------------
+
+    def request_voice(self, voice_id: str) -> None:
+        """Switch voice before the next block is converted (between blocks: never two calls in flight)."""
+        self._voice_request = voice_id
+
+    async def close(self) -> None:
+        if self.opened is not None:
+            await self.client.close(self.session_id, self.replica)
+
+
+async def pump(
+    session: LiveSession,
+    emit_frame: Callable[[np.ndarray], Awaitable[None]],
+    emit_report: Callable[[BlockReport], Awaitable[None]],
+) -> None:
+    """Drive a session's output until its input has ended and every block is out."""
+    while (output := await session.next_output()) is not None:
+        frames, report = output
+        await emit_report(report)
+        for frame in frames:
+            await emit_frame(frame)
+    for frame in session.final_frames():
+        await emit_frame(frame)

@@ -1,0 +1,101 @@
+"""What the transport (ingress) and the converter send each other: plain picklable dataclasses and typed errors.
+
+Errors are exceptions so that they travel through Ray Serve as themselves (user exception types propagate to the
+caller), and the ingress can tell a lost session (re-open elsewhere) from a full replica (try another or refuse).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from app.streaming.settings import StreamSettings
+from app.streaming.stream import StreamState
+
+
+class ConverterError(Exception):
+    """Base of the errors a converter answers with."""
+
+
+class SessionLost(ConverterError):
+    """The replica does not hold this session (it restarted, was replaced, or never had it): re-open it."""
+
+
+class CapacityExceeded(ConverterError):
+    """The replica already holds its maximum number of sessions."""
+
+
+class UnknownVoice(ConverterError):
+    """No voice with this id in the voice store."""
+
+
+@dataclass(frozen=True)
+class ResumeState:
+    """A stream's resumable state in wire form (numpy and bytes, no torch objects)."""
+
+    tail: np.ndarray  # (crossfade,) float32
+    generator_state: bytes
+    blocks_done: int
+    window: np.ndarray | None = None  # (window_16k,) float32; the transport keeps its own and fills it in
+
+    @classmethod
+    def from_stream_state(cls, state: StreamState, keep_window: bool) -> ResumeState:
+        return cls(
+            tail=state.tail.numpy(),
+            generator_state=state.generator_state.numpy().tobytes(),
+            blocks_done=state.blocks_done,
+            window=state.window.numpy() if keep_window else None,
+        )
+
+    def to_stream_state(self) -> StreamState:
+        if self.window is None:
+            raise ValueError("a resume needs the input window")
+        return StreamState(
+            window=torch.from_numpy(self.window.copy()),
+            tail=torch.from_numpy(self.tail.copy()),
+            generator_state=torch.frombuffer(bytearray(self.generator_state), dtype=torch.uint8),
+            blocks_done=self.blocks_done,
+        )
+
+
+@dataclass(frozen=True)
+class OpenRequest:
+    session_id: str
+    voice_id: str
+    settings: StreamSettings
+    seed: int
+    resume: ResumeState | None = None
+
+
+@dataclass(frozen=True)
+class OpenReply:
+    session_id: str
+    replica: str  # which replica holds the session (routing pins later calls to it)
+    sample_rate: int  # of the audio the converter returns
+    block_16k: int  # input samples per block
+    block: int  # output samples per block
+    window_16k: int  # the rolling window the transport mirrors for resumes
+    flush_blocks: int  # silent blocks that flush the lookahead at the end
+
+
+@dataclass(frozen=True)
+class BlockIn:
+    session_id: str
+    index: int  # the session's block number
+    samples_16k: np.ndarray  # (block_16k,) float32
+    received_at: float = 0.0  # set by the converter when the request arrives (its own clock)
+
+
+@dataclass(frozen=True)
+class BlockOut:
+    session_id: str
+    index: int
+    audio: np.ndarray  # (block,) float32 at `sample_rate`
+    steps: int  # diffusion steps used (0 when the silence gate skipped the block)
+    silent: bool
+    batch_size: int  # blocks converted in the same engine step
+    queue_seconds: float  # from arrival at the converter to the start of its engine step
+    compute_seconds: float  # the engine step
+    state: ResumeState  # after this block (without the window)

@@ -1,0 +1,302 @@
+"""The streaming WebSocket protocol, version 1: every message as a pydantic model, and this docstring as its spec.
+
+1. Get a session token: present an API key as `Authorization: Bearer <key>` to the server's token endpoint; it
+   answers with a signed token that expires (see `app.auth.tokens`). The token travels inside the start message
+   because browsers cannot set headers on a WebSocket, and a token in the URL would end up in access logs.
+2. Open a WebSocket on `/v1/stream`. The first message must be a JSON text `StartMessage`:
+   `{"type": "start", "version": 1, "token": "...", "voice_id": "...", "settings": {...}, "realtime": true}`.
+   `settings` (optional) overrides any subset of the stream settings within the ranges below; `realtime` (default
+   true) paces the output in real time, false sends each block as soon as it is converted (for files); `seed`
+   (optional) makes the diffusion noise reproducible; `resume` (optional) reattaches to an earlier session, see 7.
+3. The server answers with a `ReadyEvent`: the session id, a resume token, the audio format (48 kHz, 20 ms frames),
+   the block length, and the full effective settings.
+4. The client sends its microphone as binary messages: one Opus packet (48 kHz mono, 20 ms) per message, in order,
+   each at most `MAX_FRAME_BYTES`. Binary messages before the start message are an error (`not_started`).
+5. For each block of `block_ms` input, the server sends a `BlockEvent`, then the block's converted audio as binary
+   messages in the same Opus format. When the server falls behind it drops input rather than let latency grow,
+   and says so with a `LateEvent`. `WarningEvent`s report conditions that do not stop the stream.
+6. At any time the client may send `SetVoiceMessage` (`{"type": "set_voice", "voice_id": "..."}`); the server
+   confirms with a `VoiceSetEvent` that names the first block converted with the new voice.
+7. To finish, the client sends `EndMessage` (`{"type": "end"}`). The server converts the remaining input, sends an
+   `EndEvent` with totals, and closes with code 1000. A client whose connection dropped can open a new socket and
+   send a start message with `resume` (the session id and resume token of its last `ReadyEvent`): if the server
+   still holds the session, the new `ReadyEvent` keeps the session id, brings a fresh resume token, and block
+   indexes continue; otherwise the answer is `session_expired`. The token in the start message is checked again.
+8. Errors: the server sends an `ErrorEvent` with a stable `ErrorCode` and closes the socket with `close_code(code)`.
+   The one exception is `unknown_voice` in answer to `set_voice`: the stream goes on with the previous voice.
+
+Text messages are at most `MAX_TEXT_BYTES`. Unknown fields are rejected, so a typo never goes unnoticed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from enum import StrEnum
+from typing import Annotated, Any, Literal, NamedTuple
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
+
+from app.streaming.settings import SettingsError, StreamSettings
+
+PROTOCOL_VERSION = 1
+SAMPLE_RATE = 48_000  # Opus's native rate: no resampling inside the codec
+FRAME_MS = 20  # one Opus packet; also one content frame of the model
+
+# An Opus frame holds at most 1275 bytes (RFC 6716, section 3.2.1), which is also what the encoder's top bitrate,
+# 510 kbit/s, fills in 20 ms. A packet adds its TOC byte and, when it splits 20 ms into several frames, a few length
+# and padding bytes. 1500 leaves that slack while still refusing what is clearly not one packet: 20 ms of 16-bit PCM
+# at 48 kHz is 1920 bytes.
+MAX_FRAME_BYTES = 1500
+MAX_TEXT_BYTES = 4096  # a start message with every setting fits in well under 1 KiB
+
+
+class Range(NamedTuple):
+    low: float
+    high: float
+
+
+# What one client may ask for on a live stream. StreamSettings accepts wider values, which offline conversion can
+# afford; these keep a stream real-time on a GPU shared with other streams.
+BLOCK_TIME_RANGE = Range(0.08, 1.0)  # shorter blocks spend most of a step on overhead; longer ones are not live
+CROSSFADE_TIME_RANGE = Range(0.02, 0.2)  # at least one content frame; longer only blurs the block seams
+CE_CONTEXT_RANGE = Range(0.5, 5.0)  # less context hurts the content features; the encoder's cost grows with it
+DIT_CONTEXT_RANGE = Range(0.0, 5.0)  # and never above ce_context, checked by `apply` where both values are known
+LOOKAHEAD_RANGE = Range(0.02, 0.5)  # adds directly to latency
+DIFFUSION_STEPS_RANGE = Range(1, 30)  # one DiT forward each; past 30 a block costs more than it lasts
+CFG_RATE_RANGE = Range(0.0, 1.5)  # higher guidance only adds artefacts
+MAX_PROMPT_RANGE = Range(1.0, 10.0)  # the prompt is part of every block's DiT sequence, so it costs on every block
+
+ID_MAX_CHARS = 64  # session, voice and resume ids are short tokens; a longer one is a broken client
+TOKEN_MAX_CHARS = 1024
+
+
+class ErrorCode(StrEnum):
+    """Stable error codes: clients branch on these, so a code is never renamed or reused."""
+
+    bad_message = "bad_message"  # invalid JSON, unknown message type, or missing, invalid or unknown fields
+    unsupported_version = "unsupported_version"  # the start message asks for a protocol version this server lacks
+    not_started = "not_started"  # a binary message arrived before the start message
+    bad_audio = "bad_audio"  # a binary message is not a decodable Opus packet
+    frame_too_large = "frame_too_large"  # a message exceeds MAX_FRAME_BYTES (binary) or MAX_TEXT_BYTES (text)
+    unknown_voice = "unknown_voice"  # no such voice, or not one this key may use
+    unauthorized = "unauthorized"  # the session token is missing, malformed, forged or expired
+    bad_settings = "bad_settings"  # settings outside the allowed ranges, or contradicting each other
+    overloaded = "overloaded"  # no capacity for another stream now; retry after `retry_after_s`
+    rate_limited = "rate_limited"  # this key opened too many streams; retry after `retry_after_s`
+    session_expired = "session_expired"  # `resume` named a session the server no longer holds
+    internal = "internal"  # a server fault; the message carries no internals
+
+
+# WebSocket close codes (RFC 6455, section 7.4.1).
+CLOSE_NORMAL = 1000
+CLOSE_UNSUPPORTED_DATA = 1003
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_MESSAGE_TOO_BIG = 1009
+CLOSE_INTERNAL_ERROR = 1011
+CLOSE_TRY_AGAIN_LATER = 1013
+
+_CLOSE_CODES = {
+    ErrorCode.bad_message: CLOSE_POLICY_VIOLATION,
+    ErrorCode.unsupported_version: CLOSE_UNSUPPORTED_DATA,
+    ErrorCode.not_started: CLOSE_POLICY_VIOLATION,
+    ErrorCode.bad_audio: CLOSE_UNSUPPORTED_DATA,
+    ErrorCode.frame_too_large: CLOSE_MESSAGE_TOO_BIG,
+    ErrorCode.unknown_voice: CLOSE_POLICY_VIOLATION,
+    ErrorCode.unauthorized: CLOSE_POLICY_VIOLATION,
+    ErrorCode.bad_settings: CLOSE_POLICY_VIOLATION,
+    ErrorCode.overloaded: CLOSE_TRY_AGAIN_LATER,
+    ErrorCode.rate_limited: CLOSE_TRY_AGAIN_LATER,
+    ErrorCode.session_expired: CLOSE_POLICY_VIOLATION,
+    ErrorCode.internal: CLOSE_INTERNAL_ERROR,
+}
+
+
+def close_code(code: ErrorCode) -> int:
+    """The WebSocket close code that follows an error event with this code."""
+    return _CLOSE_CODES[code]
+
+
+class ProtocolError(ValueError):
+    """A client message the server cannot accept; becomes an `ErrorEvent` with the same code and message."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def event(self) -> ErrorEvent:
+        return ErrorEvent(code=self.code, message=self.message)
+
+
+class _Message(BaseModel):
+    # Strict: "10" is not 10 and true is not 1 on the wire. Frozen: a parsed message is a value, not state.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def _bounded(bounds: Range) -> Any:
+    return Field(default=None, ge=bounds.low, le=bounds.high)
+
+
+# Client -> server
+
+
+class SettingsOverrides(_Message):
+    """Any subset of `StreamSettings`; null or absent keeps the server's value."""
+
+    block_time: float | None = _bounded(BLOCK_TIME_RANGE)
+    crossfade_time: float | None = _bounded(CROSSFADE_TIME_RANGE)
+    ce_context: float | None = _bounded(CE_CONTEXT_RANGE)
+    dit_context: float | None = _bounded(DIT_CONTEXT_RANGE)
+    lookahead: float | None = _bounded(LOOKAHEAD_RANGE)
+    diffusion_steps: int | None = _bounded(DIFFUSION_STEPS_RANGE)
+    cfg_rate: float | None = _bounded(CFG_RATE_RANGE)
+    max_prompt: float | None = _bounded(MAX_PROMPT_RANGE)
+
+    def apply(self, base: StreamSettings) -> StreamSettings:
+        """The base settings with these overrides; contradictions (dit_context > ce_context) raise bad_settings."""
+        try:
+            return dataclasses.replace(base, **self.model_dump(exclude_none=True))
+        except SettingsError as error:
+            raise ProtocolError(ErrorCode.bad_settings, str(error)) from error
+
+
+class ResumeRequest(_Message):
+    session_id: str = Field(min_length=1, max_length=ID_MAX_CHARS)
+    resume_token: str = Field(min_length=1, max_length=TOKEN_MAX_CHARS)
+
+
+class StartMessage(_Message):
+    type: Literal["start"]
+    version: int
+    token: str = Field(min_length=1, max_length=TOKEN_MAX_CHARS)
+    voice_id: str = Field(min_length=1, max_length=ID_MAX_CHARS)
+    settings: SettingsOverrides | None = None
+    realtime: bool = True  # pace the output in real time; false sends blocks as fast as they are converted
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)  # the diffusion noise seed, for reproducible output
+    resume: ResumeRequest | None = None
+
+    @field_validator("version")
+    @classmethod
+    def _supported_version(cls, version: int) -> int:
+        # A custom error type, so that parse_client_message can tell it apart from a malformed field.
+        if version != PROTOCOL_VERSION:
+            raise PydanticCustomError(
+                "unsupported_version",
+                "protocol version {version} is not supported; this server speaks version {supported}",
+                {"version": version, "supported": PROTOCOL_VERSION},
+            )
+        return version
+
+
+class SetVoiceMessage(_Message):
+    type: Literal["set_voice"]
+    voice_id: str = Field(min_length=1, max_length=ID_MAX_CHARS)
+
+
+class EndMessage(_Message):
+    type: Literal["end"]
+
+
+ClientMessage = Annotated[StartMessage | SetVoiceMessage | EndMessage, Field(discriminator="type")]
+_CLIENT_MESSAGE: TypeAdapter[StartMessage | SetVoiceMessage | EndMessage] = TypeAdapter(ClientMessage)
+
+
+def parse_client_message(text: str) -> StartMessage | SetVoiceMessage | EndMessage:
+    """Validate one text message from the client; every problem is a `ProtocolError` naming the field at fault."""
+    size = len(text.encode(errors="surrogatepass"))  # lone surrogates must not escape as UnicodeError
+    if size > MAX_TEXT_BYTES:
+        raise ProtocolError(ErrorCode.frame_too_large, f"text message is {size} bytes; the limit is {MAX_TEXT_BYTES}")
+    try:
+        return _CLIENT_MESSAGE.validate_json(text)
+    except ValidationError as error:
+        raise _protocol_error(error) from None
+
+
+def _protocol_error(error: ValidationError) -> ProtocolError:
+    problems = error.errors(include_url=False)
+    for problem in problems:
+        if problem["type"] == "unsupported_version":
+            return ProtocolError(ErrorCode.unsupported_version, problem["msg"])
+    # The location starts with the message type (the union's tag), then the field: ("start", "settings", "cfg_rate").
+    in_settings = all(problem["loc"][1:2] == ("settings",) for problem in problems)
+    code = ErrorCode.bad_settings if in_settings else ErrorCode.bad_message
+    return ProtocolError(code, "; ".join(_describe(problem["loc"], problem["msg"]) for problem in problems))
+
+
+def _describe(location: tuple[int | str, ...], message: str) -> str:
+    if not location:  # the whole message: bad JSON, not an object, no or unknown type
+        return message
+    return f"{'.'.join(str(part) for part in location)}: {message}"
+
+
+def check_audio_frame(packet: bytes) -> None:
+    """Size checks on one binary message before it reaches the Opus decoder."""
+    if len(packet) > MAX_FRAME_BYTES:
+        raise ProtocolError(
+            ErrorCode.frame_too_large,
+            f"binary message is {len(packet)} bytes; one 20 ms Opus packet is at most {MAX_FRAME_BYTES}",
+        )
+    if not packet:
+        raise ProtocolError(ErrorCode.bad_audio, "empty binary message; an Opus packet holds at least its TOC byte")
+
+
+# Server -> client. Each event serialises with `.model_dump_json()`.
+
+
+class ReadyEvent(_Message):
+    type: Literal["ready"] = "ready"
+    version: int = PROTOCOL_VERSION
+    session_id: str
+    resume_token: str  # with session_id, lets a dropped client resume this session (step 7)
+    sample_rate: int = SAMPLE_RATE  # of the Opus packets, both ways
+    frame_ms: int = FRAME_MS  # audio per Opus packet, both ways
+    block_ms: int  # input per block: the effective block_time rounded to whole 20 ms frames
+    settings: StreamSettings  # the effective settings: server defaults with the client's overrides
+
+
+class BlockEvent(_Message):
+    type: Literal["block"] = "block"
+    index: int  # 0, 1, 2, ... continuing across a resume
+    input_start_ms: int  # the input position this block answers: index * block_ms
+    latency_ms: float  # from the arrival of the block's last input packet to this event
+    queue_ms: float  # of latency_ms, the time spent waiting for a batched model step
+    steps: int  # diffusion steps actually run; below the setting when the server is short of time
+    silent: bool  # the input was silence, so the model was skipped and silence sent
+
+
+class VoiceSetEvent(_Message):
+    type: Literal["voice_set"] = "voice_set"
+    voice_id: str
+    from_block: int  # the first block index converted with this voice
+
+
+class LateEvent(_Message):
+    type: Literal["late"] = "late"
+    dropped_ms: int  # input dropped just now because the server fell behind real time
+    total_dropped_ms: int  # dropped in this session so far
+
+
+class WarningEvent(_Message):
+    type: Literal["warning"] = "warning"
+    code: str  # machine-readable and stable, like ErrorCode, but the stream goes on
+    message: str
+
+
+class ErrorEvent(_Message):
+    type: Literal["error"] = "error"
+    code: ErrorCode
+    message: str  # for people; never holds tokens, keys or server internals
+    retry_after_s: float | None = None  # set with overloaded and rate_limited
+
+
+class EndEvent(_Message):
+    type: Literal["end"] = "end"
+    blocks: int  # blocks converted in the session
+    dropped_ms: int  # input dropped in the session (the sum of the late events)
+
+
+ServerEvent = Annotated[
+    ReadyEvent | BlockEvent | VoiceSetEvent | LateEvent | WarningEvent | ErrorEvent | EndEvent,
+    Field(discriminator="type"),
+]

@@ -1,0 +1,59 @@
+"""The converter deployment: Ray Serve glue around app.serving.converter.ConverterService.
+
+Blocks of many sessions meet in `@serve.batch` and go through ONE engine step. `record_routing_stats` feeds the
+session-pinning router (least-loaded placement) and `record_autoscaling_stats` the session-aware autoscaling policy.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Any
+
+from ray import serve
+
+from app.serving.config import ConverterConfig
+from app.serving.converter import ConverterService
+from app.serving.wire import BlockIn, BlockOut, ConverterError, OpenReply, OpenRequest
+
+DEFAULT_MAX_BATCH_SIZE = 16
+DEFAULT_BATCH_WAIT_S = 0.005
+
+
+class Converter:
+    def __init__(self, config: dict[str, Any]) -> None:
+        replica = serve.get_replica_context().replica_id.unique_id
+        self.service = ConverterService(ConverterConfig(**config, replica_tag=replica))
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Live batching knobs (a redeploy that changes only user_config keeps the replicas and their sessions)."""
+        self._convert_batch.set_max_batch_size(int(user_config.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE)))
+        self._convert_batch.set_batch_wait_timeout_s(float(user_config.get("batch_wait_s", DEFAULT_BATCH_WAIT_S)))
+
+    async def open(self, request: OpenRequest) -> OpenReply:
+        return await self.service.open(request)
+
+    async def convert(self, block: BlockIn) -> BlockOut:
+        result = await self._convert_batch(replace(block, received_at=time.time()))
+        if isinstance(result, ConverterError):
+            raise result
+        return result
+
+    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
+    async def _convert_batch(self, blocks: list[BlockIn]) -> list[BlockOut | ConverterError]:
+        return await self.service.convert_blocks(blocks)
+
+    async def set_voice(self, session_id: str, voice_id: str) -> None:
+        await self.service.set_voice(session_id, voice_id)
+
+    async def close(self, session_id: str) -> None:
+        await self.service.close(session_id)
+
+    async def stats(self) -> dict[str, Any]:
+        return {**self.service.stats(), "replica": self.service.config.replica_tag}
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        return {"sessions": len(self.service.engine), "capacity": self.service.config.max_sessions}
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        return {"sessions": float(len(self.service.engine))}

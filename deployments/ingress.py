@@ -1,0 +1,138 @@
+"""The ingress deployment: FastAPI on Serve. WebSocket streams, session tokens, the voices API, health, the web client.
+
+Every route is thin: it checks the caller and hands over to app/ (StreamConnection, TokenSigner, VoiceStore).
+"""
+
+# No `from __future__ import annotations` here: FastAPI must see real types in the route signatures.
+
+import logging
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Header, HTTPException, Request, WebSocket
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from app.auth.tokens import ApiKeys, TokenError, TokenSigner, bearer
+from app.serving.config import IngressConfig
+from app.streaming.settings import StreamSettings
+from app.transport.websocket import StreamConnection, StreamServices
+from app.voices.store import VoiceError, VoiceLimits, VoiceNotFound, VoiceStore
+from deployments.client import RayConverterClient
+
+log = logging.getLogger(__name__)
+
+WEB_CLIENT = Path(__file__).resolve().parent.parent / "client" / "web"
+API_KEYS_ENV = "SEEDVC_API_KEYS"  # "id=key,id2=key2"
+TOKEN_SECRET_ENV = "SEEDVC_TOKEN_SECRET"  # shared by every ingress replica, so that any of them accepts a token
+
+api = FastAPI(title="Seed-VC real-time voice conversion", version="1")
+
+
+def api_keys(config: IngressConfig) -> ApiKeys:
+    keys = dict(config.api_keys)
+    for item in filter(None, os.environ.get(API_KEYS_ENV, "").split(",")):
+        key_id, _, key = item.partition("=")
+        keys[key_id.strip()] = key.strip()
+    if not keys:
+        raise ValueError(f"no API keys configured: set ingress.api_keys or the {API_KEYS_ENV} environment variable")
+    return ApiKeys(keys)
+
+
+def token_secret() -> bytes:
+    secret = os.environ.get(TOKEN_SECRET_ENV)
+    if secret:
+        return secret.encode()
+    log.warning("%s is not set: session tokens are valid on this ingress replica only", TOKEN_SECRET_ENV)
+    return secrets.token_bytes(32)
+
+
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, converter: DeploymentHandle, config: dict[str, Any]) -> None:
+        self.config = IngressConfig(**config)
+        self.converter = converter
+        self.keys = api_keys(self.config)
+        self.tokens = TokenSigner(token_secret(), ttl_seconds=self.config.token_ttl_s)
+        self.voices = VoiceStore(self.config.voice_store, VoiceLimits(max_bytes=self.config.max_upload_bytes))
+        self.services = StreamServices(
+            client=RayConverterClient(converter),
+            tokens=self.tokens,
+            voices=self.voices,
+            defaults=StreamSettings(),
+            max_backlog_blocks=self.config.max_backlog_blocks,
+            retry_after_s=self.config.retry_after_s,
+            opus_bitrate=self.config.opus_bitrate,
+        )
+        static = Path(self.config.static_dir) if self.config.static_dir else WEB_CLIENT
+        if static.is_dir():
+            # Mounted last, so that every API route above takes precedence over a file of the same path.
+            api.mount("/", StaticFiles(directory=static, html=True), name="client")
+
+    def _caller(self, authorization: str | None) -> str:
+        """The key id behind a session token in an Authorization header (401 otherwise)."""
+        try:
+            return self.tokens.verify(bearer(authorization)).key_id
+        except TokenError as error:
+            raise HTTPException(status_code=401, detail=f"invalid session token: {error}") from error
+
+    @api.websocket("/v1/stream")
+    async def stream(self, websocket: WebSocket) -> None:
+        await StreamConnection(websocket, self.services).run()
+
+    @api.post("/v1/tokens")
+    async def issue_token(self, authorization: str | None = Header(None)) -> dict[str, Any]:
+        try:
+            key_id = self.keys.authenticate(bearer(authorization))
+        except TokenError as error:
+            raise HTTPException(status_code=401, detail=f"invalid API key: {error}") from error
+        issued = self.tokens.issue(key_id)
+        return {"token": issued.token, "expires_at": issued.expires_at}
+
+    @api.post("/v1/voices", status_code=201)
+    async def add_voice(
+        self, request: Request, name: str | None = None, authorization: str | None = Header(None)
+    ) -> JSONResponse:
+        owner = self._caller(authorization)
+        data = await request.body()
+        try:
+            record = self.voices.add(data, owner=owner, name=name)
+        except VoiceError as error:
+            status = 413 if error.reason == "too_large" else 422
+            return JSONResponse(status_code=status, content={"detail": str(error), "reason": error.reason})
+        return JSONResponse(
+            status_code=201, content={"voice_id": record.voice_id, "seconds": record.seconds, "name": record.name}
+        )
+
+    @api.get("/v1/voices")
+    async def list_voices(self, authorization: str | None = Header(None)) -> dict[str, Any]:
+        owner = self._caller(authorization)
+        voices = self.voices.list(owner)
+        return {"voices": [{"voice_id": v.voice_id, "name": v.name, "seconds": v.seconds} for v in voices]}
+
+    @api.delete("/v1/voices/{voice_id}", status_code=204)
+    async def delete_voice(self, voice_id: str, authorization: str | None = Header(None)) -> None:
+        owner = self._caller(authorization)
+        try:
+            record = self.voices.get(voice_id)
+        except (VoiceNotFound, ValueError) as error:
+            raise HTTPException(status_code=404, detail="no such voice") from error
+        if record.owner != owner:
+            raise HTTPException(status_code=404, detail="no such voice")
+        self.voices.delete(voice_id)
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        try:
+            stats = await self.converter.stats.remote()
+        except Exception as error:  # any failure to reach a converter means not ready
+            return JSONResponse(status_code=503, content={"status": "no converter", "detail": type(error).__name__})
+        return JSONResponse(content={"status": "ready", "converter": stats})
