@@ -158,6 +158,11 @@ class ConverterService:
         self.engine.close(session_id)
         self._settings.pop(session_id, None)
 
+    def forget_all(self) -> None:
+        """Drop every session at once, as a replica that crashed or was replaced loses them."""
+        for session_id in list(self._settings):
+            self._close(session_id)
+
     # -- blocks ------------------------------------------------------------------------------------------------
 
     async def convert_blocks(self, blocks: Sequence[BlockIn]) -> list[BlockOut | ConverterError]:

@@ -117,6 +117,11 @@ class LiveSession:
         assert self.opened is not None, "the session is not open"
         return self.opened.replica
 
+    @property
+    def pending_blocks(self) -> int:
+        """Input blocks cut and waiting for the converter (dropped ones included until they are answered)."""
+        return len(self._queue)
+
     async def open(self) -> OpenReply:
         self.opened = await self.client.open(self._open_request(resume=None))
         self._blocks = Chunker(self.opened.block_16k)
