@@ -41,11 +41,19 @@ def with_environment(args: AppArgs) -> AppArgs:
 
 
 def build(raw_args: dict[str, Any]) -> Application:
-    args = with_environment(AppArgs(**raw_args))
+    """The entry point `serve_config.yaml` names; deployment options come from the file's `deployments` section."""
+    return build_app(with_environment(AppArgs(**raw_args)))
+
+
+def build_app(
+    args: AppArgs, converter_options: dict[str, Any] | None = None, ingress_options: dict[str, Any] | None = None
+) -> Application:
+    """The application graph; options override Serve deployment settings (tests use this to size replicas)."""
     router = RequestRouterConfig(
         request_router_class=SessionPinningRouter, request_routing_stats_period_s=ROUTING_STATS_PERIOD_S
     )
-    converter = serve.deployment(Converter, name="Converter", request_router_config=router).bind(
-        args.converter.model_dump(exclude={"replica_tag"})
-    )
-    return serve.deployment(Ingress, name="Ingress").bind(converter, args.ingress.model_dump())
+    converter = serve.deployment(
+        Converter, name="Converter", request_router_config=router, **(converter_options or {})
+    ).bind(args.converter.model_dump(exclude={"replica_tag"}))
+    ingress = serve.deployment(Ingress, name="Ingress", **(ingress_options or {}))
+    return ingress.bind(converter, args.ingress.model_dump())

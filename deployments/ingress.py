@@ -11,6 +11,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Header, HTTPException, Request, WebSocket
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -54,6 +55,8 @@ def token_secret() -> bytes:
 @serve.ingress(api)
 class Ingress:
     def __init__(self, converter: DeploymentHandle, config: dict[str, Any]) -> None:
+        # Per-chunk resampling and Opus work is tiny: more torch threads only fight the converters for the cores.
+        torch.set_num_threads(1)
         self.config = IngressConfig(**config)
         self.converter = converter
         self.keys = api_keys(self.config)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,6 +47,8 @@ from app.voices.store import VoiceNotFound, VoiceStore
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+RECENT_SESSIONS = 1000  # sessions whose block counts the stats keep
+
 
 @dataclass(frozen=True)
 class SpeedCheck:
@@ -77,6 +79,8 @@ class ConverterService:
         self._gate = SilenceGate(config.silence_gate_dbfs) if config.silence_gate_dbfs is not None else None
         self._settings: dict[str, StreamSettings] = {}
         self.batch_sizes: Counter[int] = Counter()
+        # Blocks converted per session, for the most recent sessions (stickiness is checked against this).
+        self.blocks_by_session: OrderedDict[str, int] = OrderedDict()
         self.blocks_converted = 0
         self.speed = self._check_speed()
 
@@ -135,6 +139,7 @@ class ConverterService:
             block=geometry.block,
             window_16k=geometry.window_16k,
             flush_blocks=geometry.flush_blocks,
+            delay=geometry.delay,
         )
 
     async def set_voice(self, session_id: str, voice_id: str) -> None:
@@ -181,6 +186,7 @@ class ConverterService:
             self.batch_sizes[len(known)] += 1
             self.blocks_converted += len(known)
             for block, (audio, steps, silent) in zip(known, rows, strict=True):
+                self._count_block(block.session_id)
                 stream = self.engine.session(block.session_id).stream
                 replies[block.session_id] = BlockOut(
                     session_id=block.session_id,
@@ -194,6 +200,12 @@ class ConverterService:
                     state=ResumeState.from_stream_state(stream.snapshot(), keep_window=False),
                 )
         return [replies[block.session_id] for block in blocks]
+
+    def _count_block(self, session_id: str) -> None:
+        self.blocks_by_session[session_id] = self.blocks_by_session.get(session_id, 0) + 1
+        self.blocks_by_session.move_to_end(session_id)
+        if len(self.blocks_by_session) > RECENT_SESSIONS:
+            self.blocks_by_session.popitem(last=False)
 
     def _engine_rows(self, blocks: Sequence[BlockIn]) -> list[tuple[np.ndarray, int, bool]]:
         requests = [BlockRequest(b.session_id, torch.from_numpy(b.samples_16k)) for b in blocks]
@@ -222,5 +234,6 @@ class ConverterService:
             "capacity": self.config.max_sessions,
             "batch_sizes": dict(self.batch_sizes),
             "blocks_converted": self.blocks_converted,
+            "blocks_by_session": dict(self.blocks_by_session),
             "real_time_factor": self.speed.real_time_factor,
         }

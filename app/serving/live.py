@@ -110,6 +110,9 @@ class LiveSession:
         self._window: np.ndarray | None = None  # mirror of the converter's window after the last reply
         self._state: ResumeState | None = None  # resumable state after the last reply
         self._ended = False
+        self._input_samples = 0  # at 48 kHz
+        self._output_frames = 0
+        self._frame_budget: int | None = None  # known at the end of input: input + delay, in whole frames
         self._voice_request: str | None = None
 
     @property
@@ -138,6 +141,7 @@ class LiveSession:
         """Queue 48 kHz input; returns a report when the backlog bound made it drop old input."""
         assert self._blocks is not None, "open the session first"
         now = self.clock()
+        self._input_samples += len(pcm_48k)
         for block in self._blocks.push(self._input.push(torch.from_numpy(pcm_48k)).numpy()):
             self._enqueue(block, now)
         return self._drop_excess()
@@ -159,6 +163,9 @@ class LiveSession:
             self._enqueue(last, now)
         for _ in range(self.opened.flush_blocks):
             self._enqueue(np.zeros(self.opened.block_16k, dtype=np.float32), now)
+        # The output ends where the input's last sample comes out: whole blocks would overshoot by up to two.
+        delay_48k = self.opened.delay * SAMPLE_RATE / self.opened.sample_rate
+        self._frame_budget = -(-int(self._input_samples + delay_48k) // FRAME_SAMPLES)
         self._ended = True
         self._ready.set()
 
@@ -225,14 +232,20 @@ class LiveSession:
         assert self._output is not None
         frames = self._frames.push(self._output.flush().numpy())
         last = self._frames.flush_padded()
-        return frames + ([last] if last is not None else [])
+        return self._within_budget(frames + ([last] if last is not None else []))
 
     def _input_start_ms(self, index: int) -> float:
         return 1000 * index * self.settings.block_time
 
     def _frames_of(self, audio: np.ndarray) -> list[np.ndarray]:
         assert self._output is not None
-        return self._frames.push(self._output.push(torch.from_numpy(audio)).numpy())
+        return self._within_budget(self._frames.push(self._output.push(torch.from_numpy(audio)).numpy()))
+
+    def _within_budget(self, frames: list[np.ndarray]) -> list[np.ndarray]:
+        if self._frame_budget is not None:
+            frames = frames[: max(0, self._frame_budget - self._output_frames)]
+        self._output_frames += len(frames)
+        return frames
 
     def _advance_window(self, block: np.ndarray) -> None:
         assert self._window is not None

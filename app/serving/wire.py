@@ -78,6 +78,7 @@ class OpenReply:
     block: int  # output samples per block
     window_16k: int  # the rolling window the transport mirrors for resumes
     flush_blocks: int  # silent blocks that flush the lookahead at the end
+    delay: int  # samples (at `sample_rate`) by which the output lags the input
 
 
 @dataclass(frozen=True)

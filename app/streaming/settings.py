@@ -136,10 +136,14 @@ class StreamGeometry:
         return self.return_length * self.zc
 
     @property
+    def delay(self) -> int:
+        """Model-rate samples by which the output lags the input (lookahead, crossfade and SOLA search)."""
+        return self.extra_right + self.sola_buffer + self.sola_search
+
+    @property
     def flush_blocks(self) -> int:
         """Blocks of silence to feed after the input ends so that its last samples reach the output."""
-        delay = self.extra_right + self.sola_buffer + self.sola_search
-        return -(-delay // self.block)
+        return -(-self.delay // self.block)
 
     def check_vocoder(self, samples_per_frame: int) -> None:
         if self.mel_frames * samples_per_frame < self.infer_length + self.tail:

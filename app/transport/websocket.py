@@ -170,10 +170,18 @@ class StreamConnection:
                 session.end_input()
                 return
             if isinstance(parsed, SetVoiceMessage):
-                self._check_voice(parsed.voice_id)
-                session.request_voice(parsed.voice_id)
+                self._switch_voice(session, parsed.voice_id)
             else:
                 raise ProtocolError(ErrorCode.bad_message, "the session has already started")
+
+    def _switch_voice(self, session: LiveSession, voice_id: str) -> None:
+        """An unknown voice here is answered with an error event, but the stream goes on with its current voice."""
+        try:
+            self._check_voice(voice_id)
+        except ProtocolError as error:
+            asyncio.get_running_loop().create_task(self._send(error.event().model_dump_json()))
+            return
+        session.request_voice(voice_id)
 
     def _take_audio(self, session: LiveSession, packet: bytes) -> None:
         check_audio_frame(packet)

@@ -1,0 +1,566 @@
+"""Streaming voice conversion client: a file (or the microphone) in, the converted voice out, with latency figures.
+
+Usage:
+    # One file, sent in real time, with a voice already on the server:
+    python -m client.stream_client INPUT.wav OUTPUT.wav --url http://127.0.0.1:8000 --api-key KEY --voice VOICE_ID
+    # Upload a reference recording first, then send the file as fast as the server takes it:
+    SEEDVC_API_KEY=KEY python -m client.stream_client INPUT.wav OUTPUT.wav --reference REF.wav --fast
+    # Eight streams of the same input at once (writes OUTPUT-0.wav ... OUTPUT-7.wav), reproducible, fewer steps:
+    python -m client.stream_client INPUT.wav OUTPUT.wav --voice VOICE_ID --concurrency 8 --seed 0 \\
+        --setting diffusion_steps=6 --setting block_time=0.24
+    # The default microphone until Ctrl+C (needs the optional package: pip install sounddevice):
+    python -m client.stream_client --mic OUTPUT.wav --voice VOICE_ID
+
+As a library (inside a coroutine):
+    token = client.api.get_token("http://127.0.0.1:8000", api_key)
+    result = await stream_audio("http://127.0.0.1:8000", token, voice_id, samples_48k)
+    result.output_48k, result.stats.p95_ms, result.error
+
+Protocol v1 (app/transport/protocol.py): the client sends the start message and waits for `ready`, then sends one
+20 ms Opus packet per binary message, then `end`; meanwhile it decodes the audio the server sends back and keeps
+every event. An error event ends the stream without an exception (`StreamResult.error`), except the one the
+protocol lets the stream survive: `unknown_voice` in answer to `set_voice`. Input files of any rate are resampled to
+48 kHz; the output is 48 kHz float32, starting at the first packet the server sent (no delay compensation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+import urllib.parse
+from collections.abc import AsyncGenerator, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from app.audio.files import AudioError, read_audio, resample, write_audio
+from app.audio.framing import Chunker
+from app.audio.opus import FRAME_SAMPLES, OpusDecoder, OpusEncoder, OpusError
+from app.audio.pacing import Pacer
+from app.audio.stream_resample import StreamingResampler
+from app.transport.protocol import FRAME_MS, PROTOCOL_VERSION, SAMPLE_RATE, ErrorCode, SettingsOverrides
+from client.api import ClientError, get_token, upload_voice
+
+STREAM_PATH = "/v1/stream"
+FRAME_SECONDS = FRAME_MS / 1000
+# Opening a session may wait for a converter replica and embed the voice; a server silent for this long is stuck.
+READY_TIMEOUT_S = 30.0
+API_KEY_ENV = "SEEDVC_API_KEY"
+
+Event = dict[str, Any]
+EventHandler = Callable[[Event], None]
+# What the sender puts on the socket: an Opus packet (binary message) or a control message (JSON text).
+Outgoing = bytes | dict[str, Any]
+
+
+class StreamError(Exception):
+    """The connection broke or the server broke the protocol; error events are results, not StreamErrors."""
+
+
+class MicrophoneError(Exception):
+    """The microphone cannot be used: the optional `sounddevice` package or PortAudio is missing, or no device."""
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Latency figures over the block events of one or more streams."""
+
+    streams: int
+    blocks: int
+    p50_ms: float | None  # of the block events' latency_ms; None without a block event
+    p95_ms: float | None
+    max_ms: float | None
+    late_events: int
+    dropped_ms: int  # input the server dropped because it fell behind
+    first_audio_ms: float | None  # first packet sent -> first audio received; the slowest stream's when pooled
+
+    @classmethod
+    def from_results(cls, results: Sequence[StreamResult]) -> LatencyStats:
+        """Pools the block latencies of all results, so percentiles are over every block of every stream."""
+        latencies = [event["latency_ms"] for result in results for event in result.events if event["type"] == "block"]
+        first_audio = [result.first_audio_ms for result in results if result.first_audio_ms is not None]
+        percentiles = np.percentile(latencies, [50, 95]).tolist() if latencies else [None, None]
+        return cls(
+            streams=len(results),
+            blocks=len(latencies),
+            p50_ms=percentiles[0],
+            p95_ms=percentiles[1],
+            max_ms=max(latencies) if latencies else None,
+            late_events=sum(1 for result in results for event in result.events if event["type"] == "late"),
+            dropped_ms=sum(result.dropped_ms for result in results),
+            first_audio_ms=max(first_audio) if first_audio else None,
+        )
+
+    def describe(self) -> str:
+        """One line for people."""
+
+        def ms(value: float | None) -> str:
+            return "-" if value is None else f"{value:.0f} ms"
+
+        return (
+            f"latency p50 {ms(self.p50_ms)}, p95 {ms(self.p95_ms)}, max {ms(self.max_ms)} over {self.blocks} blocks; "
+            f"first audio after {ms(self.first_audio_ms)}; "
+            f"late events: {self.late_events}, input dropped: {self.dropped_ms} ms"
+        )
+
+
+@dataclass
+class StreamResult:
+    """Everything one stream produced; `error` is set when the server sent an error event."""
+
+    output_48k: np.ndarray  # (n,) float32: every audio packet received, decoded, in order
+    events: list[Event]  # every JSON event, in order of arrival
+    ready: Event | None  # None when the server refused the stream before it started
+    end: Event | None  # None when the stream did not end normally
+    error: Event | None  # the first error event
+    first_audio_ms: float | None  # client clock, from the first packet sent to the first packet received
+
+    @property
+    def dropped_ms(self) -> int:
+        """Input the server dropped: its end event's total, or the last late event's running total."""
+        if self.end is not None:
+            return int(self.end["dropped_ms"])
+        late = [event for event in self.events if event["type"] == "late"]
+        return int(late[-1]["total_dropped_ms"]) if late else 0
+
+    @property
+    def stats(self) -> LatencyStats:
+        """This stream's latency figures."""
+        return LatencyStats.from_results([self])
+
+
+def stream_url(url: str) -> str:
+    """The WebSocket URL of the stream endpoint, from the server's base URL (http, https, ws or wss)."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme)
+    if scheme is None or not parts.netloc:
+        raise ValueError(f"expected a URL such as http://127.0.0.1:8000, got {url!r}")
+    path = parts.path.rstrip("/")
+    if not path.endswith(STREAM_PATH):
+        path += STREAM_PATH
+    return urllib.parse.urlunsplit((scheme, parts.netloc, path, parts.query, ""))
+
+
+def start_message(
+    token: str, voice_id: str, *, realtime: bool = True, seed: int | None = None, settings: dict[str, Any] | None = None
+) -> Event:
+    """The protocol's start message; settings go unchecked, so that the server's answer (bad_settings) is the one."""
+    message: Event = {
+        "type": "start",
+        "version": PROTOCOL_VERSION,
+        "token": token,
+        "voice_id": voice_id,
+        "realtime": realtime,
+    }
+    if settings:
+        message["settings"] = settings
+    if seed is not None:
+        message["seed"] = seed
+    return message
+
+
+def encode_packets(audio_48k: np.ndarray) -> list[bytes]:
+    """(n,) samples at 48 kHz -> 20 ms Opus packets. The input is padded with zeros by the encoder's lookahead (and
+    then to a whole frame), so that its last samples come out of the encoder instead of staying inside it."""
+    samples = np.asarray(audio_48k, dtype=np.float32)
+    if samples.ndim != 1 or samples.size == 0:
+        raise ValueError(f"expected (n,) mono samples with n > 0, got shape {samples.shape}")
+    frames = -(-(samples.size + OpusEncoder.delay_samples) // FRAME_SAMPLES)
+    padded = np.zeros(frames * FRAME_SAMPLES, dtype=np.float32)
+    padded[: samples.size] = samples
+    encoder = OpusEncoder()
+    return [encoder.encode(frame) for frame in padded.reshape(frames, FRAME_SAMPLES)]
+
+
+async def paced_packets(
+    packets: Sequence[bytes], *, realtime: bool = True, set_voice_at: tuple[float, str] | None = None
+) -> AsyncGenerator[Outgoing, None]:
+    """Yields the packets, each at its due time when `realtime` (an absolute clock, so no drift), else at once.
+
+    With `set_voice_at=(seconds, voice_id)`, a set_voice message follows the packet that completes that much input
+    (at least the first packet, at most all of them).
+    """
+    switch_after = None
+    if set_voice_at is not None:
+        switch_after = min(max(1, round(set_voice_at[0] / FRAME_SECONDS)), len(packets))
+    pacer = Pacer(FRAME_SECONDS)
+    for index, packet in enumerate(packets):
+        if realtime:
+            await pacer.wait(index)
+        yield packet
+        if set_voice_at is not None and index + 1 == switch_after:
+            yield {"type": "set_voice", "voice_id": set_voice_at[1]}
+
+
+class Microphone:
+    """The default input device as 20 ms Opus packets at 48 kHz until `stop()`; needs the optional `sounddevice`."""
+
+    def __init__(self) -> None:
+        try:
+            # Imported here: sounddevice is optional, and it loads the PortAudio library when imported.
+            import sounddevice
+        except (ImportError, OSError) as error:  # OSError: the package is there but PortAudio is not
+            raise MicrophoneError(
+                f"--mic needs the optional 'sounddevice' package and PortAudio (pip install sounddevice): {error}"
+            ) from None
+        self._sounddevice = sounddevice
+        self._captured: asyncio.Queue[np.ndarray | None] = asyncio.Queue()
+
+    def stop(self) -> None:
+        """Ends `packets()` after what was captured so far; safe to call from a signal handler on the loop."""
+        self._captured.put_nowait(None)
+
+    async def packets(self) -> AsyncGenerator[Outgoing, None]:
+        """Opens the device and yields its audio as Opus packets until `stop()`; closing the generator closes it."""
+        loop = asyncio.get_running_loop()
+
+        def on_audio(samples: np.ndarray, frames: int, time_info: Any, status: Any) -> None:
+            # PortAudio calls this on its own thread and reuses the buffer afterwards: copy, then hand to the loop.
+            loop.call_soon_threadsafe(self._captured.put_nowait, samples[:, 0].copy())
+
+        try:
+            # The device's own rate: not every device opens at 48 kHz, and resampling here is exact and cheap.
+            rate = int(self._sounddevice.query_devices(kind="input")["default_samplerate"])
+        except self._sounddevice.PortAudioError as error:
+            raise MicrophoneError(f"no microphone: {error}") from None
+        resampler = StreamingResampler(rate, SAMPLE_RATE)
+        chunker: Chunker[np.ndarray] = Chunker(FRAME_SAMPLES)
+        encoder = OpusEncoder()
+        try:
+            with self._sounddevice.InputStream(samplerate=rate, channels=1, dtype="float32", callback=on_audio):
+                # Under 20 ms may stay buffered when stop() arrives; that is after the speaker pressed Ctrl+C.
+                while (captured := await self._captured.get()) is not None:
+                    for frame in chunker.push(resampler.push(torch.from_numpy(captured)).numpy()):
+                        yield encoder.encode(frame)
+        except self._sounddevice.PortAudioError as error:
+            raise MicrophoneError(f"the microphone failed: {error}") from None
+
+
+class _Stream:
+    """One connection: a sender task for the input, and a receive loop that keeps events and decodes the output."""
+
+    def __init__(self, on_event: EventHandler | None) -> None:
+        self._on_event = on_event
+        self._decoder = OpusDecoder()
+        self._ready = asyncio.Event()
+        self.output: list[np.ndarray] = []
+        self.events: list[Event] = []
+        self.ready: Event | None = None
+        self.end: Event | None = None
+        self.error: Event | None = None
+        self._first_sent_at: float | None = None
+        self.first_audio_ms: float | None = None
+
+    async def run(self, websocket: ClientConnection, start: Event, messages: AsyncGenerator[Outgoing, None]) -> None:
+        await websocket.send(json.dumps(start))
+        sender = asyncio.create_task(self._send(websocket, messages))
+        receiver = asyncio.create_task(self._receive(websocket))
+        try:
+            await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
+            if not receiver.done():
+                sender.result()  # the input is all sent (or its source failed): now wait for the server's end
+            await receiver
+        finally:
+            # When the receiver stops first (an error event), the sender must not go on sending.
+            for task in (sender, receiver):
+                task.cancel()
+            await asyncio.gather(sender, receiver, return_exceptions=True)
+
+    def result(self) -> StreamResult:
+        return StreamResult(
+            output_48k=np.concatenate(self.output) if self.output else np.zeros(0, dtype=np.float32),
+            events=self.events,
+            ready=self.ready,
+            end=self.end,
+            error=self.error,
+            first_audio_ms=self.first_audio_ms,
+        )
+
+    async def _send(self, websocket: ClientConnection, messages: AsyncGenerator[Outgoing, None]) -> None:
+        try:
+            async with asyncio.timeout(READY_TIMEOUT_S):
+                await self._ready.wait()
+        except TimeoutError:
+            raise StreamError(f"the server sent no ready event within {READY_TIMEOUT_S:.0f} s") from None
+        try:
+            # aclosing: a cancelled sender still closes its source (and with it the microphone).
+            async with contextlib.aclosing(messages):
+                async for message in messages:
+                    if isinstance(message, bytes):
+                        if self._first_sent_at is None:
+                            self._first_sent_at = time.monotonic()
+                        await websocket.send(message)  # returns once the write buffer drains: no unbounded backlog
+                    else:
+                        await websocket.send(json.dumps(message))
+            await websocket.send(json.dumps({"type": "end"}))
+        except ConnectionClosed:
+            return  # the receiver saw the same close and reports why
+
+    async def _receive(self, websocket: ClientConnection) -> None:
+        while True:
+            try:
+                message = await websocket.recv()
+            except ConnectionClosed as closed:
+                if self.error is not None:
+                    return  # the server closes the socket after an error event
+                raise StreamError(f"the server closed the stream before its end event ({_why(closed)})") from None
+            if isinstance(message, bytes):
+                self._take_audio(message)
+                continue
+            event = self._take_event(message)
+            if event["type"] == "end" or (event["type"] == "error" and self._fatal(event)):
+                return
+
+    def _take_audio(self, packet: bytes) -> None:
+        if self.ready is None:
+            raise StreamError("the server sent audio before its ready event")
+        if self.first_audio_ms is None and self._first_sent_at is not None:
+            self.first_audio_ms = 1000 * (time.monotonic() - self._first_sent_at)
+        try:
+            self.output.append(self._decoder.decode(packet))
+        except OpusError as error:
+            raise StreamError(f"the server sent audio that is not a 20 ms Opus packet: {error}") from None
+
+    def _take_event(self, text: str) -> Event:
+        try:
+            event = json.loads(text)
+        except json.JSONDecodeError:
+            raise StreamError(f"the server sent a text message that is not JSON: {text[:80]!r}") from None
+        if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+            raise StreamError(f"the server sent a message without a type: {text[:80]!r}")
+        self.events.append(event)
+        if event["type"] == "ready":
+            self.ready = event
+            self._ready.set()
+        elif event["type"] == "end":
+            self.end = event
+        elif event["type"] == "error" and self.error is None:
+            self.error = event
+        if self._on_event is not None:
+            self._on_event(event)
+        return event
+
+    def _fatal(self, error: Event) -> bool:
+        # Protocol step 8: once started, unknown_voice can only answer set_voice, and the stream goes on.
+        return not (self.ready is not None and error.get("code") == ErrorCode.unknown_voice)
+
+
+def _why(closed: ConnectionClosed) -> str:
+    received = closed.rcvd
+    if received is None:
+        return "no close frame: the connection dropped"
+    return f"close code {received.code}" + (f", {received.reason}" if received.reason else "")
+
+
+async def run_stream(
+    url: str, start: Event, messages: AsyncGenerator[Outgoing, None], *, on_event: EventHandler | None = None
+) -> StreamResult:
+    """Runs one stream: `start` (see `start_message`), then `messages` once the server is ready, then end.
+
+    Raises OSError or websockets' InvalidURI / InvalidHandshake when no connection opens, and StreamError when it
+    breaks; an error event is returned in the result instead.
+    """
+    stream = _Stream(on_event)
+    # No permessage-deflate: Opus packets do not compress, and each stream would pay for a deflate context.
+    async with connect(stream_url(url), compression=None) as websocket:
+        await stream.run(websocket, start, messages)
+    return stream.result()
+
+
+async def stream_audio(
+    url: str,
+    token: str,
+    voice_id: str,
+    audio_48k: np.ndarray,
+    *,
+    realtime: bool = True,
+    seed: int | None = None,
+    settings: dict[str, Any] | None = None,
+    set_voice_at: tuple[float, str] | None = None,
+    on_event: EventHandler | None = None,
+) -> StreamResult:
+    """Converts (n,) samples at 48 kHz through the server at `url` (its base URL, or the ws(s) stream URL).
+
+    `realtime` paces the input at 20 ms per packet and asks the server to pace its output; otherwise both go as fast
+    as the socket takes them. `set_voice_at=(seconds, voice_id)` switches voice after that much input. `on_event`
+    sees each JSON event as it arrives. Raises as `run_stream` does.
+    """
+    packets = encode_packets(audio_48k)
+    start = start_message(token, voice_id, realtime=realtime, seed=seed, settings=settings)
+    messages = paced_packets(packets, realtime=realtime, set_voice_at=set_voice_at)
+    return await run_stream(url, start, messages, on_event=on_event)
+
+
+# Command line
+
+
+def _setting(text: str) -> tuple[str, Any]:
+    """key=value, with the value read as JSON (so 6 is an int and 0.24 a float) and the key checked against the
+    protocol, so that a typo fails here and not as the server's bad_settings."""
+    key, equals, value = text.partition("=")
+    if not equals or key not in SettingsOverrides.model_fields:
+        raise argparse.ArgumentTypeError(
+            f"expected key=value with key one of {', '.join(SettingsOverrides.model_fields)}, got {text!r}"
+        )
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        raise argparse.ArgumentTypeError(f"{key}: {value!r} is not a number") from None
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m client.stream_client",
+        usage="%(prog)s (INPUT | --mic) OUTPUT (--voice ID | --reference REF) [options]",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("files", nargs="+", type=Path, metavar="FILE", help="INPUT OUTPUT, or OUTPUT alone with --mic")
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL (%(default)s)")
+    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), help=f"API key (default: ${API_KEY_ENV})")
+    voice = parser.add_mutually_exclusive_group(required=True)
+    voice.add_argument("--voice", help="id of a voice already on the server")
+    voice.add_argument("--reference", type=Path, help="upload this recording as a new voice, then use it")
+    parser.add_argument("--fast", action="store_true", help="send the input as fast as possible, not in real time")
+    parser.add_argument("--seed", type=int, help="diffusion noise seed, for reproducible output")
+    parser.add_argument("--concurrency", type=int, default=1, help="streams of the same input at once (%(default)s)")
+    parser.add_argument("--mic", action="store_true", help="stream the default microphone until Ctrl+C")
+    parser.add_argument(
+        "--setting", type=_setting, action="append", default=[], metavar="KEY=VALUE", help="override a stream setting"
+    )
+    args = parser.parse_args(argv)
+    if len(args.files) != (1 if args.mic else 2):
+        parser.error("give INPUT OUTPUT, or --mic OUTPUT")
+    if args.api_key is None:
+        parser.error(f"give --api-key or set {API_KEY_ENV}")
+    url = urllib.parse.urlsplit(args.url)
+    if url.scheme not in {"http", "https"} or not url.netloc:
+        parser.error(f"--url must be an http:// or https:// base URL, got {args.url!r}")
+    if args.concurrency < 1:
+        parser.error("--concurrency must be at least 1")
+    if args.mic and (args.concurrency > 1 or args.fast):
+        parser.error("--mic is one real-time stream: it takes neither --concurrency nor --fast")
+    if args.seed is not None and args.seed < 0:
+        parser.error("--seed must not be negative")
+    return args
+
+
+def _output_paths(output: Path, count: int) -> list[Path]:
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-{index}{output.suffix}") for index in range(count)]
+
+
+def _printer(label: str) -> EventHandler:
+    """Shows the events a person should see while a stream runs: the server falling behind, and warnings."""
+
+    def show(event: Event) -> None:
+        if event["type"] == "late":
+            print(f"{label}: server fell behind, dropped {event['dropped_ms']} ms of input", file=sys.stderr)
+        elif event["type"] == "warning":
+            print(f"{label}: warning {event['code']}: {event['message']}", file=sys.stderr)
+
+    return show
+
+
+def _read_48k(path: Path) -> np.ndarray:
+    audio = read_audio(path)
+    return resample(torch.from_numpy(audio.samples), audio.rate, SAMPLE_RATE).numpy()
+
+
+# Failures a user can meet and fix (server down, wrong key or voice, bad file); anything else is a bug.
+EXPECTED_ERRORS = (ClientError, AudioError, StreamError, MicrophoneError, OSError, InvalidURI, InvalidHandshake)
+
+
+async def _run(args: argparse.Namespace) -> int:
+    """Everything after argument parsing; expected failures raise, and `main` turns them into messages."""
+    # The input first: a missing package or an unreadable file fails before any network call.
+    microphone = Microphone() if args.mic else None
+    packets = [] if microphone is not None else encode_packets(_read_48k(args.files[0]))
+    # urllib blocks: off the event loop, as every network call of a coroutine should be.
+    token = await asyncio.to_thread(get_token, args.url, args.api_key)
+    voice_id = args.voice
+    if args.reference is not None:
+        uploaded = await asyncio.to_thread(upload_voice, args.url, token, args.reference, args.reference.stem)
+        voice_id = uploaded["voice_id"]
+        print(f"uploaded {args.reference} as voice {voice_id} ({uploaded['seconds']:.1f} s)")
+    start = start_message(token, voice_id, realtime=not args.fast, seed=args.seed, settings=dict(args.setting))
+    outputs = _output_paths(args.files[-1], args.concurrency)
+    if microphone is not None:
+        # Ctrl+C ends the input; the server still converts and returns what was said before it.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGINT, microphone.stop)
+        print("streaming the microphone; press Ctrl+C to stop", file=sys.stderr)
+        sources = [microphone.packets()]
+    else:
+        sources = [paced_packets(packets, realtime=not args.fast) for _ in outputs]
+    labels = [f"stream {index}" for index in range(len(outputs))]
+    attempts = await asyncio.gather(
+        *(
+            run_stream(args.url, start, source, on_event=_printer(label))
+            for source, label in zip(sources, labels, strict=True)
+        ),
+        return_exceptions=True,
+    )
+    return _report(labels, outputs, attempts, args.url)
+
+
+def _report(labels: list[str], outputs: list[Path], attempts: list[StreamResult | BaseException], url: str) -> int:
+    """Writes each stream's output, prints its figures or its failure; the exit status (1 if any stream failed)."""
+    failed = False
+    results: list[StreamResult] = []
+    for label, output, attempt in zip(labels, outputs, attempts, strict=True):
+        if isinstance(attempt, BaseException):
+            if not isinstance(attempt, EXPECTED_ERRORS):
+                raise attempt  # a bug: let its traceback show
+            print(f"error: {label}: {_explain(attempt, url)}", file=sys.stderr)
+            failed = True
+        elif attempt.error is not None:
+            error = attempt.error
+            print(f"error: {label}: server error {error['code']}: {error['message']}", file=sys.stderr)
+            failed = True
+        else:
+            write_audio(output, attempt.output_48k, SAMPLE_RATE)
+            print(f"{label}: wrote {output} ({len(attempt.output_48k) / SAMPLE_RATE:.2f} s)")
+            print(f"  {attempt.stats.describe()}")
+            results.append(attempt)
+    if len(outputs) > 1 and results:
+        pooled = LatencyStats.from_results(results)
+        print(f"all {pooled.streams} streams that ended: {pooled.describe()}")
+    return 1 if failed else 0
+
+
+def _explain(error: BaseException, url: str) -> str:
+    if isinstance(error, ClientError) and error.status == 401:
+        return f"the server refused the API key (HTTP 401): {error.detail}"
+    if isinstance(error, TimeoutError):  # before OSError, of which it is a subclass
+        return f"no answer from {stream_url(url)} in time"
+    if isinstance(error, OSError | InvalidHandshake | InvalidURI):
+        return f"cannot open {stream_url(url)}: {error}"
+    return str(error)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return asyncio.run(_run(args))
+    except EXPECTED_ERRORS as error:
+        print(f"error: {_explain(error, args.url)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl+C while streaming a file: stop without a traceback, and write nothing
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

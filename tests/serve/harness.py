@@ -1,0 +1,92 @@
+"""A real local Ray Serve running the application with the tiny fixture model (2 CPUs, loopback only).
+
+Replicas get `num_cpus: 0` (a 2-CPU Ray cannot place an ingress and two 1-CPU converters) and one torch thread each
+(two converters with two threads each would oversubscribe the two cores many times over).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray import serve
+
+from app.audio.files import resample
+from app.serving.config import ConverterConfig, IngressConfig
+from client.api import get_token, upload_voice
+from client.stream_client import StreamResult, stream_audio
+from deployments.app import AppArgs, build_app
+from deployments.router import pin
+from tests.parity import ParitySet
+
+API_KEY = "test-key-0123456789abcdef"
+BASE_URL = "http://127.0.0.1:8000"
+APP = "seedvc"
+
+
+@dataclass
+class ServeApp:
+    parity: ParitySet
+    token: str
+    voice_id: str
+
+    def stream(self, audio_48k: np.ndarray, **options: Any) -> StreamResult:
+        return asyncio.run(stream_audio(BASE_URL, self.token, self.voice_id, audio_48k, **options))
+
+    def source_48k(self, seconds: float | None = None) -> np.ndarray:
+        audio = resample(torch.from_numpy(self.parity.wav("source_16k")), 16000, 48000).numpy()
+        return audio if seconds is None else audio[: int(48000 * seconds)]
+
+
+@contextlib.contextmanager
+def local_ray() -> Iterator[None]:
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def start_app(
+    parity: ParitySet, voices: Path, converters: int = 2, max_sessions: int = 8, **converter: Any
+) -> ServeApp:
+    args = AppArgs(
+        converter=ConverterConfig(
+            model=str(parity.model_dir),
+            voice_store=str(voices),
+            max_sessions=max_sessions,
+            silence_gate_dbfs=None,
+            torch_threads=1,
+            **converter,
+        ),
+        ingress=IngressConfig(voice_store=str(voices), api_keys={"test": API_KEY}),
+    )
+    no_cpu = {"ray_actor_options": {"num_cpus": 0}}
+    app = build_app(args, converter_options={"num_replicas": converters, **no_cpu}, ingress_options=no_cpu)
+    serve.run(app, name=APP, route_prefix="/")
+    token = get_token(BASE_URL, API_KEY)
+    voice = upload_voice(BASE_URL, token, parity.root / parity.bundle["files"]["reference_22k"], name="fixture")
+    return ServeApp(parity=parity, token=token, voice_id=voice["voice_id"])
+
+
+def converter_replicas() -> dict[str, str]:
+    """Unique id -> actor name of every live converter replica."""
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "#Converter#" in a["name"]]
+    return {name.rsplit("#", 1)[1]: name for name in names}
+
+
+def replica_stats(replica: str) -> dict[str, Any]:
+    handle = serve.get_deployment_handle("Converter", app_name=APP)
+    return handle.options(session_id=pin(replica)).stats.remote().result(timeout_s=30)
+
+
+def kill_replica(replica: str) -> None:
+    ray.kill(ray.get_actor(converter_replicas()[replica], namespace="serve"), no_restart=True)
