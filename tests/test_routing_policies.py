@@ -1,0 +1,57 @@
+"""The session-pinning router's choice and the autoscaling policy's arithmetic, as pure functions.
+
+Their integration with real Serve (stickiness, re-homing, scaling) is covered in tests/serve/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+from deployments.autoscaling import SessionAwarePolicy
+from deployments.router import SessionPinningRouter, pin, pinned_replica
+
+
+def replica(name: str, sessions: int, capacity: int = 10) -> SimpleNamespace:
+    return SimpleNamespace(
+        replica_id=SimpleNamespace(unique_id=name), routing_stats={"sessions": sessions, "capacity": capacity}
+    )
+
+
+def choose(replicas: list[SimpleNamespace], session_id: str) -> list[list[str]]:
+    router = SessionPinningRouter.__new__(SessionPinningRouter)  # choose_replicas uses no router state
+    request = SimpleNamespace(metadata=SimpleNamespace(session_id=session_id))
+    ranked = asyncio.run(router.choose_replicas(replicas, request))
+    return [[r.replica_id.unique_id for r in rank] for rank in ranked]
+
+
+def test_pins_round_trip() -> None:
+    assert pinned_replica(pin("abc")) == "abc"
+    assert pinned_replica("something-else") is None
+
+
+def test_pinned_calls_go_to_their_replica_only() -> None:
+    replicas = [replica("a", 9), replica("b", 0)]
+    assert choose(replicas, pin("a")) == [["a"]]
+
+
+def test_new_sessions_go_least_loaded_first() -> None:
+    replicas = [replica("a", 9), replica("b", 2), replica("c", 5)]
+    assert choose(replicas, "") == [["b"], ["c"], ["a"]]
+
+
+def test_a_lost_pin_falls_back_to_any_replica() -> None:
+    assert choose([replica("a", 3), replica("b", 1)], pin("gone")) == [["b"], ["a"]]
+
+
+def test_policy_scales_on_sessions_or_queue_whichever_needs_more() -> None:
+    policy = SessionAwarePolicy(sessions_per_replica=10, target_ongoing_requests=4)
+
+    def wanted(sessions: list[float], requests: float) -> int:
+        metrics = {"sessions": {f"r{i}": value for i, value in enumerate(sessions)}}
+        return policy(SimpleNamespace(aggregated_metrics=metrics, total_num_requests=requests))[0]
+
+    assert wanted([], 0) == 1
+    assert wanted([10, 10, 5], 2) == 3
+    assert wanted([3], 17) == 5
+    assert wanted([30, 1], 0) == 4
