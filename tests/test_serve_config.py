@@ -20,7 +20,8 @@ from ray.serve.schema import ServeDeploySchema
 from deployments.app import AppArgs
 from deployments.autoscaling import SessionAwarePolicy
 
-CONFIG = Path(__file__).resolve().parent.parent / "serve_config.yaml"
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = [ROOT / "serve_config.yaml", ROOT / "serve_config.gpu.yaml"]
 # Fields declared as plain dicts whose content a model of its own describes.
 DICT_FIELDS_WITH_MODELS = {"autoscaling_config": AutoscalingConfig}
 
@@ -52,9 +53,9 @@ def unknown_keys(data: Any, model: type[BaseModel], where: str = "") -> list[str
     return problems
 
 
-@pytest.fixture(scope="module")
-def config() -> dict[str, Any]:
-    return yaml.safe_load(CONFIG.read_text())
+@pytest.fixture(scope="module", params=CONFIGS, ids=lambda path: path.name)
+def config(request: pytest.FixtureRequest) -> dict[str, Any]:
+    return yaml.safe_load(request.param.read_text())
 
 
 def test_serve_accepts_the_file(config: dict[str, Any]) -> None:
@@ -65,8 +66,8 @@ def test_no_key_is_unknown(config: dict[str, Any]) -> None:
     assert unknown_keys(config, ServeDeploySchema) == []
 
 
-def test_the_checker_catches_typos(config: dict[str, Any]) -> None:
-    broken = yaml.safe_load(CONFIG.read_text())
+def test_the_checker_catches_typos() -> None:
+    broken = yaml.safe_load(CONFIGS[0].read_text())
     deployment = broken["applications"][0]["deployments"][0]
     deployment["max_replica"] = 3
     deployment["autoscaling_config"]["max_replica"] = 3
