@@ -1,6 +1,7 @@
-"""The ingress deployment: FastAPI on Serve. WebSocket streams, session tokens, the voices API, health, the web client.
+"""The ingress deployment: FastAPI on Serve. WebSocket streams, WebRTC calls, session tokens, the voices API, health,
+the web client.
 
-Every route is thin: it checks the caller and hands over to app/ (StreamConnection, TokenSigner, VoiceStore).
+Every route is thin: it checks the caller and hands over to app/ (StreamConnection, RtcCall, TokenSigner, VoiceStore).
 """
 
 # No `from __future__ import annotations` here: FastAPI must see real types in the route signatures.
@@ -8,6 +9,7 @@ Every route is thin: it checks the caller and hands over to app/ (StreamConnecti
 import logging
 import os
 import secrets
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from ray.serve.handle import DeploymentHandle
 from app.auth.tokens import ApiKeys, TokenError, TokenSigner, bearer
 from app.serving.config import IngressConfig
 from app.streaming.settings import StreamSettings
+from app.transport.webrtc import RtcCall, RtcServices, restrict_ice_host_addresses
 from app.transport.websocket import StreamConnection, StreamServices
 from app.voices.store import VoiceError, VoiceLimits, VoiceNotFound, VoiceStore
 from deployments.client import RayConverterClient
@@ -71,6 +74,10 @@ class Ingress:
             retry_after_s=self.config.retry_after_s,
             opus_bitrate=self.config.opus_bitrate,
         )
+        self.rtc = RtcServices.from_config(self.services, self.config)
+        if self.config.ice_host_addresses is not None:
+            # This replica's process owns the peer connections, so this is where ICE must learn its addresses.
+            restrict_ice_host_addresses(self.config.ice_host_addresses)
         static = Path(self.config.static_dir) if self.config.static_dir else WEB_CLIENT
         if static.is_dir():
             # Mounted last, so that every API route above takes precedence over a file of the same path.
@@ -86,6 +93,16 @@ class Ingress:
     @api.websocket("/v1/stream")
     async def stream(self, websocket: WebSocket) -> None:
         await StreamConnection(websocket, self.services).run()
+
+    @api.websocket("/v1/rtc")
+    async def rtc(self, websocket: WebSocket) -> None:
+        await RtcCall(websocket, self.rtc).run()
+
+    @api.get("/v1/ice")
+    async def ice_servers(self, authorization: str | None = Header(None)) -> dict[str, Any]:
+        """ICE servers for the browser's RTCPeerConnection, with TURN credentials for this caller that expire."""
+        key_id = self._caller(authorization)
+        return {"iceServers": self.rtc.browser_ice_servers(key_id, time.time())}
 
     @api.post("/v1/tokens")
     async def issue_token(self, authorization: str | None = Header(None)) -> dict[str, Any]:

@@ -6,8 +6,12 @@ instead of being silently ignored.
 
 from __future__ import annotations
 
+import ipaddress
+
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+ICE_URL_SCHEMES = ("stun:", "stuns:", "turn:", "turns:")
 
 
 class Strict(BaseModel):
@@ -35,6 +39,22 @@ class ConverterConfig(Strict):
         return torch.device(self.device)
 
 
+class IceServer(Strict):
+    """One STUN or TURN server, as a browser's `RTCIceServer` names it."""
+
+    urls: list[str] = Field(min_length=1, description="stun:, stuns:, turn: or turns: URLs of this server")
+    username: str | None = Field(None, description="TURN only")
+    credential: str | None = Field(None, description="TURN only: the password")
+
+    @field_validator("urls")
+    @classmethod
+    def _ice_urls(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            if not url.startswith(ICE_URL_SCHEMES):
+                raise ValueError(f"{url!r} is not an ICE server URL: it must start with one of {ICE_URL_SCHEMES}")
+        return urls
+
+
 class IngressConfig(Strict):
     voice_store: str = Field("./voices", description="local directory or fsspec URL of the voice store (shared)")
     api_keys: dict[str, str] = Field(
@@ -46,3 +66,46 @@ class IngressConfig(Strict):
     opus_bitrate: int = Field(32000, ge=6000, le=256000, description="bit rate of the converted audio")
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="largest voice upload")
     static_dir: str | None = Field(None, description="browser client files served at /; null = the bundled client/web")
+
+    ice_servers: list[IceServer] = Field(
+        default_factory=list,
+        description="STUN/TURN servers of the server's own WebRTC peer connections, also handed to browsers by "
+        "GET /v1/ice; empty = host candidates only, and no STUN server is ever contacted (aiortc uses the first STUN "
+        "and the first TURN URL)",
+    )
+    turn_secret: SecretStr | None = Field(
+        None,
+        description="secret shared with a TURN server (coturn's static-auth-secret): GET /v1/ice then hands each "
+        "caller short-lived TURN credentials for `turn_urls` (TURN REST API); null = none",
+    )
+    turn_urls: list[str] = Field(default_factory=list, description="turn: or turns: URLs the credentials are for")
+    turn_ttl_s: float = Field(3600, gt=0, description="lifetime of the TURN credentials GET /v1/ice hands out")
+    ice_host_addresses: list[str] | None = Field(
+        None,
+        description="the only host addresses the server's ICE offers; null = aioice's default (every address but "
+        "loopback); ['127.0.0.1'] for loopback-only tests",
+    )
+    rtc_connect_timeout_s: float = Field(
+        15.0, gt=0, description="WebRTC: for the offer to arrive after `ready`, then for the media to connect"
+    )
+
+    @field_validator("ice_host_addresses")
+    @classmethod
+    def _ip_addresses(cls, addresses: list[str] | None) -> list[str] | None:
+        for address in addresses or []:
+            ipaddress.ip_address(address)  # its ValueError names the bad address
+        return addresses
+
+    @field_validator("turn_urls")
+    @classmethod
+    def _turn_urls(cls, urls: list[str]) -> list[str]:
+        bad = [url for url in urls if not url.startswith(("turn:", "turns:"))]
+        if bad:
+            raise ValueError(f"turn_urls must be turn: or turns: URLs, got {bad}")
+        return urls
+
+    @model_validator(mode="after")
+    def _turn_complete(self) -> IngressConfig:
+        if self.turn_secret is not None and not self.turn_urls:
+            raise ValueError("turn_secret is set but turn_urls is empty: list the TURN server's turn: URLs")
+        return self

@@ -26,6 +26,10 @@
    The one exception is `unknown_voice` in answer to `set_voice`: the stream goes on with the previous voice.
 
 Text messages are at most `MAX_TEXT_BYTES`. Unknown fields are rejected, so a typo never goes unnoticed.
+
+WebRTC calls (`/v1/rtc`, spelled out step by step in app/transport/webrtc.py) reuse these messages and events on a
+signalling WebSocket, plus `OfferMessage` and `AnswerEvent` for the SDP; the audio travels on the call's track
+instead of binary messages. Their text messages are parsed by `parse_rtc_message`, whose limit fits an SDP offer.
 """
 
 from __future__ import annotations
@@ -49,6 +53,10 @@ FRAME_MS = 20  # one Opus packet; also one content frame of the model
 # at 48 kHz is 1920 bytes.
 MAX_FRAME_BYTES = 1500
 MAX_TEXT_BYTES = 4096  # a start message with every setting fits in well under 1 KiB
+# An audio-only offer with a dozen ICE candidates is 3-6 KiB; a browser's largest offers (every codec, simulcast video)
+# stay well under 64 KiB. JSON escapes the SDP's CR LF line ends as four characters, at most doubling its size.
+MAX_SDP_BYTES = 64 * 1024
+MAX_RTC_TEXT_BYTES = 2 * MAX_SDP_BYTES
 
 
 class Range(NamedTuple):
@@ -78,13 +86,15 @@ class ErrorCode(StrEnum):
     unsupported_version = "unsupported_version"  # the start message asks for a protocol version this server lacks
     not_started = "not_started"  # a binary message arrived before the start message
     bad_audio = "bad_audio"  # a binary message is not a decodable Opus packet
-    frame_too_large = "frame_too_large"  # a message exceeds MAX_FRAME_BYTES (binary) or MAX_TEXT_BYTES (text)
+    frame_too_large = "frame_too_large"  # over MAX_FRAME_BYTES (binary) or MAX_TEXT_BYTES (rtc: MAX_RTC_TEXT_BYTES)
     unknown_voice = "unknown_voice"  # no such voice, or not one this key may use
     unauthorized = "unauthorized"  # the session token is missing, malformed, forged or expired
     bad_settings = "bad_settings"  # settings outside the allowed ranges, or contradicting each other
     overloaded = "overloaded"  # no capacity for another stream now; retry after `retry_after_s`
     rate_limited = "rate_limited"  # this key opened too many streams; retry after `retry_after_s`
     session_expired = "session_expired"  # `resume` named a session the server no longer holds
+    bad_offer = "bad_offer"  # WebRTC: the SDP offer is malformed, sends no audio, or has no codec in common
+    connection_failed = "connection_failed"  # WebRTC: no offer or no media connection in time, or the media path died
     internal = "internal"  # a server fault; the message carries no internals
 
 
@@ -108,6 +118,8 @@ _CLOSE_CODES = {
     ErrorCode.overloaded: CLOSE_TRY_AGAIN_LATER,
     ErrorCode.rate_limited: CLOSE_TRY_AGAIN_LATER,
     ErrorCode.session_expired: CLOSE_POLICY_VIOLATION,
+    ErrorCode.bad_offer: CLOSE_POLICY_VIOLATION,
+    ErrorCode.connection_failed: CLOSE_INTERNAL_ERROR,  # the call cannot go on; the error code says why
     ErrorCode.internal: CLOSE_INTERNAL_ERROR,
 }
 
@@ -198,6 +210,13 @@ class EndMessage(_Message):
     type: Literal["end"]
 
 
+class OfferMessage(_Message):
+    """WebRTC only: the client's complete SDP offer, ICE candidates included (no trickle)."""
+
+    type: Literal["offer"]
+    sdp: str = Field(min_length=1, max_length=MAX_SDP_BYTES)
+
+
 ClientMessage = Annotated[StartMessage | SetVoiceMessage | EndMessage, Field(discriminator="type")]
 _CLIENT_MESSAGE: TypeAdapter[StartMessage | SetVoiceMessage | EndMessage] = TypeAdapter(ClientMessage)
 
@@ -209,6 +228,26 @@ def parse_client_message(text: str) -> StartMessage | SetVoiceMessage | EndMessa
         raise ProtocolError(ErrorCode.frame_too_large, f"text message is {size} bytes; the limit is {MAX_TEXT_BYTES}")
     try:
         return _CLIENT_MESSAGE.validate_json(text)
+    except ValidationError as error:
+        raise _protocol_error(error) from None
+
+
+RtcClientMessage = Annotated[StartMessage | OfferMessage | SetVoiceMessage | EndMessage, Field(discriminator="type")]
+_RTC_CLIENT_MESSAGE: TypeAdapter[StartMessage | OfferMessage | SetVoiceMessage | EndMessage] = TypeAdapter(
+    RtcClientMessage
+)
+
+
+def parse_rtc_message(text: str) -> StartMessage | OfferMessage | SetVoiceMessage | EndMessage:
+    """`parse_client_message` for the WebRTC signalling socket: the same messages plus the offer, which needs a
+    larger size limit than everything `/v1/stream` receives."""
+    size = len(text.encode(errors="surrogatepass"))
+    if size > MAX_RTC_TEXT_BYTES:
+        raise ProtocolError(
+            ErrorCode.frame_too_large, f"text message is {size} bytes; the limit is {MAX_RTC_TEXT_BYTES}"
+        )
+    try:
+        return _RTC_CLIENT_MESSAGE.validate_json(text)
     except ValidationError as error:
         raise _protocol_error(error) from None
 
@@ -296,7 +335,18 @@ class EndEvent(_Message):
     dropped_ms: int  # input dropped in the session (the sum of the late events)
 
 
+class AnswerEvent(_Message):
+    """WebRTC only: the server's complete SDP answer, ICE candidates included."""
+
+    type: Literal["answer"] = "answer"
+    sdp: str
+
+
 ServerEvent = Annotated[
     ReadyEvent | BlockEvent | VoiceSetEvent | LateEvent | WarningEvent | ErrorEvent | EndEvent,
+    Field(discriminator="type"),
+]
+RtcServerEvent = Annotated[
+    ReadyEvent | AnswerEvent | BlockEvent | VoiceSetEvent | LateEvent | WarningEvent | ErrorEvent | EndEvent,
     Field(discriminator="type"),
 ]

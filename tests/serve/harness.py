@@ -36,9 +36,10 @@ class ServeApp:
     parity: ParitySet
     token: str
     voice_id: str
+    base_url: str = BASE_URL
 
     def stream(self, audio_48k: np.ndarray, **options: Any) -> StreamResult:
-        return asyncio.run(stream_audio(BASE_URL, self.token, self.voice_id, audio_48k, **options))
+        return asyncio.run(stream_audio(self.base_url, self.token, self.voice_id, audio_48k, **options))
 
     def source_48k(self, seconds: float | None = None) -> np.ndarray:
         audio = resample(torch.from_numpy(self.parity.wav("source_16k")), 16000, 48000).numpy()
@@ -56,7 +57,13 @@ def local_ray() -> Iterator[None]:
 
 
 def start_app(
-    parity: ParitySet, voices: Path, converters: int = 2, max_sessions: int = 8, **converter: Any
+    parity: ParitySet,
+    voices: Path,
+    converters: int = 2,
+    max_sessions: int = 8,
+    ingress: dict[str, Any] | None = None,
+    base_url: str = BASE_URL,
+    **converter: Any,
 ) -> ServeApp:
     args = AppArgs(
         converter=ConverterConfig(
@@ -67,14 +74,14 @@ def start_app(
             torch_threads=1,
             **converter,
         ),
-        ingress=IngressConfig(voice_store=str(voices), api_keys={"test": API_KEY}),
+        ingress=IngressConfig(voice_store=str(voices), api_keys={"test": API_KEY}, **(ingress or {})),
     )
     no_cpu = {"ray_actor_options": {"num_cpus": 0}}
     app = build_app(args, converter_options={"num_replicas": converters, **no_cpu}, ingress_options=no_cpu)
     serve.run(app, name=APP, route_prefix="/")
-    token = get_token(BASE_URL, API_KEY)
-    voice = upload_voice(BASE_URL, token, parity.root / parity.bundle["files"]["reference_22k"], name="fixture")
-    return ServeApp(parity=parity, token=token, voice_id=voice["voice_id"])
+    token = get_token(base_url, API_KEY)
+    voice = upload_voice(base_url, token, parity.root / parity.bundle["files"]["reference_22k"], name="fixture")
+    return ServeApp(parity=parity, token=token, voice_id=voice["voice_id"], base_url=base_url)
 
 
 def converter_replicas() -> dict[str, str]:

@@ -1,0 +1,533 @@
+"""The `/v1/rtc` endpoint: a WebRTC call whose audio goes through a LiveSession, signalled over a WebSocket.
+
+The signalling WebSocket stays open for the whole call. Serve never sees the peer connection (its media is UDP
+straight to this process, past the HTTP proxy); the open socket is what makes the call an ongoing request, so that
+autoscaling counts it and a draining replica keeps it, and losing the socket ends the call.
+
+Protocol: the messages and events of protocol v1 (app/transport/protocol.py) plus an SDP offer and answer.
+
+0. Optional, before a call: `GET /v1/ice` with `Authorization: Bearer <session token>` answers
+   `{"iceServers": [...]}`, the STUN/TURN servers for the browser's `RTCPeerConnection`, including TURN credentials
+   that expire (TURN REST API) when the server has a TURN secret. An empty list means host candidates only.
+1. Open a WebSocket on `/v1/rtc` and send the `StartMessage` of `/v1/stream` (its step 2). `realtime` is ignored
+   (a call is always real time); `resume` is refused with `session_expired` (a dropped call starts over).
+2. The server checks the token and the voice, opens the session, and answers a `ReadyEvent` (step 3), or an
+   `ErrorEvent` and closes the socket (step 8).
+3. The client sends `OfferMessage` `{"type": "offer", "sdp": "..."}`: a complete offer with its gathered ICE
+   candidates (no trickle: wait for `iceGatheringState == "complete"`), holding exactly one audio section, which
+   sends the microphone (sendrecv, to hear the converted voice). It may follow the start message at once; the
+   server waits `rtc_connect_timeout_s` for it after `ready`.
+4. The server answers `AnswerEvent` `{"type": "answer", "sdp": "..."}`, complete with its candidates, Opus being
+   the only codec; or `bad_offer`. ICE and DTLS must then connect within `rtc_connect_timeout_s`.
+5. The microphone goes up the call's audio track (any channel count; downmixed to mono). The converted voice comes
+   back on the same transceiver in real time, 48 kHz stereo with equal channels, silence while none is due. The
+   socket carries the events of step 5: `block` per converted block, `late`, `warning`.
+6. At any time the client may send `set_voice`, confirmed by `voice_set` (step 6).
+7. To hang up, the client sends `EndMessage`. The server converts the input that has arrived, plays it out on the
+   track, sends an `EndEvent`, closes the socket with 1000 and then the peer connection. Audio still on its way when
+   `end` arrives is not converted: send `end` a few tens of milliseconds after the last audio that matters.
+   Closing the socket without `end` ends the call at once, with no end event.
+8. Errors as in step 8, plus `bad_offer` and `connection_failed`: no offer or no media connection in time, or the
+   peer connection failed or closed during the call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import fractions
+import hashlib
+import hmac
+import ipaddress
+import logging
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeVar
+
+import aioice.ice
+import numpy as np
+from aiortc import (
+    MediaStreamTrack,
+    RTCConfiguration,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCRtpSender,
+    RTCSessionDescription,
+)
+from aiortc.exceptions import InternalError, InvalidAccessError, InvalidStateError, OperationError
+from aiortc.mediastreams import MediaStreamError
+from av import AudioFrame
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from app.audio.opus import FRAME_SAMPLES, SAMPLE_RATE
+from app.audio.pacing import Pacer
+from app.auth.tokens import TokenError
+from app.serving.config import IceServer, IngressConfig
+from app.serving.live import BlockReport, LiveSession, pump
+from app.serving.wire import CapacityExceeded, SessionLost, UnknownVoice
+from app.transport.protocol import (
+    CLOSE_NORMAL,
+    FRAME_MS,
+    AnswerEvent,
+    BlockEvent,
+    EndEvent,
+    EndMessage,
+    ErrorCode,
+    ErrorEvent,
+    LateEvent,
+    OfferMessage,
+    ProtocolError,
+    ReadyEvent,
+    SetVoiceMessage,
+    StartMessage,
+    VoiceSetEvent,
+    close_code,
+    parse_rtc_message,
+)
+from app.transport.websocket import StreamServices
+from app.voices.store import VoiceNotFound
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+RtcMessage = StartMessage | OfferMessage | SetVoiceMessage | EndMessage
+
+S16_SCALE = 32768
+# aiortc upmixes a mono frame to stereo at x0.707, which loses 3 dB: send both channels, equal.
+OUTPUT_LAYOUT = "stereo"
+OUTPUT_CHANNELS = 2
+TIME_BASE = fractions.Fraction(1, SAMPLE_RATE)
+SILENCE = np.zeros(FRAME_SAMPLES, dtype=np.float32)
+OPUS_MIME_TYPE = "audio/opus"
+# Converted audio waiting for the track: the block being played plus one arriving. More only adds delay.
+OUTPUT_BUFFER_BLOCKS = 2
+PLAY_OUT_SLACK_S = 1.0  # beyond the buffered audio's own duration, when hanging up
+
+
+# -- audio frames ------------------------------------------------------------------------------------------------
+
+
+def downmix(frame: AudioFrame) -> np.ndarray:
+    """A received 16-bit frame as mono float32 in [-1, 1): the mean of its channels."""
+    # Opus, the only codec negotiated, always decodes to 48 kHz; anything else is a bug, not input to resample.
+    if frame.sample_rate != SAMPLE_RATE:
+        raise ValueError(f"expected {SAMPLE_RATE} Hz audio, got {frame.sample_rate} Hz")
+    if frame.format.name not in ("s16", "s16p"):
+        raise ValueError(f"expected 16-bit audio, got {frame.format.name}")
+    samples = frame.to_ndarray()
+    channels = len(frame.layout.channels)
+    # Packed audio interleaves the channels in one plane, (1, n * channels); planar audio is (channels, n).
+    by_channel = samples.reshape(-1, channels).T if frame.format.is_packed else samples
+    return by_channel.mean(axis=0, dtype=np.float32) / S16_SCALE
+
+
+def stereo_frame(mono: np.ndarray, index: int) -> AudioFrame:
+    """Frame `index` of the outgoing track: 960 mono float samples as 16-bit stereo, timestamped in samples."""
+    pcm = np.clip(np.round(mono * S16_SCALE), -S16_SCALE, S16_SCALE - 1).astype(np.int16)
+    frame = AudioFrame.from_ndarray(np.repeat(pcm, OUTPUT_CHANNELS)[np.newaxis, :], format="s16", layout=OUTPUT_LAYOUT)
+    frame.sample_rate = SAMPLE_RATE
+    frame.pts = index * FRAME_SAMPLES
+    frame.time_base = TIME_BASE
+    return frame
+
+
+class ConvertedAudioTrack(MediaStreamTrack):
+    """The converted voice on its way to the caller: 20 ms frames in real time, silence when none is due.
+
+    aiortc's sender asks for the next frame as soon as it has sent one, so the track paces itself: frame i is due
+    at start + i * 20 ms (an absolute clock, so no delay accumulates). Converted audio arrives a block at a time.
+    When a block comes after the previous one has finished playing, the gap is filled with silence and the rest of
+    the call plays that much later, which then absorbs as much jitter, as a jitter buffer would. The buffer's bound
+    caps that growth: beyond it, the oldest frames are dropped (`trimmed_frames`).
+    """
+
+    kind = "audio"
+
+    def __init__(self, max_buffered_frames: int) -> None:
+        super().__init__()
+        self._buffer: deque[np.ndarray] = deque(maxlen=max_buffered_frames)
+        self._pacer = Pacer(FRAME_MS / 1000)
+        self._sent = 0
+        self._empty = asyncio.Event()
+        self._empty.set()
+        self.trimmed_frames = 0
+
+    @property
+    def buffered_frames(self) -> int:
+        return len(self._buffer)
+
+    def push(self, frame_48k: np.ndarray) -> None:
+        """Queues one 960-sample frame of converted audio."""
+        if len(self._buffer) == self._buffer.maxlen:
+            self.trimmed_frames += 1
+        self._buffer.append(frame_48k)
+        self._empty.clear()
+
+    async def recv(self) -> AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        await self._pacer.wait(self._sent)
+        samples = self._buffer.popleft() if self._buffer else SILENCE
+        if not self._buffer:
+            self._empty.set()
+        frame = stereo_frame(samples, self._sent)
+        self._sent += 1
+        return frame
+
+    async def played_out(self) -> None:
+        """Returns once every queued frame has gone to the sender."""
+        await self._empty.wait()
+
+
+# -- ICE configuration -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TurnRest:
+    """Short-lived TURN credentials by the TURN REST API convention (coturn's `use-auth-secret`).
+
+    The username carries its expiry and the password is an HMAC of the username under a secret shared with the TURN
+    server, so the TURN server checks them on its own, and credentials that leak stop working when they expire.
+    """
+
+    secret: bytes
+    urls: tuple[str, ...]
+    ttl_s: float
+
+    def credentials(self, user: str, now: float) -> IceServer:
+        username = f"{int(now + self.ttl_s)}:{user}"
+        digest = hmac.new(self.secret, username.encode(), hashlib.sha1).digest()
+        return IceServer(urls=list(self.urls), username=username, credential=base64.b64encode(digest).decode())
+
+
+def restrict_ice_host_addresses(addresses: Sequence[str]) -> None:
+    """Makes ICE in this process offer exactly these host addresses (those of the IP versions it gathers).
+
+    aioice offers every interface's address except loopback, and neither it nor aiortc takes a list of addresses:
+    replacing its module function is the only way to offer 127.0.0.1 (loopback-only tests) or to keep media on the
+    addresses meant for it. The change is process-wide, so it belongs in the process that owns the peer connections
+    (under Serve, the ingress replica), once, and only when configured.
+    """
+    chosen = [ipaddress.ip_address(address) for address in addresses]
+
+    def host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+        wanted = {4} if use_ipv4 else set()
+        wanted |= {6} if use_ipv6 else set()
+        return [str(address) for address in chosen if address.version in wanted]
+
+    aioice.ice.get_host_addresses = host_addresses
+
+
+# -- the call ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RtcServices:
+    """What every call shares."""
+
+    stream: StreamServices
+    ice_servers: tuple[IceServer, ...] = ()
+    turn: TurnRest | None = None
+    connect_timeout_s: float = 15.0
+
+    @classmethod
+    def from_config(cls, stream: StreamServices, config: IngressConfig) -> RtcServices:
+        turn = None
+        if config.turn_secret is not None:
+            secret = config.turn_secret.get_secret_value().encode()
+            turn = TurnRest(secret=secret, urls=tuple(config.turn_urls), ttl_s=config.turn_ttl_s)
+        return cls(stream, tuple(config.ice_servers), turn, config.rtc_connect_timeout_s)
+
+    def peer_configuration(self) -> RTCConfiguration:
+        # Always an explicit list, even an empty one: given none, aiortc adds Google's public STUN server.
+        servers = [RTCIceServer(urls=s.urls, username=s.username, credential=s.credential) for s in self.ice_servers]
+        return RTCConfiguration(iceServers=servers)
+
+    def browser_ice_servers(self, user: str, now: float) -> list[dict[str, Any]]:
+        """The `iceServers` of a browser's RTCPeerConnection; TURN credentials name `user` and expire."""
+        servers = list(self.ice_servers)
+        if self.turn is not None:
+            servers.append(self.turn.credentials(user, now))
+        # Absent rather than null: a browser would turn a null username into the string "null".
+        return [server.model_dump(exclude_none=True) for server in servers]
+
+
+class RtcCall:
+    """One call: its signalling socket, live session, peer connection, output track and tasks, all released by
+    `run` in `finally` however the call ends."""
+
+    def __init__(self, websocket: WebSocket, services: RtcServices) -> None:
+        self.websocket = websocket
+        self.services = services
+        self.session: LiveSession | None = None
+        self.peer: RTCPeerConnection | None = None
+        self.output: ConvertedAudioTrack | None = None
+        self.blocks = 0
+        self.dropped_ms = 0.0
+        self._voice_id = ""
+        self._connection_changed = asyncio.Event()
+
+    async def run(self) -> None:
+        await self.websocket.accept()
+        try:
+            await self._serve()
+        except ProtocolError as error:
+            await self._fail(error)
+        except WebSocketDisconnect:
+            log.info("call %s: signalling closed; hanging up", self._session_id)
+        except Exception:
+            log.exception("call %s: internal error", self._session_id)
+            await self._fail(ProtocolError(ErrorCode.internal, "internal server error; the call was closed"))
+        finally:
+            await self._release()
+
+    @property
+    def _session_id(self) -> str:
+        return self.session.session_id if self.session else "-"
+
+    async def _serve(self) -> None:
+        start = await self._receive_start()
+        session = await self._open(start)
+        self.session = session
+        offer = await self._receive_offer()
+        self.output = output = ConvertedAudioTrack(OUTPUT_BUFFER_BLOCKS * self._frames_per_block(session))
+        self.peer = peer = RTCPeerConnection(self.services.peer_configuration())
+        peer.on("connectionstatechange", self._connection_changed.set)
+        microphone = await self._answer(peer, offer, output)
+        reader = asyncio.create_task(self._read_signalling(session))
+        media = asyncio.create_task(self._receive_media(session, microphone))
+        writer = asyncio.create_task(self._write(session, output))
+        watch = asyncio.create_task(self._watch_connection(peer))
+        tasks = (reader, media, writer, watch)
+        try:
+            await _guarded(reader, media, writer, watch)  # until the caller hangs up
+            media.cancel()
+            await asyncio.wait({media})  # no input may follow end_input
+            session.end_input()
+            await _guarded(writer, watch)
+            await _guarded(self._play_out(output), watch)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # none left running, no error left unretrieved
+        await self._send(EndEvent(blocks=self.blocks, dropped_ms=round(self.dropped_ms)).model_dump_json())
+        await self.websocket.close(code=CLOSE_NORMAL)
+        log.info("call %s: ended after %d blocks", session.session_id, self.blocks)
+
+    async def _release(self) -> None:
+        try:
+            if self.peer is not None:
+                await self.peer.close()
+            if self.output is not None:
+                self.output.stop()
+                if self.output.trimmed_frames:
+                    log.info("call %s: trimmed %d late output frames", self._session_id, self.output.trimmed_frames)
+        finally:
+            if self.session is not None:
+                with contextlib.suppress(Exception):  # a lost converter took the session with it
+                    await self.session.close()
+
+    # -- signalling ----------------------------------------------------------------------------------------------
+
+    async def _receive(self) -> RtcMessage:
+        message = await self.websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            raise WebSocketDisconnect(message.get("code", 1000))
+        text = message.get("text")
+        if text is None:
+            raise ProtocolError(ErrorCode.bad_message, "signalling is JSON text; the audio goes on the track")
+        return parse_rtc_message(text)
+
+    async def _receive_start(self) -> StartMessage:
+        start = await self._receive()
+        if not isinstance(start, StartMessage):
+            raise ProtocolError(ErrorCode.not_started, f"the first message must be 'start', not '{start.type}'")
+        if start.resume is not None:
+            raise ProtocolError(ErrorCode.session_expired, "a call cannot be resumed; start a new one")
+        try:
+            self.services.stream.tokens.verify(start.token)
+        except TokenError as error:
+            raise ProtocolError(ErrorCode.unauthorized, f"invalid session token: {error}") from error
+        return start
+
+    async def _receive_offer(self) -> OfferMessage:
+        timeout = self.services.connect_timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                offer = await self._receive()
+        except TimeoutError:
+            raise ProtocolError(ErrorCode.connection_failed, f"no offer within {timeout:g} s of 'ready'") from None
+        if not isinstance(offer, OfferMessage):
+            raise ProtocolError(ErrorCode.bad_message, f"expected 'offer' after 'ready', not '{offer.type}'")
+        return offer
+
+    async def _read_signalling(self, session: LiveSession) -> None:
+        """Returns when the caller hangs up with `end`."""
+        while not isinstance(message := await self._receive(), EndMessage):
+            if not isinstance(message, SetVoiceMessage):
+                raise ProtocolError(ErrorCode.bad_message, f"'{message.type}' cannot be sent during a call")
+            await self._switch_voice(session, message.voice_id)
+
+    async def _switch_voice(self, session: LiveSession, voice_id: str) -> None:
+        """An unknown voice is answered with an error event, and the call goes on with its current voice."""
+        try:
+            self._check_voice(voice_id)
+        except ProtocolError as error:
+            await self._send(error.event().model_dump_json())
+            return
+        session.request_voice(voice_id)
+
+    def _check_voice(self, voice_id: str) -> None:
+        try:
+            self.services.stream.voices.get(voice_id)
+        except (VoiceNotFound, ValueError) as error:
+            raise ProtocolError(ErrorCode.unknown_voice, f"unknown voice {voice_id}") from error
+
+    async def _send(self, text: str) -> None:
+        if self.websocket.application_state == WebSocketState.CONNECTED:
+            await self.websocket.send_text(text)
+
+    async def _fail(self, error: ProtocolError) -> None:
+        if error.code == ErrorCode.internal:
+            log.error("call %s: %s", self._session_id, error.message)
+        else:
+            log.info("call %s: ended (%s): %s", self._session_id, error.code, error.message)
+        stream = self.services.stream
+        retry_after_s = stream.retry_after_s if error.code == ErrorCode.overloaded else None
+        event = ErrorEvent(code=error.code, message=error.message, retry_after_s=retry_after_s)
+        with contextlib.suppress(Exception):  # the socket may be gone already; the call ends either way
+            await self._send(event.model_dump_json())
+            await self.websocket.close(code=close_code(error.code))
+
+    # -- session -------------------------------------------------------------------------------------------------
+
+    async def _open(self, start: StartMessage) -> LiveSession:
+        stream = self.services.stream
+        settings = start.settings.apply(stream.defaults) if start.settings else stream.defaults
+        self._check_voice(start.voice_id)
+        session = LiveSession(
+            stream.client,
+            session_id=uuid.uuid4().hex,
+            voice_id=start.voice_id,
+            settings=settings,
+            seed=start.seed if start.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "big"),
+            max_backlog_blocks=stream.max_backlog_blocks,
+        )
+        try:
+            opened = await session.open()
+        except CapacityExceeded as error:
+            raise ProtocolError(ErrorCode.overloaded, "every converter is full; try again shortly") from error
+        except UnknownVoice as error:
+            raise ProtocolError(ErrorCode.unknown_voice, f"unknown voice {start.voice_id}") from error
+        self._voice_id = start.voice_id
+        block_ms = round(1000 * opened.block / opened.sample_rate)
+        ready = ReadyEvent(session_id=session.session_id, resume_token="", block_ms=block_ms, settings=settings)
+        await self._send(ready.model_dump_json())
+        log.info("call %s: session open on converter %s", session.session_id, opened.replica)
+        return session
+
+    @staticmethod
+    def _frames_per_block(session: LiveSession) -> int:
+        assert session.opened is not None
+        return -(-session.opened.block * SAMPLE_RATE // (session.opened.sample_rate * FRAME_SAMPLES))
+
+    # -- media ---------------------------------------------------------------------------------------------------
+
+    async def _answer(
+        self, peer: RTCPeerConnection, offer: OfferMessage, output: ConvertedAudioTrack
+    ) -> MediaStreamTrack:
+        """Applies the offer, sends the answer, and returns the caller's microphone track."""
+        # The transceiver exists before the offer is applied, so that the offer's audio section takes it, with our
+        # track to send and Opus as its only codec: whatever the browser offers, every frame then arrives at 48 kHz.
+        transceiver = peer.addTransceiver(output, direction="sendrecv")
+        capabilities = RTCRtpSender.getCapabilities("audio").codecs
+        transceiver.setCodecPreferences([c for c in capabilities if c.mimeType.lower() == OPUS_MIME_TYPE])
+        try:
+            await peer.setRemoteDescription(RTCSessionDescription(sdp=offer.sdp, type="offer"))
+        except (ValueError, LookupError, InternalError, InvalidAccessError, InvalidStateError, OperationError) as error:
+            raise ProtocolError(ErrorCode.bad_offer, f"unusable SDP offer: {error}") from error
+        microphone = transceiver.receiver.track
+        if microphone is None or peer.getTransceivers() != [transceiver]:
+            raise ProtocolError(ErrorCode.bad_offer, "the offer must hold exactly one audio section, which sends")
+        await peer.setLocalDescription(await peer.createAnswer())  # aiortc gathers every candidate here
+        await self._send(AnswerEvent(sdp=peer.localDescription.sdp).model_dump_json())
+        return microphone
+
+    async def _watch_connection(self, peer: RTCPeerConnection) -> NoReturn:
+        """Raises `connection_failed` when the peer connection does not connect in time, or fails or closes."""
+        timeout = self.services.connect_timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                await self._connection_in(peer, {"connected", "failed", "closed"})
+        except TimeoutError:
+            raise ProtocolError(ErrorCode.connection_failed, f"no media connection within {timeout:g} s") from None
+        if peer.connectionState == "connected":
+            log.info("call %s: media connected", self._session_id)
+            await self._connection_in(peer, {"failed", "closed"})
+        raise ProtocolError(ErrorCode.connection_failed, f"the media connection {peer.connectionState}")
+
+    async def _connection_in(self, peer: RTCPeerConnection, states: set[str]) -> None:
+        while peer.connectionState not in states:
+            self._connection_changed.clear()
+            await self._connection_changed.wait()
+
+    async def _receive_media(self, session: LiveSession, microphone: MediaStreamTrack) -> NoReturn:
+        while True:
+            try:
+                frame = await microphone.recv()
+            except MediaStreamError:
+                raise ProtocolError(ErrorCode.connection_failed, "the caller's audio track ended") from None
+            assert isinstance(frame, AudioFrame), "an audio track yields audio frames"
+            late = session.feed(downmix(frame))
+            if late is not None:
+                self.dropped_ms = late.total_dropped_ms
+                event = LateEvent(dropped_ms=round(late.dropped_ms), total_dropped_ms=round(late.total_dropped_ms))
+                await self._send(event.model_dump_json())
+
+    async def _write(self, session: LiveSession, output: ConvertedAudioTrack) -> None:
+        async def emit_frame(frame: np.ndarray) -> None:
+            output.push(frame)
+
+        async def emit_report(report: BlockReport) -> None:
+            if report.voice_id != self._voice_id:
+                self._voice_id = report.voice_id
+                await self._send(VoiceSetEvent(voice_id=report.voice_id, from_block=report.index).model_dump_json())
+            self.blocks += 1
+            event = BlockEvent(
+                index=report.index,
+                input_start_ms=round(report.input_start_ms),
+                latency_ms=report.latency_ms,
+                queue_ms=report.queue_ms,
+                steps=report.steps,
+                silent=report.silent,
+            )
+            await self._send(event.model_dump_json())
+
+        try:
+            await pump(session, emit_frame, emit_report)
+        except SessionLost as error:
+            raise ProtocolError(ErrorCode.internal, "the converter was lost and could not be replaced") from error
+
+    async def _play_out(self, output: ConvertedAudioTrack) -> None:
+        """Waits until the track has sent what is queued; a stalled sender does not hold up the hang-up."""
+        bound = output.buffered_frames * FRAME_MS / 1000 + PLAY_OUT_SLACK_S
+        try:
+            async with asyncio.timeout(bound):
+                await output.played_out()
+        except TimeoutError:
+            log.warning("call %s: %d output frames not played out", self._session_id, output.buffered_frames)
+
+
+async def _guarded(main: Awaitable[T], *guards: asyncio.Task[Any]) -> T:
+    """The result of `main`, unless a guard ends first: guards only end by raising, and their error is raised."""
+    task = asyncio.ensure_future(main)
+    try:
+        done, _ = await asyncio.wait({task, *guards}, return_when=asyncio.FIRST_COMPLETED)
+        for guard in done - {task}:
+            guard.result()
+        return await task
+    finally:
+        task.cancel()  # when a guard failed first; a no-op once `main` is done

@@ -1,0 +1,794 @@
+"""Serving-stack overhead per block: ingress block latency minus the engine's own step, for 1, 8 and 32 live streams.
+
+Usage (from the repo root, so that `tests` is importable; nothing else may run Ray or use port 8000 meanwhile):
+
+    .venv/bin/python -m bench.serving_overhead                          # 1, 8, 32 streams; 6 s each; table
+    .venv/bin/python -m bench.serving_overhead --streams 1,8,32 --seconds 6 --json /tmp/overhead.json
+    .venv/bin/python -m bench.serving_overhead --client-procs 2         # the clients in 2 subprocesses
+    .venv/bin/python -m bench.serving_overhead --aligned                # every stream's blocks end together
+    .venv/bin/python -m bench.serving_overhead --pacing paced --no-real-model
+    .venv/bin/python -m bench.serving_overhead --serve-options harness  # tests' start_app as is (see below)
+
+What runs: a local Ray (2 CPUs) and the real Serve application, started with the test harness (tests/serve/harness.py:
+local_ray, the tiny fixture bundle tests/fixtures/parity_a/model, replicas with num_cpus 0 and one torch thread),
+real WebSockets through Serve's proxy, real libopus. The converter runs in identity mode (ConverterConfig.identity:
+each block comes back unconverted, resampled 16 kHz -> model rate), so a block's latency IS the serving overhead:
+Opus decode and stream-resampling at the ingress, cutting blocks, the Ray handle call ingress -> converter (router,
+pickling, the replica's event loop), `@serve.batch` waiting to fill a batch, the engine thread hop, the trivial
+identity work, and the way back. `latency_ms` of a block event runs from the arrival at the ingress of the packet that
+completes the block to the ingress holding the converted block (app/serving/live.py); the network to the client
+and the output Opus encoding are outside it.
+
+Deployment options (`--serve-options`): `config` (default) uses serve_config.yaml's Converter and Ingress
+`max_ongoing_requests` and the Converter's `user_config` (batching: max_batch_size, batch_wait_s), with the
+harness's num_cpus 0, `--converters` replicas (default 1, as serve_config.yaml) and max_sessions = the most streams.
+`harness` calls tests.serve.harness.start_app unchanged: Serve's default max_ongoing_requests of 5 then caps the
+ingress at 5 open WebSockets and the converter's batches at 5, so 8 and 32 streams queue at the proxy.
+
+Streams: `--seconds` (6) of the fixture's source, looped, pre-encoded once as 20 ms Opus packets and sent in real time
+(one packet per 20 ms against an absolute clock). Every stream connects first; once all are ready their first packets
+go out at phases spread evenly over one block (`--aligned`: all at once, so all blocks end in the same 20 ms and reach
+the converter together, the worst case for queueing and the best for batching). Blocks whose input was not complete
+before the end message (the padded last block and the flush blocks, which the server cuts all at once) are left out.
+One short stream (1.5 s) warms the app up after every start.
+
+Output pacing (`--pacing`, both by default): `paced` is live operation (start message realtime=true: the server paces
+its output at 20 ms per packet). The server's output pump (app/serving/live.py: pump) converts block k+1 only after
+the last frame of block k is paced out. The pacer's clock starts at the first output frame, so frame due times are
+fixed by the FIRST block's latency L0, and block k's last frame is due L0 - 20 ms after block k+1's input is
+complete: once L0 exceeds one frame (20 ms), every later block waits L0 - 20 ms in the ingress before its conversion
+even starts, and its latency_ms includes that wait. `unpaced` sends the same paced input with
+realtime=false (the server sends each block's output at once), which leaves the coupling out: the difference between
+the two is the pacer's share. With the real model (step ~100 ms) paced latency settles near 2 x step - 20 ms.
+realtime=false also switches the server from dropping input to backpressure (it stops reading the socket while 3
+blocks wait): when the stack cannot keep up, unpaced input waits unread before a block's clock starts, so an
+overloaded unpaced run understates latency; the paced run's dropped blocks are the overload signal.
+
+Engine step with the real model (`--real-model`, on by default): one stream with the tiny model converting, in each
+pacing; its overhead is latency_ms minus the median engine step of the same model and settings at batch 1, measured
+in this process (one torch thread) while the app is idle. Only one stream: the tiny model takes ~100 ms per
+stream-block on one thread, so 2 already fill a core and 8 or 32 fall behind real time and drop input, and then
+latency is backlog, not overhead. queue_ms is not subtracted: at one stream it is `@serve.batch` waiting out its
+timeout for a batch that never fills, which is serving overhead. The estimate is only as good as the step median is
+for the replica's steps under the ingress's and clients' contention (a few ms on a ~100 ms step, more on a busy
+machine); identity mode is the measurement, this a cross-check.
+
+CPU: per process group (ingress replica, converter replica, Serve proxy, Serve controller, other Ray processes, this
+bench process = Ray driver + the clients unless `--client-procs`, client subprocesses, everything else) from
+/proc/<pid>/stat, and the machine's busy share from /proc/stat, each in % of ONE core over the run (the machine has
+2: 200 % is saturation). An idle row (app up, no stream, 3 s) shows Serve's own background load. ms/pkt: the
+ingress's and the proxy's CPU above idle per stream-packet (one 20 ms packet in and one out, and 1/9 of a block's
+converter call). A warning marks runs during which other work used more than 20 % of a core. The 1-minute load
+average before and after each run is reported too, but it lags a 10 s run by design.
+
+Statistics are over every kept block of every stream of a run (p50/p95/p99/max; bench.stages.percentile). At one
+stream a run has ~30 blocks, so its p99 is close to its max.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from ray import serve
+
+from app.audio.files import Audio, resample
+from app.audio.opus import SAMPLE_RATE, OpusDecoder, OpusEncoder
+from app.audio.stream_resample import StreamingResampler
+from app.engine.engine import BlockRequest, Engine
+from app.model.seedvc import SeedVC
+from app.serving.config import ConverterConfig, IngressConfig
+from app.streaming.settings import CONTENT_RATE, StreamSettings
+from app.streaming.voice import VoiceCache
+from app.transport.protocol import FRAME_MS
+from bench.stages import percentile
+from client.api import get_token, upload_voice
+from client.stream_client import Event, Outgoing, StreamError, encode_packets, paced_packets, run_stream, start_message
+from deployments.app import AppArgs, build_app
+from tests.parity import FIXTURES, ParitySet
+from tests.serve.harness import (
+    API_KEY,
+    APP,
+    BASE_URL,
+    ServeApp,
+    converter_replicas,
+    local_ray,
+    replica_stats,
+    start_app,
+)
+
+SERVE_CONFIG = Path(__file__).resolve().parent.parent / "serve_config.yaml"
+FIXTURE = FIXTURES / "parity_a"
+WARMUP_SECONDS = 1.5
+IDLE_SECONDS = 3.0
+OTHER_CPU_WARNING = 20.0  # % of one core used outside this bench during a run: its numbers are contaminated
+# Input after the block's end that must still come from real packets (the 48 -> 16 kHz resampler's delay is well
+# under one packet), so that a kept block was completed by a live packet and not by the end message's flush.
+COMPLETE_MARGIN_MS = 2 * FRAME_MS
+READY_GRACE_S = 1.0  # before the first packet: every stream connects and opens its session first
+READY_GRACE_PER_STREAM_S = 0.05
+ENGINE_WARMUP_STEPS = 2
+ENGINE_STEPS = 10
+PERCENTILES = (50, 95, 99)
+
+
+# ---- pure metrics -------------------------------------------------------------------------------------------------
+
+
+def distribution(values: Sequence[float]) -> dict[str, float | None]:
+    """p50/p95/p99/max of the values (None for each when there are none)."""
+    if not values:
+        return {**{f"p{q}": None for q in PERCENTILES}, "max": None}
+    return {**{f"p{q}": percentile(values, q) for q in PERCENTILES}, "max": max(values)}
+
+
+def kept_block(event: Event, block_ms: float, input_ms: float) -> bool:
+    """A block event whose input was complete, with margin, before the input ended (not a padded or flush block)."""
+    return event["type"] == "block" and (event["index"] + 1) * block_ms + COMPLETE_MARGIN_MS <= input_ms
+
+
+def dropped_block(event: Event) -> bool:
+    """A block the server dropped for falling behind: answered with silence, reported with latency 0 (live.py)."""
+    return bool(event["silent"]) and event["latency_ms"] == 0.0 and event["queue_ms"] == 0.0
+
+
+def block_rows(
+    stream: int, events: Sequence[Event], block_ms: float, input_ms: float, step_ms: float
+) -> list[dict[str, Any]]:
+    """One row per kept block: latency and queue as the server reported them, overhead = latency - step_ms.
+
+    The silent mode of the converter (the silence gate) is off in this bench, so a silent block is a dropped one."""
+    return [
+        {
+            "stream": stream,
+            "index": event["index"],
+            "latency_ms": event["latency_ms"],
+            "queue_ms": event["queue_ms"],
+            "overhead_ms": event["latency_ms"] - step_ms,
+            "dropped": dropped_block(event),
+        }
+        for event in events
+        if kept_block(event, block_ms, input_ms)
+    ]
+
+
+def batch_size_counts(stats: Mapping[str, Mapping[str, Any]]) -> Counter[int]:
+    """Engine steps per batch size, summed over the converter replicas' stats."""
+    total: Counter[int] = Counter()
+    for replica in stats.values():
+        for size, count in replica.get("batch_sizes", {}).items():
+            total[int(size)] += int(count)
+    return total
+
+
+def batch_size_delta(before: Mapping[str, Mapping[str, Any]], after: Mapping[str, Mapping[str, Any]]) -> Counter[int]:
+    """The batch sizes of the steps taken between two stats snapshots (replicas that appeared count from zero)."""
+    delta = batch_size_counts(after)
+    delta.subtract(batch_size_counts({r: s for r, s in before.items() if r in after}))
+    return +delta  # drops zero counts
+
+
+def describe_batches(counts: Mapping[int, int]) -> str:
+    """'1x40 2x12 5x3': batch size x engine steps, by size."""
+    return " ".join(f"{size}x{count}" for size, count in sorted(counts.items())) or "-"
+
+
+def phases(streams: int, block_s: float, aligned: bool) -> list[float]:
+    """When each stream sends its first packet, after the common start: spread evenly over one block, or all at 0."""
+    return [0.0 if aligned else index * block_s / streams for index in range(streams)]
+
+
+def looped(audio: np.ndarray, seconds: float, rate: int) -> np.ndarray:
+    """The audio repeated to exactly `seconds`."""
+    samples = int(seconds * rate)
+    return np.tile(audio, -(-samples // audio.size))[:samples].astype(np.float32)
+
+
+# ---- CPU accounting (/proc) ---------------------------------------------------------------------------------------
+
+INGRESS, CONVERTER, PROXY, CONTROLLER, RAY_OTHER, BENCH, CLIENTS, OTHER = (
+    "ingress", "converter", "proxy", "controller", "ray other", "bench", "clients", "other",
+)  # fmt: skip
+CPU_GROUPS = (INGRESS, CONVERTER, PROXY, CONTROLLER, RAY_OTHER, BENCH, CLIENTS, OTHER)
+TICKS = os.sysconf("SC_CLK_TCK")
+RAY_PROGRAMS = {"raylet", "gcs_server"}
+
+
+def classify(pid: int, parent: int, command: str, me: int) -> str:
+    """Which group a process's CPU belongs to, by pid and command line (Ray sets its workers' process titles)."""
+    if pid == me:
+        return BENCH
+    if "ServeReplica" in command and "Ingress" in command:
+        return INGRESS
+    if "ServeReplica" in command and "Converter" in command:
+        return CONVERTER
+    if "ProxyActor" in command:
+        return PROXY
+    if "ServeController" in command:
+        return CONTROLLER
+    if command.startswith("ray::") or "/ray/" in command or Path(command.split(" ")[0]).name in RAY_PROGRAMS:
+        return RAY_OTHER
+    if parent == me and "multiprocessing" in command:
+        return CLIENTS
+    return OTHER
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    wall: float
+    machine_busy_s: float  # busy CPU seconds summed over all cores since boot
+    processes: dict[int, tuple[str, float]]  # pid -> (group, CPU seconds since the process started)
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, "rb") as file:
+            return file.read().decode(errors="replace")
+    except OSError:  # the process ended meanwhile
+        return None
+
+
+def cpu_snapshot() -> CpuSnapshot:
+    me = os.getpid()
+    processes = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        stat, command = _read(f"/proc/{entry}/stat"), _read(f"/proc/{entry}/cmdline")
+        if stat is None or command is None:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid ... utime stime (14, 15)
+        pid, parent = int(entry), int(fields[1])
+        processes[pid] = (
+            classify(pid, parent, command.replace("\0", " "), me),
+            (int(fields[11]) + int(fields[12])) / TICKS,
+        )
+    cpu = (_read("/proc/stat") or "cpu 0 0 0 0").splitlines()[0].split()[1:]
+    ticks = [int(value) for value in cpu]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    return CpuSnapshot(time.monotonic(), (sum(ticks[:8]) - idle) / TICKS, processes)
+
+
+def cpu_percent(before: CpuSnapshot, after: CpuSnapshot) -> dict[str, float]:
+    """% of one core per group over the interval, and `machine` for the whole machine (all cores)."""
+    wall = after.wall - before.wall
+    used: dict[str, float] = dict.fromkeys(CPU_GROUPS, 0.0)
+    for pid, (group, seconds) in after.processes.items():
+        used[group] += seconds - before.processes.get(pid, (group, 0.0))[1]
+    result = {group: 100 * seconds / wall for group, seconds in used.items()}
+    result["machine"] = 100 * (after.machine_busy_s - before.machine_busy_s) / wall
+    return result
+
+
+def ray_running() -> list[str]:
+    """Command lines of running raylets (another Ray on this machine: Serve tests share port 8000)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        command = _read(f"/proc/{entry}/cmdline") if entry.isdigit() else None
+        if command and Path(command.split("\0")[0]).name == "raylet":  # the program, not a shell that names it
+            found.append(command.replace("\0", " ")[:120])
+    return found
+
+
+# ---- clients ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClientJob:
+    """Streams one client process runs: all connect now, streams[i] sends its first packet at start_at + offsets[i]."""
+
+    token: str
+    voice_id: str
+    packets: list[bytes]
+    streams: list[int]  # stream numbers (also their seeds)
+    offsets: list[float]
+    start_at: float  # time.time(): a clock every process shares
+    realtime_output: bool
+
+
+async def _delayed(packets: Sequence[bytes], start_at: float) -> AsyncGenerator[Outgoing, None]:
+    await asyncio.sleep(max(0.0, start_at - time.time()))
+    async for packet in paced_packets(packets, realtime=True):
+        yield packet
+
+
+async def _one_stream(job: ClientJob, stream: int, offset: float) -> dict[str, Any]:
+    ready_at: list[float] = []
+
+    def on_event(event: Event) -> None:
+        if event["type"] == "ready":
+            ready_at.append(time.time())
+
+    start = start_message(job.token, job.voice_id, realtime=job.realtime_output, seed=stream)
+    due = job.start_at + offset
+    try:
+        result = await run_stream(BASE_URL, start, _delayed(job.packets, due), on_event=on_event)
+    except (StreamError, OSError) as error:
+        return {"stream": stream, "events": [], "error": f"{type(error).__name__}: {error}", "late_start": False}
+    error = None if result.error is None else f"{result.error['code']}: {result.error['message']}"
+    return {
+        "stream": stream,
+        "events": result.events,
+        "error": error,
+        "late_start": bool(ready_at and ready_at[0] > due),
+    }
+
+
+async def _run_job(job: ClientJob) -> list[dict[str, Any]]:
+    streams = [_one_stream(job, stream, offset) for stream, offset in zip(job.streams, job.offsets, strict=True)]
+    return list(await asyncio.gather(*streams))
+
+
+def client_worker(job: ClientJob) -> dict[str, Any]:
+    """Runs a job's streams on this process's own event loop; also reports this process's CPU time for them."""
+    started = time.process_time()
+    streams = asyncio.run(_run_job(job))
+    return {"pid": os.getpid(), "cpu_s": time.process_time() - started, "streams": streams}
+
+
+def _ping(_: int) -> int:
+    return os.getpid()
+
+
+# ---- the service --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchArgs:
+    streams: list[int]
+    seconds: float
+    pacing: list[str]
+    aligned: bool
+    converters: int
+    serve_options: str
+    client_procs: int
+    real_model: bool
+    json: Path | None
+
+
+def config_options() -> tuple[dict[str, Any], dict[str, Any]]:
+    """Converter and Ingress deployment options that matter here, as serve_config.yaml sets them."""
+    document = yaml.safe_load(SERVE_CONFIG.read_text())
+    deployments = {d["name"]: d for d in document["applications"][0]["deployments"]}
+    converter = {k: deployments["Converter"][k] for k in ("max_ongoing_requests", "user_config")}
+    ingress = {"max_ongoing_requests": deployments["Ingress"]["max_ongoing_requests"]}
+    return converter, ingress
+
+
+def start_service(parity: ParitySet, voices: Path, args: BenchArgs, identity: bool) -> tuple[ServeApp, dict[str, Any]]:
+    """The app (re)deployed with the tiny bundle, a token and an uploaded voice; and the options it runs with."""
+    max_sessions = max(args.streams) + 1
+    if args.serve_options == "harness":
+        app = start_app(parity, voices, converters=args.converters, max_sessions=max_sessions, identity=identity)
+        return app, {"mode": "harness start_app (Serve defaults: max_ongoing_requests 5)"}
+    # tests.serve.harness.start_app with serve_config.yaml's options: start_app itself cannot take deployment options.
+    converter_options, ingress_options = config_options()
+    no_cpu = {"ray_actor_options": {"num_cpus": 0}}
+    app_args = AppArgs(
+        converter=ConverterConfig(
+            model=str(parity.model_dir),
+            voice_store=str(voices),
+            max_sessions=max_sessions,
+            silence_gate_dbfs=None,
+            torch_threads=1,
+            identity=identity,
+        ),
+        ingress=IngressConfig(voice_store=str(voices), api_keys={"test": API_KEY}),
+    )
+    application = build_app(
+        app_args,
+        converter_options={"num_replicas": args.converters, **converter_options, **no_cpu},
+        ingress_options={**ingress_options, **no_cpu},
+    )
+    serve.run(application, name=APP, route_prefix="/")
+    token = get_token(BASE_URL, API_KEY)
+    voice = upload_voice(BASE_URL, token, parity.root / parity.bundle["files"]["reference_22k"], name="fixture")
+    options = {"mode": "serve_config.yaml options", "converter": converter_options, "ingress": ingress_options}
+    return ServeApp(parity=parity, token=token, voice_id=voice["voice_id"]), options
+
+
+def all_replica_stats() -> dict[str, dict[str, Any]]:
+    return {replica: replica_stats(replica) for replica in converter_replicas()}
+
+
+def engine_step_ms(model_dir: Path, settings: StreamSettings) -> list[float]:
+    """Engine.step wall times (ms) of one session of the model on one torch thread, in this process."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = SeedVC.load(str(model_dir), torch.device("cpu"))
+        rate = model.sample_rate
+        t = np.arange(int(2.0 * rate), dtype=np.float32) / rate
+        reference = Audio(samples=(0.1 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), rate=rate)
+        engine = Engine(model)
+        engine.open("bench", VoiceCache(model, capacity=1).get(reference, settings.max_prompt), settings, seed=0)
+        size = engine.session("bench").stream.geometry.block_16k
+        block = torch.from_numpy(0.1 * np.random.default_rng(0).standard_normal(size).astype(np.float32))
+        steps = [engine.step([BlockRequest("bench", block)]).seconds for _ in range(ENGINE_WARMUP_STEPS + ENGINE_STEPS)]
+        return [1000 * s for s in steps[ENGINE_WARMUP_STEPS:]]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def identity_work_ms(model_rate: int, block_16k: int, repeats: int = 50) -> float:
+    """Median time of identity mode's per-block work in this process: resampling one block 16 kHz -> model rate."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        samples = torch.zeros(block_16k)
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            resample(samples, CONTENT_RATE, model_rate)
+            times.append(1000 * (time.perf_counter() - started))
+        return percentile(times, 50)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def transport_work_ms(packets: Sequence[bytes], model_rate: int, block_s: float) -> dict[str, float]:
+    """Median in-process cost (ms) of the ingress's own audio work per stream-packet, one torch thread: Opus decode,
+    48 -> 16 kHz stream-resampling, Opus encode of an output frame, and 1/frames-per-block of resampling one output
+    block model rate -> 48 kHz. Everything else the ingress spends per packet is Serve, ASGI, WebSocket and asyncio."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        decoder, encoder = OpusDecoder(), OpusEncoder()
+        to_16k, to_48k = StreamingResampler(SAMPLE_RATE, CONTENT_RATE), StreamingResampler(model_rate, SAMPLE_RATE)
+        block = torch.zeros(round(block_s * model_rate))
+        frames_per_block = round(block_s * 1000 / FRAME_MS)
+        laps: dict[str, list[float]] = {"decode": [], "resample_in": [], "encode": [], "resample_out": []}
+        for packet in packets:
+            started = time.perf_counter()
+            pcm = decoder.decode(packet)
+            decoded = time.perf_counter()
+            to_16k.push(torch.from_numpy(pcm))
+            resampled = time.perf_counter()
+            encoder.encode(pcm)
+            encoded = time.perf_counter()
+            to_48k.push(block)
+            done = time.perf_counter()
+            laps["decode"].append(decoded - started)
+            laps["resample_in"].append(resampled - decoded)
+            laps["encode"].append(encoded - resampled)
+            laps["resample_out"].append((done - encoded) / frames_per_block)
+        work = {name: 1000 * percentile(values, 50) for name, values in laps.items()}
+        return {**work, "total": sum(work.values())}
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ---- one run ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    label: str  # identity/paced, identity/unpaced, model/paced
+    streams: int
+    step_ms: float  # subtracted from latency: 0 in identity mode
+    rows: list[dict[str, Any]]
+    errors: list[str]
+    late_starts: int
+    late_events: int
+    dropped_ms: int
+    batch_sizes: dict[int, int]
+    cpu: dict[str, float]
+    load_1min: tuple[float, float]
+    wall_s: float
+    packets_per_stream: int
+    client_cpu_s: float
+    idle_cpu: dict[str, float]  # the same groups with the app up and no stream
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def cpu_ms_per_packet(self, group: str, stream_packets: int) -> float:
+        """The group's CPU above its idle level, in ms per stream-packet (one packet in and one out)."""
+        return 10 * max(0.0, self.cpu[group] - self.idle_cpu[group]) * self.wall_s / stream_packets
+
+    def summary(self) -> dict[str, Any]:
+        converted = [row for row in self.rows if not row["dropped"]]
+        overhead = [row["overhead_ms"] for row in converted]
+        queue = [row["queue_ms"] for row in converted]
+        stream_packets = self.streams * self.packets_per_stream
+        return {
+            "label": self.label,
+            "streams": self.streams,
+            "blocks": len(converted),
+            "dropped_blocks": len(self.rows) - len(converted),
+            "overhead_ms": distribution(overhead),
+            "queue_ms": distribution(queue),
+            "rest_ms": distribution([o - q for o, q in zip(overhead, queue, strict=True)]),
+            "first_block_latency_ms": distribution([row["latency_ms"] for row in converted if row["index"] == 0]),
+            "batch_sizes": self.batch_sizes,
+            "mean_batch": (sum(s * c for s, c in self.batch_sizes.items()) / max(1, sum(self.batch_sizes.values()))),
+            "errors": len(self.errors),
+            "late_starts": self.late_starts,
+            "late_events": self.late_events,
+            "dropped_ms": self.dropped_ms,
+            "cpu_percent_of_one_core": self.cpu,
+            "ingress_cpu_ms_per_packet": self.cpu_ms_per_packet(INGRESS, stream_packets),
+            "proxy_cpu_ms_per_packet": self.cpu_ms_per_packet(PROXY, stream_packets),
+            "load_1min": list(self.load_1min),
+            "client_cpu_s": self.client_cpu_s,
+            **self.extra,
+        }
+
+
+def run_clients(jobs: Sequence[ClientJob], pool: ProcessPoolExecutor | None) -> tuple[list[dict[str, Any]], float]:
+    """Every job's stream results, and the CPU seconds the clients spent (this process's, when there is no pool)."""
+    # Without a pool there is one job: every stream on this process's event loop.
+    reports = [client_worker(job) for job in jobs] if pool is None else list(pool.map(client_worker, jobs))
+    return [stream for report in reports for stream in report["streams"]], sum(r["cpu_s"] for r in reports)
+
+
+def measure(
+    app: ServeApp,
+    audio: np.ndarray,
+    streams: int,
+    label: str,
+    realtime_output: bool,
+    args: BenchArgs,
+    pool: ProcessPoolExecutor | None,
+    idle_cpu: dict[str, float],
+    step_ms: float = 0.0,
+) -> RunResult:
+    packets = encode_packets(audio)
+    block_s = StreamSettings().block_time
+    offsets = phases(streams, block_s, args.aligned)
+    start_at = time.time() + READY_GRACE_S + READY_GRACE_PER_STREAM_S * streams
+    parts = max(1, min(args.client_procs, streams))
+    # Job j runs streams j, j + parts, ...: interleaved, so that every client process has phases all over the block.
+    numbers = list(range(streams))
+    jobs = [
+        ClientJob(app.token, app.voice_id, packets, numbers[j::parts], offsets[j::parts], start_at, realtime_output)
+        for j in range(parts)
+    ]
+    stats_before = all_replica_stats()
+    load_before = os.getloadavg()[0]
+    cpu_before = cpu_snapshot()
+    results, client_cpu = run_clients(jobs, pool)
+    cpu_after = cpu_snapshot()
+    load_after = os.getloadavg()[0]
+    stats_after = all_replica_stats()
+    rows: list[dict[str, Any]] = []
+    errors, late_starts, late_events, dropped = [], 0, 0, 0
+    input_ms = len(packets) * FRAME_MS
+    for result in sorted(results, key=lambda r: r["stream"]):
+        ready = next((e for e in result["events"] if e["type"] == "ready"), None)
+        if result["error"] is not None:
+            errors.append(f"stream {result['stream']}: {result['error']}")
+        if ready is None:
+            continue
+        rows += block_rows(result["stream"], result["events"], ready["block_ms"], input_ms, step_ms)
+        late_starts += result["late_start"]
+        late = [e for e in result["events"] if e["type"] == "late"]
+        late_events += len(late)
+        end = next((e for e in result["events"] if e["type"] == "end"), None)
+        dropped += int(end["dropped_ms"]) if end else int(late[-1]["total_dropped_ms"]) if late else 0
+    return RunResult(
+        label=label,
+        streams=streams,
+        step_ms=step_ms,
+        rows=rows,
+        errors=errors,
+        late_starts=late_starts,
+        late_events=late_events,
+        dropped_ms=dropped,
+        batch_sizes=dict(sorted(batch_size_delta(stats_before, stats_after).items())),
+        cpu=cpu_percent(cpu_before, cpu_after),
+        load_1min=(load_before, load_after),
+        wall_s=cpu_after.wall - cpu_before.wall,
+        packets_per_stream=len(packets),
+        client_cpu_s=client_cpu,
+        idle_cpu=idle_cpu,
+    )
+
+
+def idle_cpu(seconds: float = IDLE_SECONDS) -> dict[str, float]:
+    """CPU per group with the app up and no stream: Serve's own background work (health checks, metrics, polls)."""
+    before = cpu_snapshot()
+    time.sleep(seconds)
+    return cpu_percent(before, cpu_snapshot())
+
+
+def warm_up(app: ServeApp, audio: np.ndarray, pool: ProcessPoolExecutor | None) -> None:
+    packets = encode_packets(audio[: int(48000 * WARMUP_SECONDS)])
+    job = ClientJob(app.token, app.voice_id, packets, [0], [0.0], time.time() + 0.2, True)
+    results, _ = run_clients([job], pool)
+    if results[0]["error"] is not None:
+        raise RuntimeError(f"the warm-up stream failed: {results[0]['error']}")
+
+
+# ---- reporting ----------------------------------------------------------------------------------------------------
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def format_report(summaries: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> str:
+    lines = [
+        f"Serving overhead per block | {meta['machine']} | {meta['deployment']} | {meta['clients']}",
+        f"streams of {meta['seconds']:.0f} s, paced input, {meta['phases']}; block {meta['block_ms']:.0f} ms; "
+        f"identity work per block (resample 16 kHz -> {meta['model_rate']} Hz, in-process) "
+        f"{meta['identity_work_ms']:.2f} ms",
+        "overhead = latency_ms - engine step (0 in identity mode); queue = of it, waiting at the converter for a "
+        "batch / the engine thread; rest = overhead - queue; blk0 = p50 latency of the streams' first blocks;",
+        "blocks = converted blocks counted; drop = blocks the server dropped (fell > 3 blocks behind), not counted",
+        f"app work per stream-packet at the ingress, in-process: {meta['transport_work']}",
+        "",
+        f"{'run':<17}{'n':>3}{'blocks':>7} | {'overhead p50':>12}{'p95':>7}{'p99':>7}{'max':>7} | "
+        f"{'queue p50':>9}{'p95':>6} | {'rest p50':>8}{'p95':>6} | {'blk0':>5} | {'drop':>4} {'err':>3} | batch sizes",
+    ]
+    for s in summaries:
+        o, q, r = s["overhead_ms"], s["queue_ms"], s["rest_ms"]
+        lines.append(
+            f"{s['label']:<17}{s['streams']:>3}{s['blocks']:>7} | {_ms(o['p50']):>12}{_ms(o['p95']):>7}"
+            f"{_ms(o['p99']):>7}{_ms(o['max']):>7} | {_ms(q['p50']):>9}{_ms(q['p95']):>6} | "
+            f"{_ms(r['p50']):>8}{_ms(r['p95']):>6} | {_ms(s['first_block_latency_ms']['p50']):>5} | "
+            f"{s['dropped_blocks']:>4} {s['errors']:>3} | "
+            f"{describe_batches(s['batch_sizes'])}"
+        )
+    lines += [
+        "",
+        "CPU, % of one core over the run (2 cores = 200 %); ms/pkt: CPU above idle per stream-packet (one in, one out)",
+        f"{'run':<17}{'n':>3} | {'machine':>7}{'ingress':>8}{'convert':>8}{'proxy':>7}{'ctrl':>6}{'ray':>5}"
+        f"{'bench':>6}{'client':>7}{'other':>6} | {'ingr ms/pkt':>11}{'proxy ms/pkt':>13} | load before/after",
+    ]
+    c = meta["idle_cpu"]
+    lines.append(
+        f"{'idle (no stream)':<20} | {c['machine']:>7.0f}{c[INGRESS]:>8.0f}{c[CONVERTER]:>8.0f}{c[PROXY]:>7.0f}"
+        f"{c[CONTROLLER]:>6.0f}{c[RAY_OTHER]:>5.0f}{c[BENCH]:>6.0f}{c[CLIENTS]:>7.0f}{c[OTHER]:>6.0f} |"
+    )
+    for s in summaries:
+        c = s["cpu_percent_of_one_core"]
+        lines.append(
+            f"{s['label']:<17}{s['streams']:>3} | {c['machine']:>7.0f}{c[INGRESS]:>8.0f}{c[CONVERTER]:>8.0f}"
+            f"{c[PROXY]:>7.0f}{c[CONTROLLER]:>6.0f}{c[RAY_OTHER]:>5.0f}{c[BENCH]:>6.0f}{c[CLIENTS]:>7.0f}"
+            f"{c[OTHER]:>6.0f} | {s['ingress_cpu_ms_per_packet']:>11.3f}{s['proxy_cpu_ms_per_packet']:>13.3f} | "
+            f"{s['load_1min'][0]:.2f} / {s['load_1min'][1]:.2f}"
+        )
+    return "\n".join(lines)
+
+
+# ---- entry point --------------------------------------------------------------------------------------------------
+
+
+def _ints(text: str) -> list[int]:
+    values = [int(part) for part in text.split(",") if part.strip()]
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 1,8,32, got {text!r}")
+    return values
+
+
+def _pacings(text: str) -> list[str]:
+    values = [part.strip() for part in text.split(",") if part.strip()]
+    if not values or not set(values) <= {"paced", "unpaced"}:
+        raise argparse.ArgumentTypeError(f"expected paced, unpaced or both, got {text!r}")
+    return values
+
+
+def parse_args(argv: Sequence[str] | None = None) -> BenchArgs:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.serving_overhead",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
+    parser.add_argument("--streams", type=_ints, default=[1, 8, 32], help="concurrent streams per run (1,8,32)")
+    parser.add_argument("--seconds", type=float, default=6.0, help="input per stream, in seconds (6)")
+    parser.add_argument("--pacing", type=_pacings, default=["paced", "unpaced"], help="output pacing: paced,unpaced")
+    parser.add_argument("--aligned", action="store_true", help="start every stream at the same phase")
+    parser.add_argument("--converters", type=int, default=1, help="converter replicas (1, as serve_config.yaml)")
+    parser.add_argument("--serve-options", choices=("config", "harness"), default="config")
+    parser.add_argument("--client-procs", type=int, default=0, help="client subprocesses; 0 = in this process")
+    parser.add_argument("--no-real-model", dest="real_model", action="store_false", help="skip the real-model run")
+    parser.add_argument("--json", type=Path, help="write per-block rows, summaries and metadata here")
+    ns = parser.parse_args(argv)
+    if ns.seconds < 1 or ns.converters < 1 or ns.client_procs < 0:
+        parser.error("--seconds and --converters must be at least 1, --client-procs at least 0")
+    return BenchArgs(**vars(ns))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if running := ray_running():
+        print("another Ray is running on this machine (Serve needs port 8000 to itself):", *running, sep="\n  ")
+        return 2
+    pool = None
+    if args.client_procs:
+        pool = ProcessPoolExecutor(args.client_procs, mp_context=get_context("spawn"))
+        list(pool.map(_ping, range(args.client_procs)))  # spawn and import before anything is timed
+    parity = ParitySet(FIXTURE)
+    settings = StreamSettings()
+    runs: list[RunResult] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-voices-") as voices, local_ray():
+            app, options = start_service(parity, Path(voices), args, identity=True)
+            audio = looped(app.source_48k(), args.seconds, 48000)
+            warm_up(app, audio, pool)
+            idle = idle_cpu()
+            for pacing in args.pacing:
+                for streams in args.streams:
+                    label = f"identity/{pacing}"
+                    runs.append(measure(app, audio, streams, label, pacing == "paced", args, pool, idle))
+                    print(f"done: identity/{pacing} x{streams}", file=sys.stderr)
+            if args.real_model:
+                app, _ = start_service(parity, Path(voices), args, identity=False)
+                speed = {r: s["real_time_factor"] * settings.block_time * 1000 for r, s in all_replica_stats().items()}
+                steps = engine_step_ms(parity.model_dir, settings)
+                step = percentile(steps, 50)
+                warm_up(app, audio, pool)
+                for pacing in args.pacing:
+                    run = measure(app, audio, 1, f"model/{pacing}", pacing == "paced", args, pool, idle, step_ms=step)
+                    run.extra = {"engine_step_ms": distribution(steps), "replica_speed_check_step_ms": speed}
+                    runs.append(run)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    model_rate = int(parity.geometry["sr"])
+    block_16k = round(settings.block_time * CONTENT_RATE)
+    work = transport_work_ms(encode_packets(audio), model_rate, settings.block_time)
+    meta = {
+        "machine": f"{os.cpu_count()} CPUs",
+        "deployment": f"{args.converters} converter(s), {options['mode']}",
+        "options": options,
+        "clients": f"clients in {args.client_procs} subprocess(es)" if pool else "clients in the bench process",
+        "seconds": args.seconds,
+        "phases": "all streams aligned" if args.aligned else "stream phases spread over one block",
+        "block_ms": 1000 * settings.block_time,
+        "model_rate": model_rate,
+        "identity_work_ms": identity_work_ms(model_rate, block_16k),
+        "transport_work_ms": work,
+        "transport_work": ", ".join(f"{name} {value:.3f}" for name, value in work.items()) + " ms",
+        "idle_cpu": idle,
+        "torch": torch.__version__,
+    }
+    summaries = [run.summary() for run in runs]
+    print(format_report(summaries, meta))
+    for run in runs:
+        if run.cpu[OTHER] > OTHER_CPU_WARNING:
+            print(f"WARNING {run.label} x{run.streams}: other work used {run.cpu[OTHER]:.0f} % of a core meanwhile")
+        for error in run.errors[:5]:
+            print(f"{run.label} x{run.streams}: {error}")
+        if run.extra:
+            step = run.extra["engine_step_ms"]
+            print(
+                f"{run.label} x{run.streams}: engine step (in-process, batch 1, one thread) p50 {step['p50']:.1f} ms, "
+                f"max {step['max']:.1f} ms; the replica's own speed check: "
+                + ", ".join(f"{v:.1f} ms" for v in run.extra["replica_speed_check_step_ms"].values())
+            )
+    if args.json is not None:
+        document = {
+            "meta": meta,
+            "summaries": summaries,
+            "rows": [{"run": run.label, "streams": run.streams, **row} for run in runs for row in run.rows],
+            "errors": {f"{run.label} x{run.streams}": run.errors for run in runs},
+        }
+        args.json.write_text(json.dumps(document, indent=2, default=_plain) + "\n")
+        print(f"rows and summaries written to {args.json}")
+    return 0
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if hasattr(value, "__dataclass_fields__"):
+        return asdict(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,363 @@
+// Transport 2 (the default): WebRTC audio, with signalling and the protocol's events on a WebSocket at /v1/rtc
+// that stays open for the whole call.
+//
+//   1. create the peer connection, add (a clone of) the mic track, create an offer, wait for ICE gathering to
+//      complete (non-trickle: every candidate goes in the one offer);
+//   2. open the signalling socket, send the start message (as on /v1/stream), then {"type":"offer","sdp"};
+//   3. the server sends ready (for the start message) and {"type":"answer","sdp"} (for the offer), in either
+//      order, then the WebSocket protocol's events: block, late, voice_set, warning, error, end;
+//   4. the remote track plays through a muted <audio> element (without one, Chromium's WebAudio hears silence) and
+//      WebAudio (output meter and device);
+//   5. hang up: {"type":"end"}, wait briefly for the end event, then stop transceivers, tracks, the peer
+//      connection and the socket.
+//
+// Failures of WebRTC itself (no answer in 8 s, signalling refused, ICE or the connection failed, the server's
+// bad_offer / connection_failed errors) end the session with fallback: true, so that the page can retry over the
+// WebSocket transport. Other server errors (unauthorized, unknown_voice, overloaded, ...) do not.
+//
+// Round trip (an estimate: RTP audio cannot be tied to a block exactly): the server's input starts with the first
+// RTP packet, sent when the peer connection becomes connected; block i's audio leaves the server with its block
+// event and plays after the receive jitter buffer (getStats) and the output latency:
+//   (block event arrival + jitter buffer + output latency) - (connected time + input_start_ms).
+
+import { connectRemoteStream, outputLatency } from "./audio.js";
+import { deferred, describeClose, errorInfo, isFatal, parseEvent, SessionError, sleep, withTimeout } from "./protocol.js";
+
+const GATHER_TIMEOUT_MS = 5000; // then send the candidates found so far
+const OPEN_TIMEOUT_MS = 8000;
+const ANSWER_TIMEOUT_MS = 8000;
+const CONNECT_TIMEOUT_MS = 10000; // answer received -> peer connection connected
+const DISCONNECTED_MS = 5000; // "disconnected" this long counts as failed (Chromium takes ~15 s to say "failed")
+const END_WAIT_MS = 3000; // the server converts and plays out what has arrived, then sends its end event
+// Server error codes that mean WebRTC itself failed (app/transport/webrtc.py): the WebSocket transport may work.
+const WEBRTC_ERRORS = new Set(["bad_offer", "connection_failed"]);
+const STATS_INTERVAL_MS = 1000;
+
+/** A peer connection whose every state change goes to onStateChange(name, value). */
+export function createPeerConnection(iceServers, onStateChange) {
+  const pc = new RTCPeerConnection({ iceServers });
+  pc.addEventListener("icegatheringstatechange", () => onStateChange("iceGathering", pc.iceGatheringState));
+  pc.addEventListener("iceconnectionstatechange", () => onStateChange("ice", pc.iceConnectionState));
+  pc.addEventListener("signalingstatechange", () => onStateChange("signaling", pc.signalingState));
+  pc.addEventListener("connectionstatechange", () => onStateChange("peer", pc.connectionState));
+  return pc;
+}
+
+/** Resolves when ICE gathering is complete, or after timeoutMs (the offer then holds what was gathered). */
+export function waitForIceGathering(pc, timeoutMs) {
+  if (pc.iceGatheringState === "complete") return Promise.resolve(true);
+  return new Promise((resolve) => {
+    const timer = setTimeout(() => {
+      pc.removeEventListener("icegatheringstatechange", check);
+      resolve(false);
+    }, timeoutMs);
+    function check() {
+      if (pc.iceGatheringState === "complete") {
+        clearTimeout(timer);
+        pc.removeEventListener("icegatheringstatechange", check);
+        resolve(true);
+      }
+    }
+    pc.addEventListener("icegatheringstatechange", check);
+  });
+}
+
+/** Opens a WebSocket; rejects (fallback) if it closes or does not open within timeoutMs. */
+function openSocket(url, timeoutMs) {
+  return new Promise((resolve, reject) => {
+    const ws = new WebSocket(url);
+    const timer = setTimeout(() => {
+      ws.close();
+      reject(new SessionError("signalling_timeout", `no signalling connection to ${url} within ${timeoutMs / 1000} s`,
+        { fallback: true }));
+    }, timeoutMs);
+    ws.onopen = () => {
+      clearTimeout(timer);
+      ws.onclose = null;
+      resolve(ws);
+    };
+    ws.onclose = (event) => {
+      clearTimeout(timer);
+      reject(new SessionError("signalling_refused", `the signalling socket ${url} closed (${describeClose(event)})`,
+        { fallback: true }));
+    };
+  });
+}
+
+/** Sends the start message and the offer; resolves with the server's answer, or rejects (fallback) after timeoutMs. */
+export async function negotiate(session) {
+  const { pc, ws, hooks } = session;
+  ws.send(JSON.stringify(session.start));
+  hooks.onStartSent();
+  ws.send(JSON.stringify({ type: "offer", sdp: pc.localDescription.sdp }));
+  hooks.log("signalling: start and offer sent; waiting for the answer");
+  const answer = await withTimeout(session.answer.promise, ANSWER_TIMEOUT_MS,
+    () => new SessionError("no_answer", `no WebRTC answer within ${ANSWER_TIMEOUT_MS / 1000} s`, { fallback: true }));
+  await pc.setRemoteDescription({ type: "answer", sdp: answer.sdp });
+  hooks.log("signalling: answer applied");
+}
+
+export class RtcSession {
+  constructor({ url, start, iceServers, engine, remoteAudio, hooks }) {
+    this.url = url;
+    this.start = start;
+    this.iceServers = iceServers;
+    this.engine = engine;
+    this.remoteAudio = remoteAudio;
+    this.hooks = hooks;
+    this.pc = null;
+    this.ws = null;
+    this.track = null;
+    this.remoteSource = null;
+    this.answer = deferred();
+    this.answered = false;
+    this.ready = false;
+    this.peerConnected = false;
+    this.connectedAt = null; // performance.now() when media started to flow
+    this.ended = deferred();
+    this.endReceived = false;
+    this.stopping = false;
+    this.closed = false;
+    this.timers = [];
+    this.disconnectTimer = null;
+    this.statsTimer = null;
+    this.lastStats = { packetsSent: 0, packetsReceived: 0, packetsLost: 0, jitterBufferMs: null, rttMs: null };
+    this.jitterTotals = null;
+  }
+
+  begin() {
+    this.run().catch((error) => {
+      if (error instanceof SessionError) this.finish({ error: errorInfo(error), fallback: error.fallback });
+      // Anything else is the browser refusing WebRTC (no codec, bad SDP): the WebSocket transport may still work.
+      else this.finish({ error: { code: "webrtc_failed", message: errorInfo(error).message }, fallback: true });
+    });
+    return this;
+  }
+
+  async run() {
+    this.hooks.onState("connecting");
+    if (typeof RTCPeerConnection === "undefined") {
+      throw new SessionError("webrtc_unsupported", "this browser has no RTCPeerConnection", { fallback: true });
+    }
+    this.pc = createPeerConnection(this.iceServers, (name, value) => this.onPeerState(name, value));
+    this.pc.addEventListener("track", (event) => this.onTrack(event));
+    // A clone: the engine's mic track outlives this call if the page falls back to the WebSocket transport.
+    this.track = this.engine.micStream.getAudioTracks()[0].clone();
+    this.pc.addTrack(this.track, new MediaStream([this.track]));
+    await this.pc.setLocalDescription(await this.pc.createOffer());
+    this.hooks.log("offer created; gathering ICE candidates");
+    const complete = await waitForIceGathering(this.pc, GATHER_TIMEOUT_MS);
+    if (!complete) this.hooks.log(`ICE gathering not complete after ${GATHER_TIMEOUT_MS / 1000} s; sending what was found`);
+    if (this.closed) return;
+
+    this.hooks.log(`signalling: connecting to ${this.url}`);
+    this.ws = await openSocket(this.url, OPEN_TIMEOUT_MS);
+    if (this.closed) {
+      this.ws.close(1000);
+      return;
+    }
+    this.ws.onmessage = (message) => this.onMessage(message);
+    this.ws.onclose = (event) => this.onSocketClosed(event);
+    await negotiate(this);
+    if (this.closed) return;
+    this.answered = true;
+    this.timers.push(setTimeout(() => {
+      if (!this.peerConnected) {
+        this.finish({
+          error: { code: "ice_timeout", message: `the WebRTC connection did not connect within ${CONNECT_TIMEOUT_MS / 1000} s` },
+          fallback: true,
+        });
+      }
+    }, CONNECT_TIMEOUT_MS));
+    this.statsTimer = setInterval(() => this.pollStats(), STATS_INTERVAL_MS);
+  }
+
+  onPeerState(name, value) {
+    this.hooks.onRtcState(name, value);
+    if (this.closed) return;
+    if (name === "peer" && value === "connected" && !this.peerConnected) {
+      this.peerConnected = true;
+      this.connectedAt = performance.now();
+      this.maybeConnected();
+    }
+    if (name === "peer") {
+      clearTimeout(this.disconnectTimer);
+      if (value === "disconnected" && !this.stopping) {
+        this.disconnectTimer = setTimeout(() => this.finish({
+          error: { code: "webrtc_failed", message: `the WebRTC connection was interrupted for ${DISCONNECTED_MS / 1000} s` },
+          fallback: true,
+        }), DISCONNECTED_MS);
+      }
+    }
+    if ((name === "peer" || name === "ice") && value === "failed" && !this.stopping) {
+      const what = name === "ice" ? "ICE connectivity" : "the WebRTC connection";
+      this.finish({ error: { code: "webrtc_failed", message: `${what} failed` }, fallback: true });
+    }
+  }
+
+  maybeConnected() {
+    if (this.ready && this.peerConnected && !this.stopping) this.hooks.onState("connected");
+  }
+
+  onTrack(event) {
+    const stream = event.streams[0] || new MediaStream([event.track]);
+    this.hooks.log(`remote ${event.track.kind} track received`);
+    // Chromium delivers remote WebRTC audio to WebAudio only while an element plays the stream too; muted, so
+    // that the user hears WebAudio's copy (which honours the chosen output device) only.
+    this.remoteAudio.muted = true;
+    this.remoteAudio.srcObject = stream;
+    this.remoteAudio.play().catch(() => {});
+    if (this.remoteSource) this.remoteSource.disconnect();
+    this.remoteSource = connectRemoteStream(this.engine, stream);
+  }
+
+  onMessage(message) {
+    if (this.closed) return;
+    if (typeof message.data !== "string") return; // audio travels over RTP; nothing binary is expected here
+    let event;
+    try {
+      event = parseEvent(message.data);
+    } catch (error) {
+      this.finish({ error: { code: error.code, message: error.message } });
+      return;
+    }
+    if (event.type === "answer") {
+      this.answer.resolve(event);
+      return;
+    }
+    this.hooks.onEvent(event);
+    switch (event.type) {
+      case "ready":
+        this.ready = true;
+        this.maybeConnected();
+        break;
+      case "block":
+        this.onBlock(event);
+        break;
+      case "end":
+        this.endReceived = true;
+        this.ended.resolve();
+        break;
+      case "error":
+        if (isFatal(event, this.ready)) this.finish({ error: event, fallback: WEBRTC_ERRORS.has(event.code) });
+        break;
+      default:
+        break;
+    }
+  }
+
+  onBlock(event) {
+    if (this.connectedAt === null) return;
+    const jitterMs = this.lastStats.jitterBufferMs || 0;
+    const playsAt = performance.now() + jitterMs + outputLatency(this.engine) * 1000;
+    this.hooks.onRoundTrip(playsAt - (this.connectedAt + event.input_start_ms), event.index);
+  }
+
+  async pollStats() {
+    if (this.closed || !this.pc) return;
+    let report;
+    try {
+      report = await this.pc.getStats();
+    } catch {
+      return;
+    }
+    const stats = { ...this.lastStats };
+    report.forEach((entry) => {
+      if (entry.type === "outbound-rtp" && entry.kind === "audio") stats.packetsSent = entry.packetsSent || 0;
+      if (entry.type === "inbound-rtp" && entry.kind === "audio") {
+        stats.packetsReceived = entry.packetsReceived || 0;
+        stats.packetsLost = entry.packetsLost || 0;
+        // The jitter buffer's delay over the last interval: totals are cumulative.
+        const totals = { delay: entry.jitterBufferDelay || 0, count: entry.jitterBufferEmittedCount || 0 };
+        const previous = this.jitterTotals || { delay: 0, count: 0 };
+        if (totals.count > previous.count) {
+          stats.jitterBufferMs = ((totals.delay - previous.delay) / (totals.count - previous.count)) * 1000;
+        }
+        this.jitterTotals = totals;
+      }
+      if (entry.type === "candidate-pair" && entry.nominated && entry.state === "succeeded"
+        && typeof entry.currentRoundTripTime === "number") {
+        stats.rttMs = entry.currentRoundTripTime * 1000;
+      }
+    });
+    this.lastStats = stats;
+  }
+
+  setVoice(voiceId) {
+    if (this.ready && !this.stopping && this.ws && this.ws.readyState === WebSocket.OPEN) {
+      this.ws.send(JSON.stringify({ type: "set_voice", voice_id: voiceId }));
+      return true;
+    }
+    return false;
+  }
+
+  onSocketClosed(event) {
+    this.ended.resolve();
+    if (this.closed) return;
+    this.hooks.log(`signalling: closed (${describeClose(event)})`);
+    if (this.endReceived || this.stopping) {
+      this.finish({});
+    } else if (!this.answered) {
+      this.finish({
+        error: { code: "signalling_closed", message: `the signalling socket closed before an answer (${describeClose(event)})` },
+        fallback: true,
+      });
+    } else {
+      this.finish({ error: { code: "connection_lost", message: `the signalling socket closed (${describeClose(event)})` } });
+    }
+  }
+
+  /** Hang up: end message, a short wait for the server's end event, then close everything. */
+  async stop() {
+    if (this.closed || this.stopping) return;
+    this.stopping = true;
+    this.hooks.onState("closing");
+    if (this.ws && this.ws.readyState === WebSocket.OPEN) {
+      this.ws.send(JSON.stringify({ type: "end" }));
+      this.hooks.log("end sent");
+      if (this.ready) await Promise.race([this.ended.promise, sleep(END_WAIT_MS)]);
+    }
+    this.finish({});
+  }
+
+  abort(error) {
+    this.finish({ error });
+  }
+
+  stats() {
+    return { ...this.lastStats };
+  }
+
+  /** Transceivers, then tracks, then the peer connection and the socket; the outcome goes to hooks.onClosed. */
+  finish({ error = null, fallback = false }) {
+    if (this.closed) return;
+    this.closed = true;
+    for (const timer of this.timers) clearTimeout(timer);
+    clearTimeout(this.disconnectTimer);
+    clearInterval(this.statsTimer);
+    this.answer.reject(new SessionError("closed", "the session closed"));
+    this.ended.resolve();
+    if (this.pc) {
+      for (const transceiver of this.pc.getTransceivers()) {
+        try {
+          transceiver.stop();
+        } catch {
+          // already stopped, or the connection is closed
+        }
+      }
+    }
+    if (this.track) this.track.stop();
+    if (this.pc) this.pc.close();
+    if (this.ws && this.ws.readyState <= WebSocket.OPEN) this.ws.close(1000);
+    if (this.remoteSource) this.remoteSource.disconnect();
+    this.remoteAudio.pause();
+    this.remoteAudio.srcObject = null;
+    if (this.pc) {
+      // close() fires no state events: report the final states here.
+      this.hooks.onRtcState("ice", this.pc.iceConnectionState);
+      this.hooks.onRtcState("signaling", this.pc.signalingState);
+      this.hooks.onRtcState("peer", this.pc.connectionState);
+    }
+    this.hooks.onClosed({ error, fallback });
+  }
+}

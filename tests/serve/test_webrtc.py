@@ -1,0 +1,171 @@
+"""WebRTC calls (`/v1/rtc`) end to end: real Ray Serve (local, 2 CPUs), the tiny model, and a real aiortc caller.
+
+ICE offers 127.0.0.1 only: in the ingress replica through `ice_host_addresses`, and in this process (the caller)
+by the same function. The media goes over loopback UDP straight to the ingress replica; signalling goes through
+Serve's proxy on port 8000.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import websockets
+from websockets.exceptions import ConnectionClosed
+
+from tests.parity import ParitySet
+from tests.serve.harness import BASE_URL, ServeApp, converter_replicas, local_ray, replica_stats, start_app
+from tests.test_webrtc_unit import Call, Event, delays_and_correlations, loopback_only_ice, rtc_call
+
+pytestmark = pytest.mark.serve
+
+RTC_URL = BASE_URL.replace("http", "ws") + "/v1/rtc"
+# Few diffusion steps: the tiny model must keep up with a real-time call on two shared CPU cores.
+SETTINGS = {"diffusion_steps": 3}
+TEARDOWN_TIMEOUT_S = 5.0
+WINDOW_S = 0.1
+
+
+LOOPBACK_ICE = {"ice_host_addresses": ["127.0.0.1"]}
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[None]:
+    with local_ray():
+        yield
+
+
+@pytest.fixture(scope="module")
+def served(cluster: None, parity: ParitySet, tmp_path_factory: pytest.TempPathFactory) -> ServeApp:
+    return start_app(parity, tmp_path_factory.mktemp("voices"), ingress=LOOPBACK_ICE)
+
+
+@pytest.fixture
+def identity_served(cluster: None, parity: ParitySet, tmp_path_factory: pytest.TempPathFactory) -> ServeApp:
+    """The application redeployed with converters that return their input: keep its test last in this file."""
+    return start_app(parity, tmp_path_factory.mktemp("voices"), ingress=LOOPBACK_ICE, identity=True)
+
+
+@pytest.fixture(autouse=True)
+def loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    loopback_only_ice(monkeypatch)
+
+
+def start_message(app: ServeApp, **overrides: object) -> Event:
+    start = {"type": "start", "version": 1, "token": app.token, "voice_id": app.voice_id, "settings": SETTINGS}
+    return {**start, **overrides}
+
+
+def open_sessions() -> int:
+    return sum(replica_stats(replica)["sessions"] for replica in converter_replicas())
+
+
+async def sessions_closed_after(started: float) -> float:
+    """Seconds from `started` until no converter holds a session (polled; fails after TEARDOWN_TIMEOUT_S)."""
+    async with asyncio.timeout(TEARDOWN_TIMEOUT_S):
+        while await asyncio.to_thread(open_sessions):
+            await asyncio.sleep(0.1)
+    return time.monotonic() - started
+
+
+def audible_seconds(audio: np.ndarray, threshold: float = 0.01) -> float:
+    """Total length of the 100 ms windows whose RMS is above `threshold` (-40 dBFS)."""
+    size = int(48000 * WINDOW_S)
+    windows = audio[: len(audio) // size * size].reshape(-1, size)
+    return WINDOW_S * int(np.sum(np.sqrt(np.mean(windows**2, axis=1)) > threshold))
+
+
+def test_call_converts_in_order_and_hangs_up_cleanly(served: ServeApp) -> None:
+    audio = served.source_48k()
+
+    async def run() -> tuple[Call, Event, int | None, float]:
+        async with rtc_call(RTC_URL, start_message(served, seed=1), audio) as call:
+            await call.connect()
+            end = await call.hang_up()
+            code = await call.closed_code()
+            return call, end, code, await sessions_closed_after(time.monotonic())
+
+    call, end, code, teardown_s = asyncio.run(run())
+    assert [event["type"] for event in call.events[:2]] == ["ready", "answer"]
+    assert code == 1000 and call.events[-1] == end
+    indexes = [event["index"] for event in call.of_type("block")]
+    assert indexes == list(range(len(indexes))) and end["blocks"] == len(indexes)
+    assert len(indexes) * call.events[0]["block_ms"] >= 1000 * len(audio) / 48000  # every input block answered
+    # Late blocks come back as silence; this machine keeps up with few steps, so most of the input is converted.
+    assert audible_seconds(call.output_48k) >= 0.6 * audible_seconds(audio), (
+        audible_seconds(call.output_48k),
+        audible_seconds(audio),
+        end,
+    )
+    assert teardown_s < TEARDOWN_TIMEOUT_S
+
+
+@pytest.mark.parametrize(("case", "code"), [("bad_token", "unauthorized"), ("unknown_voice", "unknown_voice")])
+def test_refused_start_gets_its_code_and_the_socket_closes(served: ServeApp, case: str, code: str) -> None:
+    overrides = {"bad_token": {"token": "forged.token"}, "unknown_voice": {"voice_id": "AAAAAAAAAAAAAAAA"}}[case]
+
+    async def run() -> tuple[list[Event], int | None]:
+        async with websockets.connect(RTC_URL) as socket:
+            await socket.send(json.dumps(start_message(served, **overrides)))
+            events = []
+            async with asyncio.timeout(30):
+                try:
+                    while True:
+                        events.append(json.loads(await socket.recv()))
+                except ConnectionClosed:
+                    return events, socket.close_code
+
+    events, close_code = asyncio.run(run())
+    assert [event["type"] for event in events] == ["error"] and events[0]["code"] == code, events
+    assert close_code == 1008
+
+
+def test_ice_servers_need_a_session_token_and_default_to_none(served: ServeApp) -> None:
+    request = urllib.request.Request(BASE_URL + "/v1/ice", headers={"Authorization": f"Bearer {served.token}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert json.load(response) == {"iceServers": []}
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(BASE_URL + "/v1/ice", timeout=10)
+    assert refused.value.code == 401
+
+
+def test_losing_the_signalling_socket_ends_the_call(served: ServeApp) -> None:
+    async def run() -> tuple[float, str]:
+        async with rtc_call(RTC_URL, start_message(served), served.source_48k()) as call:
+            await call.connect()
+            for _ in range(3):
+                await call.event("block")  # the call is well under way
+            call.socket.transport.abort()  # no close frame, no `end`: the connection is just gone
+            dropped = time.monotonic()
+            teardown_s = await sessions_closed_after(dropped)
+            # The server closed its peer connection too, which this (still open) peer sees as DTLS closing.
+            async with asyncio.timeout(TEARDOWN_TIMEOUT_S):
+                while call.peer.connectionState not in {"closed", "failed"}:
+                    await asyncio.sleep(0.05)
+            return teardown_s, call.peer.connectionState
+
+    teardown_s, peer_state = asyncio.run(run())
+    assert teardown_s < TEARDOWN_TIMEOUT_S and peer_state == "closed"
+
+
+def test_identity_call_through_serve_returns_the_input(identity_served: ServeApp) -> None:
+    audio = identity_served.source_48k()
+
+    async def run() -> Call:
+        async with rtc_call(RTC_URL, start_message(identity_served), audio) as call:
+            await call.connect()
+            await call.hang_up()
+            return call
+
+    call = asyncio.run(run())
+    found = delays_and_correlations(audio, call.output_48k)
+    # Only the codec changes the audio (see the in-process identity test); the delay is the serving path's round
+    # trip: one block of input, two Ray calls, Opus and aiortc's jitter buffers.
+    assert np.median([correlation for _, correlation in found]) > 0.85, found
+    assert 0 < found[0][0] < 48000, found

@@ -1,0 +1,617 @@
+"""The WebRTC transport (app/transport/webrtc.py): its pieces one by one, then whole calls in this process.
+
+The calls are real: an aiortc peer (`rtc_call`, also used by tests/serve/test_webrtc.py) plays an array in real time
+to an `RtcCall` behind uvicorn on loopback, which converts through a `ConverterService` in identity mode (the input
+comes back), so the received audio can be compared with what was sent. ICE offers 127.0.0.1 only, on both sides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import fractions
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aioice.ice
+import numpy as np
+import pytest
+import torch
+import uvicorn
+import websockets
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.rtcicetransport import RTCIceGatherer
+from av import AudioFrame
+from pydantic import TypeAdapter, ValidationError
+from starlette.applications import Starlette
+from starlette.routing import WebSocketRoute
+from starlette.websockets import WebSocket
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
+from app.audio.files import resample
+from app.audio.opus import FRAME_SAMPLES, SAMPLE_RATE
+from app.audio.pacing import Pacer
+from app.auth.tokens import TokenSigner
+from app.model.seedvc import SeedVC
+from app.serving.config import ConverterConfig, IceServer, IngressConfig
+from app.serving.converter import ConverterService
+from app.serving.local import LocalConverterClient
+from app.streaming.settings import StreamSettings
+from app.transport.protocol import (
+    MAX_RTC_TEXT_BYTES,
+    AnswerEvent,
+    ErrorCode,
+    OfferMessage,
+    ProtocolError,
+    RtcServerEvent,
+    StartMessage,
+    close_code,
+    parse_client_message,
+    parse_rtc_message,
+)
+from app.transport.webrtc import (
+    ConvertedAudioTrack,
+    RtcCall,
+    RtcServices,
+    TurnRest,
+    downmix,
+    restrict_ice_host_addresses,
+    stereo_frame,
+)
+from app.transport.websocket import StreamServices
+from app.voices.store import VoiceStore
+from tests.parity import ParitySet
+
+TAIL_S = 0.3  # silence sent after the audio, so that its last packets arrive before `end`
+EVENT_TIMEOUT_S = 30.0
+Event = dict[str, Any]
+
+
+# -- a caller for tests ------------------------------------------------------------------------------------------
+
+
+def loopback_only_ice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ICE in this process offers 127.0.0.1 only; undone after the test."""
+    monkeypatch.setattr(aioice.ice, "get_host_addresses", aioice.ice.get_host_addresses)  # records the original
+    restrict_ice_host_addresses(["127.0.0.1"])
+
+
+class ArrayTrack(MediaStreamTrack):
+    """Plays mono 48 kHz samples as 20 ms stereo frames in real time, then silence; `finished` is set once the
+    last frame of the array has gone out."""
+
+    kind = "audio"
+
+    def __init__(self, audio_48k: np.ndarray) -> None:
+        super().__init__()
+        padded = np.zeros(-(-len(audio_48k) // FRAME_SAMPLES) * FRAME_SAMPLES, dtype=np.float32)
+        padded[: len(audio_48k)] = audio_48k
+        self.frames = padded.reshape(-1, FRAME_SAMPLES)
+        self.finished = asyncio.Event()
+        self._pacer = Pacer(FRAME_SAMPLES / SAMPLE_RATE)
+        self._index = 0
+
+    async def recv(self) -> AudioFrame:
+        await self._pacer.wait(self._index)
+        if self._index < len(self.frames):
+            samples = self.frames[self._index]
+        else:
+            samples = np.zeros(FRAME_SAMPLES, dtype=np.float32)
+            self.finished.set()
+        frame = stereo_frame(samples, self._index)
+        self._index += 1
+        return frame
+
+
+@dataclass
+class Call:
+    """One call seen from the caller: every event, and the audio that came back (mono, from the first frame)."""
+
+    socket: ClientConnection
+    peer: RTCPeerConnection
+    source: ArrayTrack
+    events: list[Event] = field(default_factory=list)
+    received: list[np.ndarray] = field(default_factory=list)
+    _recorder: asyncio.Task[None] | None = None
+
+    @property
+    def output_48k(self) -> np.ndarray:
+        return np.concatenate(self.received) if self.received else np.zeros(0, dtype=np.float32)
+
+    def of_type(self, kind: str) -> list[Event]:
+        return [event for event in self.events if event["type"] == kind]
+
+    async def event(self, kind: str, timeout: float = EVENT_TIMEOUT_S) -> Event:
+        """Reads events until one of this type; an unexpected error event fails the test."""
+        async with asyncio.timeout(timeout):
+            while True:
+                event = json.loads(await self.socket.recv())
+                self.events.append(event)
+                if event["type"] == kind:
+                    return event
+                assert event["type"] != "error", event
+
+    async def connect(self) -> None:
+        """Waits for `ready` and `answer`, applies the answer, and records the audio that comes back."""
+        await self.event("ready")
+        answer = await self.event("answer")
+        await self.peer.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type="answer"))
+        [transceiver] = self.peer.getTransceivers()
+        self._recorder = asyncio.create_task(self._record(transceiver.receiver.track))
+
+    async def _record(self, track: MediaStreamTrack) -> None:
+        with contextlib.suppress(MediaStreamError):
+            while True:
+                frame = await track.recv()
+                assert isinstance(frame, AudioFrame)
+                self.received.append(downmix(frame))
+
+    async def hang_up(self) -> Event:
+        """Sends `end` once the audio and a short tail have gone out; returns the end event."""
+        async with asyncio.timeout(len(self.source.frames) * FRAME_SAMPLES / SAMPLE_RATE + EVENT_TIMEOUT_S):
+            await self.source.finished.wait()
+        await asyncio.sleep(TAIL_S)
+        await self.socket.send(json.dumps({"type": "end"}))
+        return await self.event("end")
+
+    async def closed_code(self, timeout: float = EVENT_TIMEOUT_S) -> int | None:
+        """The close code, once the server has closed the socket (events on the way are kept)."""
+        async with asyncio.timeout(timeout):
+            with contextlib.suppress(ConnectionClosed):
+                while True:
+                    self.events.append(json.loads(await self.socket.recv()))
+        return self.socket.close_code
+
+    async def recorded(self) -> None:
+        """Waits for the recording to end (the peer connection has closed)."""
+        if self._recorder is not None:
+            await asyncio.wait({self._recorder}, timeout=5)
+
+
+@contextlib.asynccontextmanager
+async def rtc_call(ws_url: str, start: Event, audio_48k: np.ndarray, offer: str | None = None) -> AsyncIterator[Call]:
+    """Opens the signalling socket, sends the start message and the complete offer (or the `offer` SDP given)."""
+    peer = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # an explicit empty list: no public STUN server
+    source = ArrayTrack(audio_48k)
+    peer.addTransceiver(source, direction="sendrecv")
+    try:
+        async with websockets.connect(ws_url) as socket:
+            call = Call(socket, peer, source)
+            await socket.send(json.dumps(start))
+            await peer.setLocalDescription(await peer.createOffer())  # gathers every candidate: no trickle
+            await socket.send(json.dumps({"type": "offer", "sdp": offer or peer.localDescription.sdp}))
+            yield call
+            await peer.close()
+            await call.recorded()
+    finally:
+        await peer.close()  # again when the call failed; a no-op otherwise
+
+
+def correlation_at_best_lag(sent: np.ndarray, received: np.ndarray) -> tuple[float, int]:
+    """The normalised correlation of `sent` with `received` at the lag (in samples) where it peaks."""
+    size = 2 * len(received)
+    spectrum = np.fft.rfft(received, size) * np.conj(np.fft.rfft(sent, size))
+    lags = np.fft.irfft(spectrum, size)[: len(received) - len(sent) + 1]
+    lag = int(np.argmax(lags))
+    window = received[lag : lag + len(sent)]
+    return float(lags[lag] / (np.linalg.norm(sent) * np.linalg.norm(window) + 1e-12)), lag
+
+
+def delays_and_correlations(sent: np.ndarray, received: np.ndarray, segment_s: float = 0.2) -> list[tuple[int, float]]:
+    """For each audible segment of `sent`: where it comes back (delay in samples) and how closely.
+
+    Segment by segment, because a live track does not keep one delay: when a block arrives after the previous one
+    has finished playing, the track plays a frame of silence and everything after it comes 20 ms later.
+    """
+    size = int(SAMPLE_RATE * segment_s)
+    found = []
+    for start in range(0, len(sent) - size + 1, size):
+        segment = sent[start : start + size]
+        if np.sqrt(np.mean(segment**2)) > 1e-3:
+            correlation, lag = correlation_at_best_lag(segment, received)
+            found.append((lag - start, correlation))
+    return found
+
+
+# -- audio frames ------------------------------------------------------------------------------------------------
+
+
+def test_downmix_averages_the_channels_of_packed_and_planar_frames() -> None:
+    left = np.array([1000, -2000, 32767], dtype=np.int16)
+    right = np.array([3000, 2000, 32767], dtype=np.int16)
+    packed = AudioFrame.from_ndarray(np.stack([left, right], axis=1).reshape(1, -1), format="s16", layout="stereo")
+    planar = AudioFrame.from_ndarray(np.stack([left, right]), format="s16p", layout="stereo")
+    mono = AudioFrame.from_ndarray(left[np.newaxis, :], format="s16", layout="mono")
+    for frame in (packed, planar, mono):
+        frame.sample_rate = SAMPLE_RATE
+    expected = np.array([2000, 0, 32767], dtype=np.float32) / 32768
+    np.testing.assert_array_equal(downmix(packed), expected)
+    np.testing.assert_array_equal(downmix(planar), expected)
+    np.testing.assert_array_equal(downmix(mono), left / np.float32(32768))
+    assert downmix(packed).dtype == np.float32
+
+
+def test_downmix_refuses_other_rates_and_formats() -> None:
+    frame = AudioFrame.from_ndarray(np.zeros((1, 160), dtype=np.int16), format="s16", layout="mono")
+    frame.sample_rate = 8000
+    with pytest.raises(ValueError, match="expected 48000 Hz audio, got 8000 Hz"):
+        downmix(frame)
+    floats = AudioFrame.from_ndarray(np.zeros((1, 960), dtype=np.float32), format="flt", layout="mono")
+    floats.sample_rate = SAMPLE_RATE
+    with pytest.raises(ValueError, match="expected 16-bit audio, got flt"):
+        downmix(floats)
+
+
+def test_stereo_frame_has_two_equal_channels_clipped_and_timestamps_in_samples() -> None:
+    mono = np.linspace(-1.5, 1.5, FRAME_SAMPLES, dtype=np.float32)
+    frame = stereo_frame(mono, index=3)
+    assert (frame.format.name, frame.layout.name, frame.samples, frame.sample_rate) == ("s16", "stereo", 960, 48000)
+    assert frame.pts == 3 * 960 and frame.time_base == fractions.Fraction(1, 48000)
+    interleaved = frame.to_ndarray().reshape(-1, 2)
+    np.testing.assert_array_equal(interleaved[:, 0], interleaved[:, 1])
+    assert interleaved.min() == -32768 and interleaved.max() == 32767
+    np.testing.assert_allclose(downmix(frame), np.clip(mono, -1, 32767 / 32768), atol=1 / 32768)
+
+
+def test_output_track_paces_in_real_time_and_fills_gaps_with_silence() -> None:
+    async def run() -> tuple[list[AudioFrame], float]:
+        track = ConvertedAudioTrack(max_buffered_frames=4)
+        for value in (0.1, 0.2):
+            track.push(np.full(FRAME_SAMPLES, value, dtype=np.float32))
+        started = time.monotonic()
+        frames = [await track.recv() for _ in range(5)]
+        return frames, time.monotonic() - started
+
+    frames, elapsed = asyncio.run(run())
+    assert [frame.pts for frame in frames] == [0, 960, 1920, 2880, 3840]
+    levels = [float(downmix(frame)[0]) for frame in frames]
+    np.testing.assert_allclose(levels, [0.1, 0.2, 0, 0, 0], atol=1e-4)
+    assert 0.075 <= elapsed < 0.2, elapsed  # frame 4 is due 80 ms after frame 0
+
+
+def test_output_track_keeps_the_newest_frames_and_reports_played_out() -> None:
+    async def run() -> tuple[list[float], int, bool, bool]:
+        track = ConvertedAudioTrack(max_buffered_frames=2)
+        for value in (0.1, 0.2, 0.3):
+            track.push(np.full(FRAME_SAMPLES, value, dtype=np.float32))
+        waiting = asyncio.create_task(track.played_out())
+        levels = [float(downmix(await track.recv())[0])]
+        first_done = waiting.done()
+        levels.append(float(downmix(await track.recv())[0]))
+        await asyncio.wait_for(waiting, 1)
+        track.stop()
+        with pytest.raises(MediaStreamError):
+            await track.recv()
+        return levels, track.trimmed_frames, first_done, waiting.done()
+
+    levels, trimmed, first_done, done = asyncio.run(run())
+    np.testing.assert_allclose(levels, [0.2, 0.3], atol=1e-4)
+    assert trimmed == 1 and not first_done and done
+
+
+# -- ICE configuration -------------------------------------------------------------------------------------------
+
+
+def test_turn_credentials_follow_the_turn_rest_convention() -> None:
+    turn = TurnRest(secret=b"north-secret", urls=("turn:turn.example:3478",), ttl_s=3600)
+    server = turn.credentials("key-1", now=1_700_000_000.7)
+    assert server.username == "1700003600:key-1"
+    # Computed independently: printf '1700003600:key-1' | openssl dgst -sha1 -hmac north-secret -binary | base64
+    assert server.credential == "0muv/TAkC1rMPCrxJMqlPQlBODE="
+    assert len(base64.b64decode(server.credential)) == 20 and server.urls == ["turn:turn.example:3478"]
+
+
+def test_browser_ice_servers_omit_nulls_and_add_fresh_turn_credentials() -> None:
+    config = IngressConfig(
+        ice_servers=[IceServer(urls=["stun:stun.example:3478"])],
+        turn_secret="north-secret",
+        turn_urls=["turn:turn.example:3478?transport=udp", "turns:turn.example:5349"],
+        turn_ttl_s=600,
+    )
+    services = RtcServices.from_config(stream=None, config=config)  # type: ignore[arg-type]
+    stun, turn = services.browser_ice_servers("key-1", now=1000.0)
+    assert stun == {"urls": ["stun:stun.example:3478"]}
+    assert turn["username"] == "1600:key-1" and turn["urls"] == config.turn_urls and turn["credential"]
+    assert "north-secret" not in repr(config) and "north-secret" not in json.dumps([stun, turn])
+
+
+def test_no_ice_servers_means_no_stun_server_at_all() -> None:
+    configuration = RtcServices(stream=None).peer_configuration()  # type: ignore[arg-type]
+    assert configuration.iceServers == []
+    # The surprise this guards against: aiortc replaces a missing list (None) with Google's public STUN server.
+    assert RTCIceGatherer(iceServers=None)._connection.stun_server == ("stun.l.google.com", 19302)
+    assert RTCIceGatherer(iceServers=configuration.iceServers)._connection.stun_server is None
+
+
+def test_configured_ice_servers_reach_the_peer_connection() -> None:
+    turn = IceServer(urls=["turn:turn.example:3478"], username="u", credential="p")
+    configuration = RtcServices(stream=None, ice_servers=(turn,)).peer_configuration()  # type: ignore[arg-type]
+    [server] = configuration.iceServers
+    assert (server.urls, server.username, server.credential) == (["turn:turn.example:3478"], "u", "p")
+
+
+def test_restricted_host_addresses_offer_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    loopback_only_ice(monkeypatch)
+    restrict_ice_host_addresses(["127.0.0.1", "::1"])
+    assert aioice.ice.get_host_addresses(use_ipv4=True, use_ipv6=False) == ["127.0.0.1"]
+    assert aioice.ice.get_host_addresses(use_ipv4=True, use_ipv6=True) == ["127.0.0.1", "::1"]
+
+    async def offer() -> str:
+        peer = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        peer.addTransceiver("audio")
+        await peer.setLocalDescription(await peer.createOffer())
+        await peer.close()
+        return peer.localDescription.sdp
+
+    candidates = [line for line in asyncio.run(offer()).splitlines() if line.startswith("a=candidate:")]
+    assert candidates and all(" 127.0.0.1 " in line or " ::1 " in line for line in candidates), candidates
+
+
+def test_ingress_config_checks_the_webrtc_fields() -> None:
+    with pytest.raises(ValidationError, match="turn_secret is set but turn_urls is empty"):
+        IngressConfig(turn_secret="s")
+    with pytest.raises(ValidationError, match="does not appear to be an IPv4 or IPv6 address"):
+        IngressConfig(ice_host_addresses=["localhost"])
+    with pytest.raises(ValidationError, match="is not an ICE server URL"):
+        IngressConfig(ice_servers=[{"urls": ["https://stun.example"]}])
+    with pytest.raises(ValidationError, match="turn_urls must be turn: or turns: URLs"):
+        IngressConfig(turn_secret="s", turn_urls=["stun:stun.example"])
+    assert IngressConfig().ice_servers == [] and IngressConfig().ice_host_addresses is None
+
+
+# -- signalling messages -----------------------------------------------------------------------------------------
+
+
+def test_rtc_messages_parse_with_a_limit_that_fits_an_offer() -> None:
+    sdp = "v=0\r\n" + "a=candidate:1 1 udp 2130706431 127.0.0.1 40000 typ host\r\n" * 600  # ~ 33 KiB
+    text = json.dumps({"type": "offer", "sdp": sdp})
+    assert parse_rtc_message(text) == OfferMessage(type="offer", sdp=sdp)
+    with pytest.raises(ProtocolError) as refused:
+        parse_client_message(text)  # /v1/stream knows no offer, and its limit is far smaller
+    assert refused.value.code == ErrorCode.frame_too_large
+    start = parse_rtc_message(json.dumps({"type": "start", "version": 1, "token": "t", "voice_id": "v"}))
+    assert isinstance(start, StartMessage)
+
+
+@pytest.mark.parametrize(
+    ("text", "code", "message"),
+    [
+        (json.dumps({"type": "offer", "sdp": "v" * (MAX_RTC_TEXT_BYTES + 1)}), "frame_too_large", "limit is"),
+        (json.dumps({"type": "offer", "sdp": "v" * (64 * 1024 + 1)}), "bad_message", "offer.sdp"),
+        (json.dumps({"type": "offer", "sdp": ""}), "bad_message", "offer.sdp"),
+        (json.dumps({"type": "offer", "sdp": "v=0", "trickle": True}), "bad_message", "offer.trickle"),
+        (json.dumps({"type": "answer", "sdp": "v=0"}), "bad_message", "does not match any of the expected tags"),
+    ],
+)
+def test_bad_rtc_messages_get_their_code(text: str, code: str, message: str) -> None:
+    with pytest.raises(ProtocolError, match=message) as refused:
+        parse_rtc_message(text)
+    assert refused.value.code == code
+
+
+def test_answer_event_round_trips_and_new_codes_close_the_socket() -> None:
+    answer = AnswerEvent(sdp="v=0\r\n")
+    assert TypeAdapter(RtcServerEvent).validate_json(answer.model_dump_json()) == answer
+    assert close_code(ErrorCode.bad_offer) == 1008 and close_code(ErrorCode.connection_failed) == 1011
+
+
+# -- whole calls in this process ---------------------------------------------------------------------------------
+
+
+@dataclass
+class LocalServer:
+    url: str
+    token: str
+    voice_id: str
+    converter: ConverterService
+
+    def start(self, **overrides: Any) -> Event:
+        return {"type": "start", "version": 1, "token": self.token, "voice_id": self.voice_id, **overrides}
+
+
+@pytest.fixture(scope="module")
+def identity_converter(parity: ParitySet, tmp_path_factory: pytest.TempPathFactory) -> tuple[ConverterService, str]:
+    root = str(tmp_path_factory.mktemp("voices"))
+    voice = VoiceStore(root).add((parity.root / parity.bundle["files"]["reference_22k"]).read_bytes(), owner="k")
+    config = ConverterConfig(voice_store=root, silence_gate_dbfs=None, identity=True, replica_tag="a")
+    return ConverterService(config, model=SeedVC.load(parity.model_dir)), voice.voice_id
+
+
+@contextlib.asynccontextmanager
+async def local_server(
+    converter: ConverterService, voice_id: str, connect_timeout_s: float = 10.0
+) -> AsyncIterator[LocalServer]:
+    """`RtcCall` behind uvicorn on a free loopback port, converting with the given service."""
+    tokens = TokenSigner(b"a test secret of at least 32 bytes")
+    stream = StreamServices(
+        client=LocalConverterClient({"a": converter}),
+        tokens=tokens,
+        voices=converter.store,
+        defaults=StreamSettings(),
+    )
+    services = RtcServices(stream, connect_timeout_s=connect_timeout_s)
+
+    async def endpoint(websocket: WebSocket) -> None:
+        await RtcCall(websocket, services).run()
+
+    app = Starlette(routes=[WebSocketRoute("/v1/rtc", endpoint)])
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+    serving = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(10):
+            while not server.started:
+                await asyncio.sleep(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        yield LocalServer(f"ws://127.0.0.1:{port}/v1/rtc", tokens.issue("k").token, voice_id, converter)
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving, 10)
+
+
+@pytest.fixture
+def loopback(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    loopback_only_ice(monkeypatch)
+    yield
+
+
+def source_48k(parity: ParitySet, seconds: float) -> np.ndarray:
+    audio = resample(torch.from_numpy(parity.wav("source_16k")), 16000, 48000).numpy()
+    return audio[: int(SAMPLE_RATE * seconds)]
+
+
+@pytest.mark.slow
+def test_identity_call_returns_the_input_on_the_track(
+    identity_converter: tuple[ConverterService, str], parity: ParitySet, loopback: None
+) -> None:
+    converter, voice_id = identity_converter
+    audio = source_48k(parity, 2.0)
+
+    async def run() -> tuple[Call, Event, int | None]:
+        async with local_server(converter, voice_id) as server, rtc_call(server.url, server.start(), audio) as call:
+            await call.connect()
+            end = await call.hang_up()
+            return call, end, await call.closed_code()
+
+    call, end, code = asyncio.run(run())
+    assert code == 1000
+    assert [e["type"] for e in call.events[:2]] == ["ready", "answer"]
+    indexes = [event["index"] for event in call.of_type("block")]
+    assert indexes == list(range(len(indexes))) and end["blocks"] == len(indexes) > 0
+    found = delays_and_correlations(audio, call.output_48k)
+    delays = [delay for delay, _ in found]
+    # Two passes of aiortc's Opus (96 kbit/s, "voip") alone give 0.58-0.99 per segment of this source, median 0.92,
+    # offline; the call measured the same figures: the transport adds nothing but the codec.
+    assert np.median([correlation for _, correlation in found]) > 0.85, found
+    # The round trip: a block of input, then the conversion, Opus and both jitter buffers; it grows only by the
+    # silent frames played when a block came late, which the output buffer bounds.
+    block_samples = call.events[0]["block_ms"] * SAMPLE_RATE // 1000
+    assert 0 < delays[0] < SAMPLE_RATE and max(delays) - min(delays) <= 2 * block_samples, delays
+    window = call.output_48k[delays[0] : delays[0] + len(audio)]
+    level = np.sqrt(np.mean(window**2) / np.mean(audio[: len(window)] ** 2))
+    assert 0.8 < level < 1.25, level  # stereo both ways: no 3 dB lost to a mono upmix
+    assert len(converter.engine) == 0  # the session was closed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("offer", ["garbage", "no_audio"])
+def test_unusable_offer_gets_bad_offer(
+    identity_converter: tuple[ConverterService, str], parity: ParitySet, loopback: None, offer: str
+) -> None:
+    converter, voice_id = identity_converter
+
+    async def video_only_offer() -> str:
+        peer = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        peer.addTransceiver("video")
+        await peer.setLocalDescription(await peer.createOffer())
+        await peer.close()
+        return peer.localDescription.sdp
+
+    async def run() -> tuple[Call, int | None]:
+        sdp = "not an SDP at all" if offer == "garbage" else await video_only_offer()
+        async with (
+            local_server(converter, voice_id) as server,
+            rtc_call(server.url, server.start(), source_48k(parity, 0.1), offer=sdp) as call,
+        ):
+            return call, await call.closed_code()
+
+    call, code = asyncio.run(run())
+    assert [e["type"] for e in call.events] == ["ready", "error"]
+    assert call.events[-1]["code"] == "bad_offer" and code == 1008
+    assert len(converter.engine) == 0
+
+
+@pytest.mark.slow
+def test_a_peer_that_never_connects_ends_the_call(
+    identity_converter: tuple[ConverterService, str], parity: ParitySet, loopback: None
+) -> None:
+    converter, voice_id = identity_converter
+
+    async def run() -> tuple[Call, int | None, float]:
+        async with local_server(converter, voice_id, connect_timeout_s=1.0) as server:
+            peer = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+            peer.addTransceiver("audio")
+            await peer.setLocalDescription(await peer.createOffer())
+            await peer.close()
+            # No candidates: ICE has nothing to try, and the server gives up after its connect timeout.
+            sdp = "".join(line + "\r\n" for line in peer.localDescription.sdp.splitlines() if "candidate" not in line)
+            started = time.monotonic()
+            async with rtc_call(server.url, server.start(), source_48k(parity, 0.1), offer=sdp) as call:
+                return call, await call.closed_code(), time.monotonic() - started
+
+    call, code, elapsed = asyncio.run(run())
+    assert [e["type"] for e in call.events] == ["ready", "answer", "error"]
+    assert call.events[-1]["code"] == "connection_failed" and code == 1011
+    assert elapsed < 5 and len(converter.engine) == 0
+
+
+@pytest.mark.slow
+def test_no_offer_in_time_ends_the_call(identity_converter: tuple[ConverterService, str], loopback: None) -> None:
+    converter, voice_id = identity_converter
+
+    async def run() -> tuple[list[Event], int | None]:
+        async with (
+            local_server(converter, voice_id, connect_timeout_s=0.5) as server,
+            websockets.connect(server.url) as socket,
+        ):
+            await socket.send(json.dumps(server.start()))
+            events = []
+            with contextlib.suppress(ConnectionClosed):
+                while True:
+                    events.append(json.loads(await socket.recv()))
+            return events, socket.close_code
+
+    events, code = asyncio.run(run())
+    assert [e["type"] for e in events] == ["ready", "error"] and events[1]["code"] == "connection_failed"
+    assert code == 1011 and len(converter.engine) == 0
+
+
+@pytest.mark.slow
+def test_set_voice_is_confirmed_and_an_unknown_voice_leaves_the_call_running(
+    identity_converter: tuple[ConverterService, str], parity: ParitySet, loopback: None
+) -> None:
+    converter, voice_id = identity_converter
+    other = converter.store.add((parity.root / parity.bundle["files"]["source_16k"]).read_bytes(), owner="k")
+
+    async def run() -> tuple[Event, Event, Event]:
+        async with (
+            local_server(converter, voice_id) as server,
+            rtc_call(server.url, server.start(), source_48k(parity, 1.5)) as call,
+        ):
+            await call.connect()
+            await call.event("block")
+            await call.socket.send(json.dumps({"type": "set_voice", "voice_id": other.voice_id}))
+            switched = await call.event("voice_set")
+            await call.socket.send(json.dumps({"type": "set_voice", "voice_id": "AAAAAAAAAAAAAAAA"}))
+            refused = await call.event("error")
+            return switched, refused, await call.hang_up()
+
+    switched, refused, end = asyncio.run(run())
+    assert switched["voice_id"] == other.voice_id and switched["from_block"] >= 1
+    assert refused["code"] == "unknown_voice" and end["blocks"] > switched["from_block"]
+
+
+@pytest.mark.slow
+def test_the_callers_peer_connection_closing_ends_the_call(
+    identity_converter: tuple[ConverterService, str], parity: ParitySet, loopback: None
+) -> None:
+    converter, voice_id = identity_converter
+
+    async def run() -> tuple[Call, int | None]:
+        async with (
+            local_server(converter, voice_id) as server,
+            rtc_call(server.url, server.start(), source_48k(parity, 2.0)) as call,
+        ):
+            await call.connect()
+            await call.event("block")
+            await call.peer.close()  # the media goes, the signalling socket stays
+            return call, await call.closed_code()
+
+    call, code = asyncio.run(run())
+    assert call.events[-1]["type"] == "error" and call.events[-1]["code"] == "connection_failed", call.events[-1]
+    assert code == 1011 and len(converter.engine) == 0
