@@ -23,8 +23,9 @@ from ray.serve.handle import DeploymentHandle
 from app.auth.tokens import ApiKeys, TokenError, TokenSigner, bearer
 from app.serving.config import IngressConfig
 from app.streaming.settings import StreamSettings
+from app.transport.sessions import StreamServices
 from app.transport.webrtc import RtcCall, RtcServices, restrict_ice_host_addresses
-from app.transport.websocket import StreamConnection, StreamServices
+from app.transport.websocket import StreamConnection
 from app.voices.store import VoiceError, VoiceLimits, VoiceNotFound, VoiceStore
 from deployments.client import RayConverterClient
 
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 WEB_CLIENT = Path(__file__).resolve().parent.parent / "client" / "web"
 API_KEYS_ENV = "SEEDVC_API_KEYS"  # "id=key,id2=key2"
 TOKEN_SECRET_ENV = "SEEDVC_TOKEN_SECRET"  # shared by every ingress replica, so that any of them accepts a token
+TURN_SECRET_ENV = "SEEDVC_TURN_SECRET"  # coturn's static-auth-secret; keeps the secret out of config files
 
 api = FastAPI(title="Seed-VC real-time voice conversion", version="1")
 
@@ -45,6 +47,14 @@ def api_keys(config: IngressConfig) -> ApiKeys:
     if not keys:
         raise ValueError(f"no API keys configured: set ingress.api_keys or the {API_KEYS_ENV} environment variable")
     return ApiKeys(keys)
+
+
+def with_turn_secret(config: IngressConfig) -> IngressConfig:
+    """The TURN secret from the environment, when the config does not carry one."""
+    secret = os.environ.get(TURN_SECRET_ENV)
+    if secret and config.turn_secret is None:
+        return IngressConfig(**{**config.model_dump(), "turn_secret": secret})
+    return config
 
 
 def token_secret() -> bytes:
@@ -60,7 +70,7 @@ class Ingress:
     def __init__(self, converter: DeploymentHandle, config: dict[str, Any]) -> None:
         # Per-chunk resampling and Opus work is tiny: more torch threads only fight the converters for the cores.
         torch.set_num_threads(1)
-        self.config = IngressConfig(**config)
+        self.config = with_turn_secret(IngressConfig(**config))
         self.converter = converter
         self.keys = api_keys(self.config)
         self.tokens = TokenSigner(token_secret(), ttl_seconds=self.config.token_ttl_s)

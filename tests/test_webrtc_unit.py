@@ -55,6 +55,7 @@ from app.transport.protocol import (
     parse_client_message,
     parse_rtc_message,
 )
+from app.transport.sessions import StreamServices
 from app.transport.webrtc import (
     ConvertedAudioTrack,
     RtcCall,
@@ -64,7 +65,6 @@ from app.transport.webrtc import (
     restrict_ice_host_addresses,
     stereo_frame,
 )
-from app.transport.websocket import StreamServices
 from app.voices.store import VoiceStore
 from tests.parity import ParitySet
 

@@ -41,7 +41,6 @@ import hashlib
 import hmac
 import ipaddress
 import logging
-import uuid
 from collections import deque
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
@@ -64,31 +63,25 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from app.audio.opus import FRAME_SAMPLES, SAMPLE_RATE
 from app.audio.pacing import Pacer
-from app.auth.tokens import TokenError
 from app.serving.config import IceServer, IngressConfig
 from app.serving.live import BlockReport, LiveSession, pump
-from app.serving.wire import CapacityExceeded, SessionLost, UnknownVoice
+from app.serving.wire import SessionLost
 from app.transport.protocol import (
     CLOSE_NORMAL,
     FRAME_MS,
     AnswerEvent,
-    BlockEvent,
     EndEvent,
     EndMessage,
     ErrorCode,
-    ErrorEvent,
     LateEvent,
     OfferMessage,
     ProtocolError,
-    ReadyEvent,
     SetVoiceMessage,
     StartMessage,
-    VoiceSetEvent,
     close_code,
     parse_rtc_message,
 )
-from app.transport.websocket import StreamServices
-from app.voices.store import VoiceNotFound
+from app.transport.sessions import BlockEvents, StreamServices
 
 log = logging.getLogger(__name__)
 
@@ -265,9 +258,8 @@ class RtcCall:
         self.session: LiveSession | None = None
         self.peer: RTCPeerConnection | None = None
         self.output: ConvertedAudioTrack | None = None
-        self.blocks = 0
+        self.events = BlockEvents("")
         self.dropped_ms = 0.0
-        self._voice_id = ""
         self._connection_changed = asyncio.Event()
 
     async def run(self) -> None:
@@ -313,9 +305,9 @@ class RtcCall:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)  # none left running, no error left unretrieved
-        await self._send(EndEvent(blocks=self.blocks, dropped_ms=round(self.dropped_ms)).model_dump_json())
+        await self._send(EndEvent(blocks=self.events.blocks, dropped_ms=round(self.dropped_ms)).model_dump_json())
         await self.websocket.close(code=CLOSE_NORMAL)
-        log.info("call %s: ended after %d blocks", session.session_id, self.blocks)
+        log.info("call %s: ended after %d blocks", session.session_id, self.events.blocks)
 
     async def _release(self) -> None:
         try:
@@ -345,12 +337,7 @@ class RtcCall:
         start = await self._receive()
         if not isinstance(start, StartMessage):
             raise ProtocolError(ErrorCode.not_started, f"the first message must be 'start', not '{start.type}'")
-        if start.resume is not None:
-            raise ProtocolError(ErrorCode.session_expired, "a call cannot be resumed; start a new one")
-        try:
-            self.services.stream.tokens.verify(start.token)
-        except TokenError as error:
-            raise ProtocolError(ErrorCode.unauthorized, f"invalid session token: {error}") from error
+        self.services.stream.check_start(start)
         return start
 
     async def _receive_offer(self) -> OfferMessage:
@@ -374,17 +361,11 @@ class RtcCall:
     async def _switch_voice(self, session: LiveSession, voice_id: str) -> None:
         """An unknown voice is answered with an error event, and the call goes on with its current voice."""
         try:
-            self._check_voice(voice_id)
+            self.services.stream.check_voice(voice_id)
         except ProtocolError as error:
             await self._send(error.event().model_dump_json())
             return
         session.request_voice(voice_id)
-
-    def _check_voice(self, voice_id: str) -> None:
-        try:
-            self.services.stream.voices.get(voice_id)
-        except (VoiceNotFound, ValueError) as error:
-            raise ProtocolError(ErrorCode.unknown_voice, f"unknown voice {voice_id}") from error
 
     async def _send(self, text: str) -> None:
         if self.websocket.application_state == WebSocketState.CONNECTED:
@@ -395,9 +376,7 @@ class RtcCall:
             log.error("call %s: %s", self._session_id, error.message)
         else:
             log.info("call %s: ended (%s): %s", self._session_id, error.code, error.message)
-        stream = self.services.stream
-        retry_after_s = stream.retry_after_s if error.code == ErrorCode.overloaded else None
-        event = ErrorEvent(code=error.code, message=error.message, retry_after_s=retry_after_s)
+        event = self.services.stream.error_event(error)
         with contextlib.suppress(Exception):  # the socket may be gone already; the call ends either way
             await self._send(event.model_dump_json())
             await self.websocket.close(code=close_code(error.code))
@@ -405,28 +384,10 @@ class RtcCall:
     # -- session -------------------------------------------------------------------------------------------------
 
     async def _open(self, start: StartMessage) -> LiveSession:
-        stream = self.services.stream
-        settings = start.settings.apply(stream.defaults) if start.settings else stream.defaults
-        self._check_voice(start.voice_id)
-        session = LiveSession(
-            stream.client,
-            session_id=uuid.uuid4().hex,
-            voice_id=start.voice_id,
-            settings=settings,
-            seed=start.seed if start.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "big"),
-            max_backlog_blocks=stream.max_backlog_blocks,
-        )
-        try:
-            opened = await session.open()
-        except CapacityExceeded as error:
-            raise ProtocolError(ErrorCode.overloaded, "every converter is full; try again shortly") from error
-        except UnknownVoice as error:
-            raise ProtocolError(ErrorCode.unknown_voice, f"unknown voice {start.voice_id}") from error
-        self._voice_id = start.voice_id
-        block_ms = round(1000 * opened.block / opened.sample_rate)
-        ready = ReadyEvent(session_id=session.session_id, resume_token="", block_ms=block_ms, settings=settings)
+        session, ready = await self.services.stream.open_session(start)
+        self.events = BlockEvents(start.voice_id)
         await self._send(ready.model_dump_json())
-        log.info("call %s: session open on converter %s", session.session_id, opened.replica)
+        log.info("call %s: session open on converter %s", session.session_id, session.replica)
         return session
 
     @staticmethod
@@ -492,19 +453,8 @@ class RtcCall:
             output.push(frame)
 
         async def emit_report(report: BlockReport) -> None:
-            if report.voice_id != self._voice_id:
-                self._voice_id = report.voice_id
-                await self._send(VoiceSetEvent(voice_id=report.voice_id, from_block=report.index).model_dump_json())
-            self.blocks += 1
-            event = BlockEvent(
-                index=report.index,
-                input_start_ms=round(report.input_start_ms),
-                latency_ms=report.latency_ms,
-                queue_ms=report.queue_ms,
-                steps=report.steps,
-                silent=report.silent,
-            )
-            await self._send(event.model_dump_json())
+            for event in self.events.of(report):
+                await self._send(event)
 
         try:
             await pump(session, emit_frame, emit_report)

@@ -10,51 +10,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
-from dataclasses import dataclass
 
 import numpy as np
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from app.audio.opus import OpusDecoder, OpusEncoder, OpusError
 from app.audio.pacing import Pacer
-from app.auth.tokens import TokenError, TokenSigner
-from app.serving.live import BlockReport, ConverterClient, LiveSession, pump
-from app.serving.wire import CapacityExceeded, SessionLost, UnknownVoice
-from app.streaming.settings import StreamSettings
+from app.serving.live import BlockReport, LiveSession, pump
+from app.serving.wire import SessionLost
 from app.transport.protocol import (
     FRAME_MS,
-    BlockEvent,
     EndEvent,
     EndMessage,
     ErrorCode,
-    ErrorEvent,
     LateEvent,
     ProtocolError,
-    ReadyEvent,
     SetVoiceMessage,
     StartMessage,
-    VoiceSetEvent,
     check_audio_frame,
     close_code,
     parse_client_message,
 )
-from app.voices.store import VoiceNotFound, VoiceStore
+from app.transport.sessions import BlockEvents, StreamServices
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class StreamServices:
-    """What every connection shares."""
-
-    client: ConverterClient
-    tokens: TokenSigner
-    voices: VoiceStore
-    defaults: StreamSettings
-    max_backlog_blocks: int = 3
-    retry_after_s: float = 5.0
-    opus_bitrate: int = 32000
 
 
 class StreamConnection:
@@ -65,9 +44,8 @@ class StreamConnection:
         self.decoder = OpusDecoder()
         self.encoder = OpusEncoder(services.opus_bitrate)
         self.realtime = True
-        self.blocks = 0
         self.dropped_ms = 0.0
-        self._voice_id = ""
+        self.events = BlockEvents("")
 
     async def run(self) -> None:
         await self.websocket.accept()
@@ -103,7 +81,7 @@ class StreamConnection:
         finally:
             for task in (reader, writer):
                 task.cancel()
-        await self._send(EndEvent(blocks=self.blocks, dropped_ms=round(self.dropped_ms)).model_dump_json())
+        await self._send(EndEvent(blocks=self.events.blocks, dropped_ms=round(self.dropped_ms)).model_dump_json())
         await self.websocket.close(code=1000)
 
     async def _receive_start(self) -> StartMessage:
@@ -115,44 +93,16 @@ class StreamConnection:
         parsed = parse_client_message(message.get("text") or "")
         if not isinstance(parsed, StartMessage):
             raise ProtocolError(ErrorCode.not_started, f"the first message must be 'start', not '{parsed.type}'")
-        if parsed.resume is not None:
-            raise ProtocolError(ErrorCode.session_expired, "this server holds no session to resume; start a new one")
-        try:
-            self.services.tokens.verify(parsed.token)
-        except TokenError as error:
-            raise ProtocolError(ErrorCode.unauthorized, f"invalid session token: {error}") from error
+        self.services.check_start(parsed)
         return parsed
 
     async def _open(self, start: StartMessage) -> LiveSession:
-        settings = start.settings.apply(self.services.defaults) if start.settings else self.services.defaults
-        self._check_voice(start.voice_id)
-        session = LiveSession(
-            self.services.client,
-            session_id=uuid.uuid4().hex,
-            voice_id=start.voice_id,
-            settings=settings,
-            seed=start.seed if start.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "big"),
-            max_backlog_blocks=self.services.max_backlog_blocks,
-        )
-        try:
-            opened = await session.open()
-        except CapacityExceeded as error:
-            raise ProtocolError(ErrorCode.overloaded, "every converter is full; try again shortly") from error
-        except UnknownVoice as error:
-            raise ProtocolError(ErrorCode.unknown_voice, f"unknown voice {start.voice_id}") from error
+        session, ready = await self.services.open_session(start)
         self.realtime = start.realtime
-        self._voice_id = start.voice_id
-        block_ms = round(1000 * opened.block / opened.sample_rate)
-        ready = ReadyEvent(session_id=session.session_id, resume_token="", block_ms=block_ms, settings=settings)
+        self.events = BlockEvents(start.voice_id)
         await self._send(ready.model_dump_json())
-        log.info("stream %s: started on converter %s", session.session_id, opened.replica)
+        log.info("stream %s: started on converter %s", session.session_id, session.replica)
         return session
-
-    def _check_voice(self, voice_id: str) -> None:
-        try:
-            self.services.voices.get(voice_id)
-        except (VoiceNotFound, ValueError) as error:
-            raise ProtocolError(ErrorCode.unknown_voice, f"unknown voice {voice_id}") from error
 
     async def _read(self, session: LiveSession) -> None:
         while True:
@@ -177,7 +127,7 @@ class StreamConnection:
     def _switch_voice(self, session: LiveSession, voice_id: str) -> None:
         """An unknown voice here is answered with an error event, but the stream goes on with its current voice."""
         try:
-            self._check_voice(voice_id)
+            self.services.check_voice(voice_id)
         except ProtocolError as error:
             asyncio.get_running_loop().create_task(self._send(error.event().model_dump_json()))
             return
@@ -207,19 +157,8 @@ class StreamConnection:
             sent += 1
 
         async def emit_report(report: BlockReport) -> None:
-            if report.voice_id != self._voice_id:
-                self._voice_id = report.voice_id
-                await self._send(VoiceSetEvent(voice_id=report.voice_id, from_block=report.index).model_dump_json())
-            self.blocks += 1
-            event = BlockEvent(
-                index=report.index,
-                input_start_ms=round(report.input_start_ms),
-                latency_ms=report.latency_ms,
-                queue_ms=report.queue_ms,
-                steps=report.steps,
-                silent=report.silent,
-            )
-            await self._send(event.model_dump_json())
+            for event in self.events.of(report):
+                await self._send(event)
 
         try:
             await pump(session, emit_frame, emit_report)
@@ -235,11 +174,7 @@ class StreamConnection:
             log.error("stream %s: %s", self._session_id, error.message)
         else:
             log.info("stream %s: refused (%s): %s", self._session_id, error.code, error.message)
-        event = ErrorEvent(
-            code=error.code,
-            message=error.message,
-            retry_after_s=self.services.retry_after_s if error.code == ErrorCode.overloaded else None,
-        )
+        event = self.services.error_event(error)
         with contextlib.suppress(Exception):
             await self._send(event.model_dump_json())
             await self.websocket.close(code=close_code(error.code))

@@ -1,0 +1,104 @@
+"""What both live transports (WebSocket `/v1/stream`, WebRTC `/v1/rtc`) do the same way with a session.
+
+Checking the start message, opening the LiveSession with the converter's answers mapped to protocol errors, turning
+block reports into events, and the error event a failure ends with: written once, so the two transports cannot
+drift apart in what a client sees.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from app.auth.tokens import TokenError, TokenSigner
+from app.serving.live import BlockReport, ConverterClient, LiveSession
+from app.serving.wire import CapacityExceeded, UnknownVoice
+from app.streaming.settings import StreamSettings
+from app.transport.protocol import (
+    BlockEvent,
+    ErrorCode,
+    ErrorEvent,
+    ProtocolError,
+    ReadyEvent,
+    StartMessage,
+    VoiceSetEvent,
+)
+from app.voices.store import VoiceNotFound, VoiceStore
+
+
+@dataclass(frozen=True)
+class StreamServices:
+    """What every connection of either transport shares."""
+
+    client: ConverterClient
+    tokens: TokenSigner
+    voices: VoiceStore
+    defaults: StreamSettings
+    max_backlog_blocks: int = 3
+    retry_after_s: float = 5.0
+    opus_bitrate: int = 32000
+
+    def check_start(self, start: StartMessage) -> None:
+        if start.resume is not None:
+            raise ProtocolError(ErrorCode.session_expired, "this server holds no session to resume; start a new one")
+        try:
+            self.tokens.verify(start.token)
+        except TokenError as error:
+            raise ProtocolError(ErrorCode.unauthorized, f"invalid session token: {error}") from error
+
+    def check_voice(self, voice_id: str) -> None:
+        try:
+            self.voices.get(voice_id)
+        except (VoiceNotFound, ValueError) as error:
+            raise ProtocolError(ErrorCode.unknown_voice, f"unknown voice {voice_id}") from error
+
+    async def open_session(self, start: StartMessage) -> tuple[LiveSession, ReadyEvent]:
+        """Open a converter session for a checked start message; returns it with the `ready` event to send."""
+        settings = start.settings.apply(self.defaults) if start.settings else self.defaults
+        self.check_voice(start.voice_id)
+        session = LiveSession(
+            self.client,
+            session_id=uuid.uuid4().hex,
+            voice_id=start.voice_id,
+            settings=settings,
+            seed=start.seed if start.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "big"),
+            max_backlog_blocks=self.max_backlog_blocks,
+        )
+        try:
+            opened = await session.open()
+        except CapacityExceeded as error:
+            raise ProtocolError(ErrorCode.overloaded, "every converter is full; try again shortly") from error
+        except UnknownVoice as error:
+            raise ProtocolError(ErrorCode.unknown_voice, f"unknown voice {start.voice_id}") from error
+        block_ms = round(1000 * opened.block / opened.sample_rate)
+        ready = ReadyEvent(session_id=session.session_id, resume_token="", block_ms=block_ms, settings=settings)
+        return session, ready
+
+    def error_event(self, error: ProtocolError) -> ErrorEvent:
+        retry_after_s = self.retry_after_s if error.code == ErrorCode.overloaded else None
+        return ErrorEvent(code=error.code, message=error.message, retry_after_s=retry_after_s)
+
+
+class BlockEvents:
+    """Block reports -> the events a client sees: `voice_set` when the voice changed, then `block`."""
+
+    def __init__(self, voice_id: str) -> None:
+        self.voice_id = voice_id
+        self.blocks = 0
+
+    def of(self, report: BlockReport) -> list[str]:
+        events = []
+        if report.voice_id != self.voice_id:
+            self.voice_id = report.voice_id
+            events.append(VoiceSetEvent(voice_id=report.voice_id, from_block=report.index).model_dump_json())
+        self.blocks += 1
+        block = BlockEvent(
+            index=report.index,
+            input_start_ms=round(report.input_start_ms),
+            latency_ms=report.latency_ms,
+            queue_ms=report.queue_ms,
+            steps=report.steps,
+            silent=report.silent,
+        )
+        events.append(block.model_dump_json())
+        return events
