@@ -116,6 +116,7 @@ SERVE_CONFIG = Path(__file__).resolve().parent.parent / "serve_config.yaml"
 FIXTURE = FIXTURES / "parity_a"
 WARMUP_SECONDS = 1.5
 IDLE_SECONDS = 3.0
+SETTLE_SECONDS = 5.0
 OTHER_CPU_WARNING = 20.0  # % of one core used outside this bench during a run: its numbers are contaminated
 # Input after the block's end that must still come from real packets (the 48 -> 16 kHz resampler's delay is well
 # under one packet), so that a kept block was completed by a live packet and not by the end message's flush.
@@ -207,6 +208,7 @@ INGRESS, CONVERTER, PROXY, CONTROLLER, RAY_OTHER, BENCH, CLIENTS, OTHER = (
 CPU_GROUPS = (INGRESS, CONVERTER, PROXY, CONTROLLER, RAY_OTHER, BENCH, CLIENTS, OTHER)
 TICKS = os.sysconf("SC_CLK_TCK")
 RAY_PROGRAMS = {"raylet", "gcs_server"}
+THREAD_GROUPS = (INGRESS, CONVERTER, PROXY)  # whose threads are reported
 
 
 def classify(pid: int, parent: int, command: str, me: int) -> str:
@@ -233,6 +235,7 @@ class CpuSnapshot:
     wall: float
     machine_busy_s: float  # busy CPU seconds summed over all cores since boot
     processes: dict[int, tuple[str, float]]  # pid -> (group, CPU seconds since the process started)
+    threads: dict[int, tuple[str, str, float]]  # tid -> (group, thread name, CPU seconds), for THREAD_GROUPS only
 
 
 def _read(path: str) -> str | None:
@@ -243,25 +246,35 @@ def _read(path: str) -> str | None:
         return None
 
 
+def _stat_fields(stat: str) -> list[str]:
+    """/proc/.../stat after "pid (comm) ": state ppid ...; utime and stime are [11] and [12]."""
+    return stat[stat.rindex(")") + 2 :].split()
+
+
 def cpu_snapshot() -> CpuSnapshot:
     me = os.getpid()
-    processes = {}
+    processes, threads = {}, {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         stat, command = _read(f"/proc/{entry}/stat"), _read(f"/proc/{entry}/cmdline")
         if stat is None or command is None:
             continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid ... utime stime (14, 15)
+        fields = _stat_fields(stat)
         pid, parent = int(entry), int(fields[1])
-        processes[pid] = (
-            classify(pid, parent, command.replace("\0", " "), me),
-            (int(fields[11]) + int(fields[12])) / TICKS,
-        )
+        group = classify(pid, parent, command.replace("\0", " "), me)
+        processes[pid] = (group, (int(fields[11]) + int(fields[12])) / TICKS)
+        if group in THREAD_GROUPS:
+            for tid in os.listdir(f"/proc/{pid}/task") if os.path.isdir(f"/proc/{pid}/task") else []:
+                task_stat = _read(f"/proc/{pid}/task/{tid}/stat")
+                if task_stat is not None:
+                    name = task_stat[task_stat.index("(") + 1 : task_stat.rindex(")")]
+                    task = _stat_fields(task_stat)
+                    threads[int(tid)] = (group, name, (int(task[11]) + int(task[12])) / TICKS)
     cpu = (_read("/proc/stat") or "cpu 0 0 0 0").splitlines()[0].split()[1:]
     ticks = [int(value) for value in cpu]
     idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
-    return CpuSnapshot(time.monotonic(), (sum(ticks[:8]) - idle) / TICKS, processes)
+    return CpuSnapshot(time.monotonic(), (sum(ticks[:8]) - idle) / TICKS, processes, threads)
 
 
 def cpu_percent(before: CpuSnapshot, after: CpuSnapshot) -> dict[str, float]:
@@ -273,6 +286,17 @@ def cpu_percent(before: CpuSnapshot, after: CpuSnapshot) -> dict[str, float]:
     result = {group: 100 * seconds / wall for group, seconds in used.items()}
     result["machine"] = 100 * (after.machine_busy_s - before.machine_busy_s) / wall
     return result
+
+
+def busiest_threads(before: CpuSnapshot, after: CpuSnapshot, top: int = 3) -> dict[str, list[str]]:
+    """Per group in THREAD_GROUPS, its busiest threads as 'name pct' (% of one core): one thread near 100 % while the
+    process is below its core count means that thread (an event loop, under the GIL) is the limit."""
+    wall = after.wall - before.wall
+    used: dict[str, list[tuple[float, str]]] = {group: [] for group in THREAD_GROUPS}
+    for tid, (group, name, seconds) in after.threads.items():
+        share = 100 * (seconds - before.threads.get(tid, (group, name, 0.0))[2]) / wall
+        used[group].append((share, f"{name.strip()} {share:.0f}%"))
+    return {group: [label for _, label in sorted(rows, reverse=True)[:top]] for group, rows in used.items()}
 
 
 def ray_running() -> list[str]:
@@ -375,6 +399,7 @@ def start_service(parity: ParitySet, voices: Path, args: BenchArgs, identity: bo
     max_sessions = max(args.streams) + 1
     if args.serve_options == "harness":
         app = start_app(parity, voices, converters=args.converters, max_sessions=max_sessions, identity=identity)
+        time.sleep(SETTLE_SECONDS)  # the replicas a redeploy replaced stop, and Ray's workers settle
         return app, {"mode": "harness start_app (Serve defaults: max_ongoing_requests 5)"}
     # tests.serve.harness.start_app with serve_config.yaml's options: start_app itself cannot take deployment options.
     converter_options, ingress_options = config_options()
@@ -396,6 +421,7 @@ def start_service(parity: ParitySet, voices: Path, args: BenchArgs, identity: bo
         ingress_options={**ingress_options, **no_cpu},
     )
     serve.run(application, name=APP, route_prefix="/")
+    time.sleep(SETTLE_SECONDS)  # the replicas a redeploy replaced stop, and Ray's workers settle, before measuring
     token = get_token(BASE_URL, API_KEY)
     voice = upload_voice(BASE_URL, token, parity.root / parity.bundle["files"]["reference_22k"], name="fixture")
     options = {"mode": "serve_config.yaml options", "converter": converter_options, "ingress": ingress_options}
@@ -493,6 +519,7 @@ class RunResult:
     packets_per_stream: int
     client_cpu_s: float
     idle_cpu: dict[str, float]  # the same groups with the app up and no stream
+    threads: dict[str, list[str]]  # the busiest threads of the ingress, converter and proxy
     extra: dict[str, Any] = field(default_factory=dict)
 
     def cpu_ms_per_packet(self, group: str, stream_packets: int) -> float:
@@ -524,6 +551,7 @@ class RunResult:
             "proxy_cpu_ms_per_packet": self.cpu_ms_per_packet(PROXY, stream_packets),
             "load_1min": list(self.load_1min),
             "client_cpu_s": self.client_cpu_s,
+            "busiest_threads": self.threads,
             **self.extra,
         }
 
@@ -595,6 +623,7 @@ def measure(
         packets_per_stream=len(packets),
         client_cpu_s=client_cpu,
         idle_cpu=idle_cpu,
+        threads=busiest_threads(cpu_before, cpu_after),
     )
 
 
@@ -758,6 +787,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     summaries = [run.summary() for run in runs]
     print(format_report(summaries, meta))
+    print("\nbusiest threads, % of one core:")
+    for run in runs:
+        print(
+            f"  {run.label + ' x' + str(run.streams):<20} "
+            + " | ".join(f"{group}: {', '.join(names)}" for group, names in run.threads.items())
+        )
     for run in runs:
         if run.cpu[OTHER] > OTHER_CPU_WARNING:
             print(f"WARNING {run.label} x{run.streams}: other work used {run.cpu[OTHER]:.0f} % of a core meanwhile")
