@@ -19,11 +19,13 @@ B >= 2 they are spread evenly over 2.0-3.0 s, for B = 1 the single prompt is 2.5
 every B and the padding of short prompts to the batch's longest (3.0 s) is charged to batching, as it is in serving.
 All sessions share the block settings, so each step is ONE batched pass (checked: the report's group_sizes is [B]).
 
-Warm-up rule: per (variant, B) a fresh Engine opens B sessions, runs `--warmup` steps (default 1) that are not
+Warm-up rule: per (variant, B) a fresh Engine opens B sessions and runs `--warmup` steps (default 1) that are not
 recorded (allocator growth, oneDNN primitive choice, CUDA lazy init, torch.compile's compilation for the new
-shapes), then `--steps` measured steps (default 3). The defaults keep the full CPU run to about 10-15 minutes on two
-cores; the medians of 3 steps are rough (a few %), so look at ratios with that in mind. The rolling window has its
-full length from the first block (zero-filled), so every step has the same shapes.
+shapes). Then `--steps` measured steps (default 3) per B, interleaved round-robin over the batch sizes (B=1, 2, 4,
+..., then again), so that load from other processes on a shared machine hits every batch size alike instead of
+skewing one of them. The defaults keep the full CPU run to about 10-15 minutes on two idle cores; medians of 3
+steps are rough, so read the ratios with that in mind. The rolling window has its full length from the first block
+(zero-filled), so every step has the same shapes.
 
 What is measured, per step: `step` = wall time of Engine.step (CUDA synchronised before; the step ends with the copy
 of the output to the host), and its `stage_seconds` (content encoder, length regulator, CFM, vocoder, SOLA; the
@@ -219,30 +221,52 @@ def step_row(step: TimedStep, batch: int) -> dict[str, float]:
     return row
 
 
-def measure_batch(
-    model: SeedVC,
-    voices: Sequence[Voice],
-    settings: StreamSettings,
-    args: BenchArgs,
-    compiled: CompiledDiT,
-) -> list[dict[str, float]]:
-    """A fresh engine with len(voices) sessions: warm-up steps, then the measured steps' rows."""
-    engine = Engine(model)
-    ids = open_sessions(engine, voices, settings, args.seed)
-    block_16k = engine.session(ids[0]).stream.geometry.block_16k
-    requests = session_inputs(ids, args.warmup + args.steps, block_16k, args.seed)
-    device = model.device
-    warmup, measured = requests[: args.warmup], requests[args.warmup :]
-    for step in warmup:
+@dataclass
+class BatchRun:
+    """One batch size's engine, its B open sessions and their pre-made step requests."""
+
+    batch: int
+    engine: Engine
+    requests: list[list[BlockRequest]]  # requests[k]: step k, one block per session
+    done: int = 0
+
+    @classmethod
+    def open(cls, model: SeedVC, voices: Sequence[Voice], settings: StreamSettings, args: BenchArgs) -> BatchRun:
+        engine = Engine(model)
+        ids = open_sessions(engine, voices, settings, args.seed)
+        block_16k = engine.session(ids[0]).stream.geometry.block_16k
+        return cls(len(ids), engine, session_inputs(ids, args.warmup + args.steps, block_16k, args.seed))
+
+    def step(self, args: BenchArgs) -> TimedStep:
+        timed = timed_step(self.engine, self.requests[self.done], self.engine.model.device, args.autocast)
+        self.done += 1
+        return timed
+
+
+def warm_up(run: BatchRun, args: BenchArgs, compiled: CompiledDiT) -> None:
+    for _ in range(args.warmup):
         try:
-            timed_step(engine, step, device, args.autocast)
+            run.step(args)
         except Exception as error:
             if not compiled.active:
                 raise
             compiled.fall_back(error)  # the failed step advanced the streams; harmless for timing
             print(f"  torch.compile failed, continuing eager: {compiled.error}")
-            timed_step(engine, step, device, args.autocast)
-    return [step_row(timed_step(engine, step, device, args.autocast), len(ids)) for step in measured]
+            run.step(args)
+
+
+def measure_variant(
+    model: SeedVC, pool: VoicePool, settings: StreamSettings, args: BenchArgs, compiled: CompiledDiT
+) -> dict[int, list[dict[str, float]]]:
+    """Per batch size, the measured steps' rows; the steps are interleaved round-robin across the batch sizes."""
+    runs = [BatchRun.open(model, pool.for_batch(batch), settings, args) for batch in args.batches]
+    for run in runs:
+        warm_up(run, args, compiled)
+    rows: dict[int, list[dict[str, float]]] = {run.batch: [] for run in runs}
+    for _ in range(args.steps):
+        for run in runs:
+            rows[run.batch].append(step_row(run.step(args), run.batch))
+    return rows
 
 
 def draw_seconds(model: SeedVC, voices: Sequence[Voice], geometry: StreamGeometry, seed: int) -> float:
@@ -444,8 +468,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for variant in args.variants:
         settings = VARIANTS[variant]
         geometry = StreamGeometry.from_settings(settings, model.sample_rate, model.config.mel.hop_length)
-        for batch in args.batches:
-            measured = measure_batch(model, pool.for_batch(batch), settings, args, compiled)
+        for batch, measured in measure_variant(model, pool, settings, args, compiled).items():
             rows += [{"variant": variant, "batch": batch, "step": k, **row} for k, row in enumerate(measured)]
             summary = BatchSummary(variant, batch, summarize(measured, (*COLUMNS, CPU)), geometry.block / geometry.rate)
             summaries.append(summary)

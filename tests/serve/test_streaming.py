@@ -122,7 +122,8 @@ def test_killing_a_replica_mid_stream_rehomes_exactly(served: ServeApp) -> None:
 def test_voice_switch_is_confirmed_and_unknown_voices_do_not_stop_the_stream(served: ServeApp) -> None:
     other = upload_voice(BASE_URL, served.token, served.parity.root / served.parity.bundle["files"]["source_16k"])
     audio = served.source_48k(2.0)
-    switched = served.stream(audio, realtime=False, seed=1, set_voice_at=(0.5, other["voice_id"]))
+    # Paced input: the switch arrives after the first blocks were converted with the first voice.
+    switched = served.stream(audio, realtime=True, seed=1, set_voice_at=(0.5, other["voice_id"]))
     assert switched.error is None and switched.end is not None
     [confirmation] = [e for e in switched.events if e["type"] == "voice_set"]
     assert confirmation["voice_id"] == other["voice_id"] and confirmation["from_block"] >= 1
