@@ -38,24 +38,28 @@ class StreamServices:
     retry_after_s: float = 5.0
     opus_bitrate: int = 32000
 
-    def check_start(self, start: StartMessage) -> None:
+    def check_start(self, start: StartMessage) -> str:
+        """The API key id the start message's token was issued to (the owner of the voices it may use)."""
         if start.resume is not None:
             raise ProtocolError(ErrorCode.session_expired, "this server holds no session to resume; start a new one")
         try:
-            self.tokens.verify(start.token)
+            return self.tokens.verify(start.token).key_id
         except TokenError as error:
             raise ProtocolError(ErrorCode.unauthorized, f"invalid session token: {error}") from error
 
-    def check_voice(self, voice_id: str) -> None:
+    def check_voice(self, voice_id: str, owner: str) -> None:
+        """A key may use only its own voices; another key's voice is reported exactly like a missing one."""
         try:
-            self.voices.get(voice_id)
+            record = self.voices.get(voice_id)
         except (VoiceNotFound, ValueError) as error:
             raise ProtocolError(ErrorCode.unknown_voice, f"unknown voice {voice_id}") from error
+        if record.owner != owner:
+            raise ProtocolError(ErrorCode.unknown_voice, f"unknown voice {voice_id}")
 
-    async def open_session(self, start: StartMessage) -> tuple[LiveSession, ReadyEvent]:
+    async def open_session(self, start: StartMessage, owner: str) -> tuple[LiveSession, ReadyEvent]:
         """Open a converter session for a checked start message; returns it with the `ready` event to send."""
         settings = start.settings.apply(self.defaults) if start.settings else self.defaults
-        self.check_voice(start.voice_id)
+        self.check_voice(start.voice_id, owner)
         session = LiveSession(
             self.client,
             session_id=uuid.uuid4().hex,

@@ -259,6 +259,7 @@ class RtcCall:
         self.peer: RTCPeerConnection | None = None
         self.output: ConvertedAudioTrack | None = None
         self.events = BlockEvents("")
+        self.owner = ""  # the API key id of the caller, known once the start message is checked
         self.dropped_ms = 0.0
         self._connection_changed = asyncio.Event()
 
@@ -337,7 +338,7 @@ class RtcCall:
         start = await self._receive()
         if not isinstance(start, StartMessage):
             raise ProtocolError(ErrorCode.not_started, f"the first message must be 'start', not '{start.type}'")
-        self.services.stream.check_start(start)
+        self.owner = self.services.stream.check_start(start)
         return start
 
     async def _receive_offer(self) -> OfferMessage:
@@ -361,7 +362,7 @@ class RtcCall:
     async def _switch_voice(self, session: LiveSession, voice_id: str) -> None:
         """An unknown voice is answered with an error event, and the call goes on with its current voice."""
         try:
-            self.services.stream.check_voice(voice_id)
+            self.services.stream.check_voice(voice_id, self.owner)
         except ProtocolError as error:
             await self._send(error.event().model_dump_json())
             return
@@ -384,7 +385,7 @@ class RtcCall:
     # -- session -------------------------------------------------------------------------------------------------
 
     async def _open(self, start: StartMessage) -> LiveSession:
-        session, ready = await self.services.stream.open_session(start)
+        session, ready = await self.services.stream.open_session(start, self.owner)
         self.events = BlockEvents(start.voice_id)
         await self._send(ready.model_dump_json())
         log.info("call %s: session open on converter %s", session.session_id, session.replica)

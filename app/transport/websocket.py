@@ -46,6 +46,7 @@ class StreamConnection:
         self.realtime = True
         self.dropped_ms = 0.0
         self.events = BlockEvents("")
+        self.owner = ""  # the API key id of the caller, known once the start message is checked
 
     async def run(self) -> None:
         await self.websocket.accept()
@@ -93,11 +94,11 @@ class StreamConnection:
         parsed = parse_client_message(message.get("text") or "")
         if not isinstance(parsed, StartMessage):
             raise ProtocolError(ErrorCode.not_started, f"the first message must be 'start', not '{parsed.type}'")
-        self.services.check_start(parsed)
+        self.owner = self.services.check_start(parsed)
         return parsed
 
     async def _open(self, start: StartMessage) -> LiveSession:
-        session, ready = await self.services.open_session(start)
+        session, ready = await self.services.open_session(start, self.owner)
         self.realtime = start.realtime
         self.events = BlockEvents(start.voice_id)
         await self._send(ready.model_dump_json())
@@ -127,7 +128,7 @@ class StreamConnection:
     def _switch_voice(self, session: LiveSession, voice_id: str) -> None:
         """An unknown voice here is answered with an error event, but the stream goes on with its current voice."""
         try:
-            self.services.check_voice(voice_id)
+            self.services.check_voice(voice_id, self.owner)
         except ProtocolError as error:
             asyncio.get_running_loop().create_task(self._send(error.event().model_dump_json()))
             return

@@ -27,6 +27,7 @@ from deployments.router import pin
 from tests.parity import ParitySet
 
 API_KEY = "test-key-0123456789abcdef"
+OTHER_API_KEY = "another-key-0123456789abcdef"  # a second tenant, for isolation tests
 BASE_URL = "http://127.0.0.1:8000"
 APP = "seedvc"
 
@@ -74,7 +75,9 @@ def start_app(
             torch_threads=1,
             **converter,
         ),
-        ingress=IngressConfig(voice_store=str(voices), api_keys={"test": API_KEY}, **(ingress or {})),
+        ingress=IngressConfig(
+            voice_store=str(voices), api_keys={"test": API_KEY, "other": OTHER_API_KEY}, **(ingress or {})
+        ),
     )
     no_cpu = {"ray_actor_options": {"num_cpus": 0}}
     app = build_app(args, converter_options={"num_replicas": converters, **no_cpu}, ingress_options=no_cpu)

@@ -17,7 +17,7 @@ import websockets
 
 from app.audio.opus import OpusEncoder
 from app.transport.protocol import MAX_FRAME_BYTES
-from client.api import upload_voice
+from client.api import ClientError, delete_voice, get_token, list_voices, upload_voice
 from client.stream_client import (
     StreamResult,
     encode_packets,
@@ -29,6 +29,7 @@ from client.stream_client import (
 from tests.parity import ParitySet
 from tests.serve.harness import (
     BASE_URL,
+    OTHER_API_KEY,
     ServeApp,
     converter_replicas,
     kill_replica,
@@ -193,3 +194,14 @@ def test_bad_input_gets_its_code_and_others_are_untouched(served: ServeApp, case
     error, good = asyncio.run(bad_next_to_good())
     assert error["code"] == code, error
     assert good.error is None and good.end is not None
+
+
+def test_one_key_cannot_see_use_or_delete_another_keys_voice(served: ServeApp) -> None:
+    stranger = get_token(BASE_URL, OTHER_API_KEY)
+    assert served.voice_id not in [v["voice_id"] for v in list_voices(BASE_URL, stranger)]
+    with pytest.raises(ClientError) as refused:
+        delete_voice(BASE_URL, stranger, served.voice_id)
+    assert refused.value.status == 404
+    result = asyncio.run(stream_audio(BASE_URL, stranger, served.voice_id, served.source_48k(1.0), realtime=False))
+    assert result.error is not None and result.error["code"] == "unknown_voice"
+    assert served.voice_id in [v["voice_id"] for v in list_voices(BASE_URL, served.token)]
