@@ -45,21 +45,27 @@ blocks wait): when the stack cannot keep up, unpaced input waits unread before a
 overloaded unpaced run understates latency; the paced run's dropped blocks are the overload signal.
 
 Engine step with the real model (`--real-model`, on by default): one stream with the tiny model converting, in each
-pacing; its overhead is latency_ms minus the median engine step of the same model and settings at batch 1, measured
-in this process (one torch thread) while the app is idle. Only one stream: the tiny model takes ~100 ms per
-stream-block on one thread, so 2 already fill a core and 8 or 32 fall behind real time and drop input, and then
-latency is backlog, not overhead. queue_ms is not subtracted: at one stream it is `@serve.batch` waiting out its
-timeout for a batch that never fills, which is serving overhead. The estimate is only as good as the step median is
-for the replica's steps under the ingress's and clients' contention (a few ms on a ~100 ms step, more on a busy
-machine); identity mode is the measurement, this a cross-check.
+pacing. The block event carries no compute time, so its overhead is latency_ms minus the replica's mean batch
+execution time over the run, from Serve's own `@serve.batch` metric (serve_batch_execution_time_ms, read from Ray's
+Prometheus endpoint; the bench sets RAY_metrics_report_interval_ms=500 so that it is current after 2 s). That is a
+mean, so the overhead's percentiles also carry the step's own spread; and it includes the hop to the engine thread,
+which identity mode counts as overhead. For comparison the report also gives the same model's step measured in this
+process (batch 1, one torch thread, app idle) and the replica's start-up speed check. Only one stream: the tiny model
+takes ~100 ms per stream-block on one thread, so 2 already fill a core and 8 or 32 fall behind real time and drop
+input, and then latency is backlog, not overhead. queue_ms is not subtracted: at one stream it is `@serve.batch`
+waiting out its timeout for a batch that never fills, which is serving overhead. Identity mode is the measurement;
+this is a cross-check. Serve's batch wait and execution means are reported for every run.
 
 CPU: per process group (ingress replica, converter replica, Serve proxy, Serve controller, other Ray processes, this
 bench process = Ray driver + the clients unless `--client-procs`, client subprocesses, everything else) from
 /proc/<pid>/stat, and the machine's busy share from /proc/stat, each in % of ONE core over the run (the machine has
 2: 200 % is saturation). An idle row (app up, no stream, 3 s) shows Serve's own background load. ms/pkt: the
 ingress's and the proxy's CPU above idle per stream-packet (one 20 ms packet in and one out, and 1/9 of a block's
-converter call). A warning marks runs during which other work used more than 20 % of a core. The 1-minute load
-average before and after each run is reported too, but it lags a 10 s run by design.
+converter call); compare them with the ingress's own audio work per stream-packet (Opus decode and encode, both
+resamplers), timed in this process and printed in the header: the rest is Serve's WebSocket forwarding, ASGI,
+asyncio and Ray calls. The busiest threads of the ingress, converter and proxy show whether one thread (an event loop)
+is the limit; Ray names most of them ray::IDLE. A warning marks runs during which other work used more than 20 % of a
+core. The 1-minute load average before and after each run is reported too, but it lags a 10 s run by design.
 
 Statistics are over every kept block of every stream of a run (p50/p95/p99/max; bench.stages.percentile). At one
 stream a run has ~30 blocks, so its p99 is close to its max.
@@ -71,9 +77,11 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import sys
 import tempfile
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -83,6 +91,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 import yaml
 from ray import serve
@@ -123,6 +132,14 @@ OTHER_CPU_WARNING = 20.0  # % of one core used outside this bench during a run: 
 COMPLETE_MARGIN_MS = 2 * FRAME_MS
 READY_GRACE_S = 1.0  # before the first packet: every stream connects and opens its session first
 READY_GRACE_PER_STREAM_S = 0.05
+# Serve's batching metrics, read from Ray's Prometheus endpoint; Ray reports them every 10 s unless told otherwise.
+METRICS_INTERVAL_ENV = "RAY_metrics_report_interval_ms"
+METRICS_INTERVAL_MS = 500
+METRICS_SETTLE_S = 2.0
+BATCH_FUNCTION = "_convert_batch"
+BATCH_METRIC = re.compile(
+    r"^ray_serve_batch_(?P<kind>wait|execution)_time_ms_(?P<part>sum|count)\{(?P<tags>[^}]*)\} (?P<value>\S+)$"
+)
 ENGINE_WARMUP_STEPS = 2
 ENGINE_STEPS = 10
 PERCENTILES = (50, 95, 99)
@@ -432,6 +449,35 @@ def all_replica_stats() -> dict[str, dict[str, Any]]:
     return {replica: replica_stats(replica) for replica in converter_replicas()}
 
 
+def batch_timings() -> dict[str, float]:
+    """Serve's own `@serve.batch` histograms of the converter, cumulative and summed over replicas, from the node's
+    Prometheus endpoint: `wait` = a batch's first request waiting for the batch to fill (at most batch_wait_s),
+    `execution` = the batch function (convert_blocks: the hop to the engine thread and the step). {} if unreachable."""
+    ports = [node["MetricsExportPort"] for node in ray.nodes() if node.get("Alive")]
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/metrics", timeout=10) as answer:
+            text = answer.read().decode()
+    except (OSError, IndexError):
+        return {}
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        match = BATCH_METRIC.match(line)
+        if match and f'function_name="{BATCH_FUNCTION}"' in match["tags"]:
+            key = f"{match['kind']}_{match['part']}"
+            totals[key] = totals.get(key, 0.0) + float(match["value"])
+    return totals
+
+
+def batch_timing_means(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, float | None]:
+    """Mean wait and execution per batch (ms) between two `batch_timings` snapshots; None without batches."""
+    means: dict[str, float | None] = {}
+    for kind in ("wait", "execution"):
+        count = after.get(f"{kind}_count", 0.0) - before.get(f"{kind}_count", 0.0)
+        total = after.get(f"{kind}_sum", 0.0) - before.get(f"{kind}_sum", 0.0)
+        means[f"{kind}_ms"] = total / count if count > 0 else None
+    return means
+
+
 def engine_step_ms(model_dir: Path, settings: StreamSettings) -> list[float]:
     """Engine.step wall times (ms) of one session of the model on one torch thread, in this process."""
     threads = torch.get_num_threads()
@@ -506,7 +552,7 @@ def transport_work_ms(packets: Sequence[bytes], model_rate: int, block_s: float)
 class RunResult:
     label: str  # identity/paced, identity/unpaced, model/paced
     streams: int
-    step_ms: float  # subtracted from latency: 0 in identity mode
+    step_ms: float  # subtracted from latency: 0 in identity mode, the mean batch execution with the real model
     rows: list[dict[str, Any]]
     errors: list[str]
     late_starts: int
@@ -520,6 +566,7 @@ class RunResult:
     client_cpu_s: float
     idle_cpu: dict[str, float]  # the same groups with the app up and no stream
     threads: dict[str, list[str]]  # the busiest threads of the ingress, converter and proxy
+    batch_timing_ms: dict[str, float | None]  # Serve's batching metrics: mean wait and execution per batch
     extra: dict[str, Any] = field(default_factory=dict)
 
     def cpu_ms_per_packet(self, group: str, stream_packets: int) -> float:
@@ -552,6 +599,7 @@ class RunResult:
             "load_1min": list(self.load_1min),
             "client_cpu_s": self.client_cpu_s,
             "busiest_threads": self.threads,
+            "serve_batch_mean_ms": self.batch_timing_ms,
             **self.extra,
         }
 
@@ -572,8 +620,10 @@ def measure(
     args: BenchArgs,
     pool: ProcessPoolExecutor | None,
     idle_cpu: dict[str, float],
-    step_ms: float = 0.0,
+    subtract_step: bool = False,
 ) -> RunResult:
+    """One run of `streams` concurrent streams. With `subtract_step` (real model), each block's overhead is its latency
+    minus the replica's mean batch execution time over the run (Serve's metric; ~ the engine step)."""
     packets = encode_packets(audio)
     block_s = StreamSettings().block_time
     offsets = phases(streams, block_s, args.aligned)
@@ -585,13 +635,16 @@ def measure(
         ClientJob(app.token, app.voice_id, packets, numbers[j::parts], offsets[j::parts], start_at, realtime_output)
         for j in range(parts)
     ]
-    stats_before = all_replica_stats()
+    stats_before, timings_before = all_replica_stats(), batch_timings()
     load_before = os.getloadavg()[0]
     cpu_before = cpu_snapshot()
     results, client_cpu = run_clients(jobs, pool)
     cpu_after = cpu_snapshot()
     load_after = os.getloadavg()[0]
     stats_after = all_replica_stats()
+    time.sleep(METRICS_SETTLE_S)  # the replica reports its metrics every METRICS_INTERVAL_MS
+    timings = batch_timing_means(timings_before, batch_timings())
+    step_ms = (timings["execution_ms"] or 0.0) if subtract_step else 0.0
     rows: list[dict[str, Any]] = []
     errors, late_starts, late_events, dropped = [], 0, 0, 0
     input_ms = len(packets) * FRAME_MS
@@ -624,6 +677,7 @@ def measure(
         client_cpu_s=client_cpu,
         idle_cpu=idle_cpu,
         threads=busiest_threads(cpu_before, cpu_after),
+        batch_timing_ms=timings,
     )
 
 
@@ -655,7 +709,8 @@ def format_report(summaries: Sequence[Mapping[str, Any]], meta: Mapping[str, Any
         f"streams of {meta['seconds']:.0f} s, paced input, {meta['phases']}; block {meta['block_ms']:.0f} ms; "
         f"identity work per block (resample 16 kHz -> {meta['model_rate']} Hz, in-process) "
         f"{meta['identity_work_ms']:.2f} ms",
-        "overhead = latency_ms - engine step (0 in identity mode); queue = of it, waiting at the converter for a "
+        "overhead = latency_ms - engine step (0 in identity mode; with the model the replica's mean batch execution);"
+        " queue = of it, waiting at the converter for a "
         "batch / the engine thread; rest = overhead - queue; blk0 = p50 latency of the streams' first blocks;",
         "blocks = converted blocks counted; drop = blocks the server dropped (fell > 3 blocks behind), not counted",
         f"app work per stream-packet at the ingress, in-process: {meta['transport_work']}",
@@ -671,6 +726,17 @@ def format_report(summaries: Sequence[Mapping[str, Any]], meta: Mapping[str, Any
             f"{_ms(r['p50']):>8}{_ms(r['p95']):>6} | {_ms(s['first_block_latency_ms']['p50']):>5} | "
             f"{s['dropped_blocks']:>4} {s['errors']:>3} | "
             f"{describe_batches(s['batch_sizes'])}"
+        )
+    lines += [
+        "",
+        "Serve's @serve.batch metrics, mean per batch: wait = first request waiting for the batch to fill; exec = "
+        "convert_blocks (engine-thread hop + step)",
+    ]
+    for s in summaries:
+        timing = s["serve_batch_mean_ms"]
+        lines.append(
+            f"{s['label']:<17}{s['streams']:>3} | wait {_ms(timing.get('wait_ms')):>6} ms | "
+            f"exec {_ms(timing.get('execution_ms')):>6} ms | mean batch {s['mean_batch']:.2f}"
         )
     lines += [
         "",
@@ -740,6 +806,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.client_procs:
         pool = ProcessPoolExecutor(args.client_procs, mp_context=get_context("spawn"))
         list(pool.map(_ping, range(args.client_procs)))  # spawn and import before anything is timed
+    os.environ.setdefault(METRICS_INTERVAL_ENV, str(METRICS_INTERVAL_MS))  # read by ray.init, inherited by Ray
     parity = ParitySet(FIXTURE)
     settings = StreamSettings()
     runs: list[RunResult] = []
@@ -758,10 +825,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 app, _ = start_service(parity, Path(voices), args, identity=False)
                 speed = {r: s["real_time_factor"] * settings.block_time * 1000 for r, s in all_replica_stats().items()}
                 steps = engine_step_ms(parity.model_dir, settings)
-                step = percentile(steps, 50)
                 warm_up(app, audio, pool)
                 for pacing in args.pacing:
-                    run = measure(app, audio, 1, f"model/{pacing}", pacing == "paced", args, pool, idle, step_ms=step)
+                    run = measure(app, audio, 1, f"model/{pacing}", pacing == "paced", args, pool, idle, True)
                     run.extra = {"engine_step_ms": distribution(steps), "replica_speed_check_step_ms": speed}
                     runs.append(run)
     finally:
@@ -801,8 +867,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if run.extra:
             step = run.extra["engine_step_ms"]
             print(
-                f"{run.label} x{run.streams}: engine step (in-process, batch 1, one thread) p50 {step['p50']:.1f} ms, "
-                f"max {step['max']:.1f} ms; the replica's own speed check: "
+                f"{run.label} x{run.streams}: subtracted the replica's mean batch execution {run.step_ms:.1f} ms; "
+                f"for comparison, engine step in this process (batch 1, one thread, app idle) p50 {step['p50']:.1f} "
+                f"ms, max {step['max']:.1f} ms; the replica's start-up speed check: "
                 + ", ".join(f"{v:.1f} ms" for v in run.extra["replica_speed_check_step_ms"].values())
             )
     if args.json is not None:

@@ -15,6 +15,7 @@ from ray import serve
 from app.serving.config import ConverterConfig
 from app.serving.converter import ConverterService
 from app.serving.wire import BlockIn, BlockOut, ConverterError, OpenReply, OpenRequest
+from deployments.metrics import RayServeMetrics
 
 DEFAULT_MAX_BATCH_SIZE = 16
 DEFAULT_BATCH_WAIT_S = 0.005
@@ -23,7 +24,7 @@ DEFAULT_BATCH_WAIT_S = 0.005
 class Converter:
     def __init__(self, config: dict[str, Any]) -> None:
         replica = serve.get_replica_context().replica_id.unique_id
-        self.service = ConverterService(ConverterConfig(**config, replica_tag=replica))
+        self.service = ConverterService(ConverterConfig(**config, replica_tag=replica), metrics=RayServeMetrics())
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Live batching knobs (a redeploy that changes only user_config keeps the replicas and their sessions)."""

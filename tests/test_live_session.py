@@ -18,6 +18,7 @@ from app.serving.config import ConverterConfig
 from app.serving.converter import ConverterService
 from app.serving.live import BlockReport, LiveSession
 from app.serving.local import LocalConverterClient
+from app.serving.metrics import RecordedMetrics
 from app.serving.wire import CapacityExceeded
 from app.streaming.settings import StreamSettings
 from app.voices.store import VoiceStore
@@ -148,3 +149,20 @@ def test_full_converters_refuse_new_sessions(model: SeedVC, voice_ids) -> None:
     asyncio.run(LiveSession(client, "first", voice, SETTINGS, 1).open())
     with pytest.raises(CapacityExceeded):
         asyncio.run(LiveSession(client, "second", voice, SETTINGS, 1).open())
+
+
+def test_the_converter_records_its_metrics(parity: ParitySet, model: SeedVC, voice_ids) -> None:
+    store, (voice, _) = voice_ids
+    recorded = RecordedMetrics()
+    config = ConverterConfig(voice_store=store, silence_gate_dbfs=None, max_sessions=1, replica_tag="a")
+    client = LocalConverterClient({"a": ConverterService(config, model=model, metrics=recorded)})
+    asyncio.run(run_session(LiveSession(client, "m", voice, SETTINGS, 1), input_48k(parity)[:48000]))
+    asyncio.run(LiveSession(client, "x", voice, SETTINGS, 1).open())
+    with pytest.raises(CapacityExceeded):
+        asyncio.run(LiveSession(client, "y", voice, SETTINGS, 1).open())
+    blocks = len(recorded.values("seedvc_diffusion_steps"))
+    assert blocks > 0 and set(recorded.values("seedvc_diffusion_steps")) == {SETTINGS.diffusion_steps}
+    assert len(recorded.values("seedvc_step_seconds")) == len(recorded.values("seedvc_batch_size")) == blocks
+    assert recorded.values("seedvc_sessions")[:2] == [1, 0]  # opened, then closed at the end of the stream
+    assert recorded.values("seedvc_admission_refusals") == [1]
+    assert len(recorded.values("seedvc_model_load_seconds")) == 1

@@ -55,3 +55,12 @@ def test_policy_scales_on_sessions_or_queue_whichever_needs_more() -> None:
     assert wanted([10, 10, 5], 2) == 3
     assert wanted([3], 17) == 5
     assert wanted([30, 1], 0) == 4
+
+
+def test_histogram_buckets_are_what_ray_accepts() -> None:
+    from app.serving.metrics import METRICS
+
+    for name, spec in METRICS.items():
+        if spec.kind == "histogram":
+            assert spec.buckets and all(b > 0 for b in spec.buckets), name
+            assert list(spec.buckets) == sorted(set(spec.buckets)), name

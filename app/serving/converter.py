@@ -29,6 +29,7 @@ from app.engine.engine import BlockRequest, Engine
 from app.engine.silence import SilenceGate
 from app.model.seedvc import SeedVC
 from app.serving.config import ConverterConfig
+from app.serving.metrics import Metrics, NoMetrics
 from app.serving.wire import (
     BlockIn,
     BlockOut,
@@ -67,12 +68,15 @@ class SpeedCheck:
 
 
 class ConverterService:
-    def __init__(self, config: ConverterConfig, model: SeedVC | None = None) -> None:
+    def __init__(self, config: ConverterConfig, model: SeedVC | None = None, metrics: Metrics | None = None) -> None:
         self.config = config
+        self.metrics = metrics or NoMetrics()
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        loading = time.perf_counter()
         self.model = model if model is not None else SeedVC.load(config.model, config.resolved_device())
+        self.metrics.record("seedvc_model_load_seconds", time.perf_counter() - loading)
         self.engine = Engine(self.model, DeadlinePolicy(min_steps=config.deadline_min_steps))
         self.voices = VoiceCache(self.model, capacity=config.voice_cache_size)
         self.store = VoiceStore(config.voice_store)
@@ -116,6 +120,7 @@ class ConverterService:
 
     async def open(self, request: OpenRequest) -> OpenReply:
         if request.session_id not in self.engine and len(self.engine) >= self.config.max_sessions:
+            self.metrics.record("seedvc_admission_refusals")
             raise CapacityExceeded(f"this replica holds its maximum of {self.config.max_sessions} sessions")
         settings = request.settings
         try:
@@ -130,6 +135,7 @@ class ConverterService:
         resume = request.resume.to_stream_state() if request.resume is not None else None
         session = self.engine.open(request.session_id, voice, settings, request.seed, self._gate, resume)
         self._settings[request.session_id] = settings
+        self.metrics.record("seedvc_sessions", len(self.engine))
         geometry = session.stream.geometry
         return OpenReply(
             session_id=request.session_id,
@@ -162,6 +168,7 @@ class ConverterService:
     def _close(self, session_id: str) -> None:
         self.engine.close(session_id)
         self._settings.pop(session_id, None)
+        self.metrics.record("seedvc_sessions", len(self.engine))
 
     def forget_all(self) -> None:
         """Drop every session at once, as a replica that crashed or was replaced loses them."""
@@ -185,6 +192,7 @@ class ConverterService:
             computed = time.time() - started
             self.batch_sizes[len(known)] += 1
             self.blocks_converted += len(known)
+            self._record_step(known, rows, computed)
             for block, (audio, steps, silent) in zip(known, rows, strict=True):
                 self._count_block(block.session_id)
                 stream = self.engine.session(block.session_id).stream
@@ -201,6 +209,24 @@ class ConverterService:
                 )
         return [replies[block.session_id] for block in blocks]
 
+    def _record_step(
+        self, blocks: Sequence[BlockIn], rows: Sequence[tuple[np.ndarray, int, bool]], seconds: float
+    ) -> None:
+        self.metrics.record("seedvc_step_seconds", seconds)
+        self.metrics.record("seedvc_batch_size", len(blocks))
+        if seconds > self._budget(blocks):
+            self.metrics.record("seedvc_deadline_misses")
+        for block, (_, steps, silent) in zip(blocks, rows, strict=True):
+            self.metrics.record("seedvc_diffusion_steps", steps)
+            if block.received_at:
+                self.metrics.record("seedvc_queue_seconds", max(0.0, time.time() - seconds - block.received_at))
+            if silent:
+                self.metrics.record("seedvc_silent_blocks")
+
+    def _budget(self, blocks: Sequence[BlockIn]) -> float:
+        """The time one step may take: a share of the shortest block among the rows."""
+        return self.config.deadline_fraction * min(self._settings[b.session_id].block_time for b in blocks)
+
     def _count_block(self, session_id: str) -> None:
         self.blocks_by_session[session_id] = self.blocks_by_session.get(session_id, 0) + 1
         self.blocks_by_session.move_to_end(session_id)
@@ -209,8 +235,7 @@ class ConverterService:
 
     def _engine_rows(self, blocks: Sequence[BlockIn]) -> list[tuple[np.ndarray, int, bool]]:
         requests = [BlockRequest(b.session_id, torch.from_numpy(b.samples_16k)) for b in blocks]
-        budget = self.config.deadline_fraction * min(self._settings[b.session_id].block_time for b in blocks)
-        report = self.engine.step(requests, budget_seconds=budget)
+        report = self.engine.step(requests, budget_seconds=self._budget(blocks))
         return [(r.audio.numpy(), r.steps_used, r.silent) for r in report.results]
 
     def _identity_rows(self, blocks: Sequence[BlockIn]) -> list[tuple[np.ndarray, int, bool]]:

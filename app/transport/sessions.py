@@ -8,16 +8,19 @@ drift apart in what a client sees.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 from app.auth.tokens import TokenError, TokenSigner
-from app.serving.live import BlockReport, ConverterClient, LiveSession
+from app.serving.live import BlockReport, ConverterClient, LateReport, LiveSession
+from app.serving.metrics import Metrics, NoMetrics
 from app.serving.wire import CapacityExceeded, UnknownVoice
 from app.streaming.settings import StreamSettings
 from app.transport.protocol import (
     BlockEvent,
     ErrorCode,
     ErrorEvent,
+    LateEvent,
     ProtocolError,
     ReadyEvent,
     StartMessage,
@@ -37,6 +40,27 @@ class StreamServices:
     max_backlog_blocks: int = 3
     retry_after_s: float = 5.0
     opus_bitrate: int = 32000
+    metrics: Metrics = field(default_factory=NoMetrics)
+    open_streams: Counter[str] = field(default_factory=Counter)  # by transport
+
+    def stream_opened(self, transport: str) -> None:
+        self.open_streams[transport] += 1
+        self.metrics.record("seedvc_streams", self.open_streams[transport], transport=transport)
+
+    def stream_closed(self, transport: str) -> None:
+        self.open_streams[transport] -= 1
+        self.metrics.record("seedvc_streams", self.open_streams[transport], transport=transport)
+
+    def record_block(self, report: BlockReport) -> None:
+        self.metrics.record("seedvc_block_latency_seconds", report.latency_ms / 1000)
+        if report.rehomed:
+            self.metrics.record("seedvc_sessions_rehomed")
+
+    def late_event(self, late: LateReport) -> str:
+        """The `late` event for input a session just dropped (and the drop counted)."""
+        self.metrics.record("seedvc_dropped_input_seconds", late.dropped_ms / 1000)
+        event = LateEvent(dropped_ms=round(late.dropped_ms), total_dropped_ms=round(late.total_dropped_ms))
+        return event.model_dump_json()
 
     def check_start(self, start: StartMessage) -> str:
         """The API key id the start message's token was issued to (the owner of the voices it may use)."""

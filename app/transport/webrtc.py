@@ -73,7 +73,6 @@ from app.transport.protocol import (
     EndEvent,
     EndMessage,
     ErrorCode,
-    LateEvent,
     OfferMessage,
     ProtocolError,
     SetVoiceMessage,
@@ -284,7 +283,6 @@ class RtcCall:
     async def _serve(self) -> None:
         start = await self._receive_start()
         session = await self._open(start)
-        self.session = session
         offer = await self._receive_offer()
         self.output = output = ConvertedAudioTrack(OUTPUT_BUFFER_BLOCKS * self._frames_per_block(session))
         self.peer = peer = RTCPeerConnection(self.services.peer_configuration())
@@ -322,6 +320,7 @@ class RtcCall:
             if self.session is not None:
                 with contextlib.suppress(Exception):  # a lost converter took the session with it
                     await self.session.close()
+                self.services.stream.stream_closed("webrtc")
 
     # -- signalling ----------------------------------------------------------------------------------------------
 
@@ -386,7 +385,9 @@ class RtcCall:
 
     async def _open(self, start: StartMessage) -> LiveSession:
         session, ready = await self.services.stream.open_session(start, self.owner)
+        self.session = session  # from here on, `run` closes it whatever happens
         self.events = BlockEvents(start.voice_id)
+        self.services.stream.stream_opened("webrtc")
         await self._send(ready.model_dump_json())
         log.info("call %s: session open on converter %s", session.session_id, session.replica)
         return session
@@ -446,14 +447,14 @@ class RtcCall:
             late = session.feed(downmix(frame))
             if late is not None:
                 self.dropped_ms = late.total_dropped_ms
-                event = LateEvent(dropped_ms=round(late.dropped_ms), total_dropped_ms=round(late.total_dropped_ms))
-                await self._send(event.model_dump_json())
+                await self._send(self.services.stream.late_event(late))
 
     async def _write(self, session: LiveSession, output: ConvertedAudioTrack) -> None:
         async def emit_frame(frame: np.ndarray) -> None:
             output.push(frame)
 
         async def emit_report(report: BlockReport) -> None:
+            self.services.stream.record_block(report)
             for event in self.events.of(report):
                 await self._send(event)
 

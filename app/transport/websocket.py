@@ -23,7 +23,6 @@ from app.transport.protocol import (
     EndEvent,
     EndMessage,
     ErrorCode,
-    LateEvent,
     ProtocolError,
     SetVoiceMessage,
     StartMessage,
@@ -63,6 +62,7 @@ class StreamConnection:
             if self.session is not None:
                 with contextlib.suppress(Exception):
                     await self.session.close()
+                self.services.stream_closed("websocket")
 
     @property
     def _session_id(self) -> str:
@@ -71,7 +71,6 @@ class StreamConnection:
     async def _serve(self) -> None:
         start = await self._receive_start()
         session = await self._open(start)
-        self.session = session
         reader = asyncio.create_task(self._read(session))
         writer = asyncio.create_task(self._write(session))
         try:
@@ -100,7 +99,9 @@ class StreamConnection:
     async def _open(self, start: StartMessage) -> LiveSession:
         session, ready = await self.services.open_session(start, self.owner)
         self.realtime = start.realtime
+        self.session = session  # from here on, `run` closes it whatever happens
         self.events = BlockEvents(start.voice_id)
+        self.services.stream_opened("websocket")
         await self._send(ready.model_dump_json())
         log.info("stream %s: started on converter %s", session.session_id, session.replica)
         return session
@@ -143,8 +144,7 @@ class StreamConnection:
         late = session.feed(pcm)
         if late is not None:
             self.dropped_ms = late.total_dropped_ms
-            event = LateEvent(dropped_ms=round(late.dropped_ms), total_dropped_ms=round(late.total_dropped_ms))
-            asyncio.get_running_loop().create_task(self._send(event.model_dump_json()))
+            asyncio.get_running_loop().create_task(self._send(self.services.late_event(late)))
 
     async def _write(self, session: LiveSession) -> None:
         pacer = Pacer(FRAME_MS / 1000)
@@ -158,6 +158,7 @@ class StreamConnection:
             sent += 1
 
         async def emit_report(report: BlockReport) -> None:
+            self.services.record_block(report)
             for event in self.events.of(report):
                 await self._send(event)
 
