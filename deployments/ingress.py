@@ -28,6 +28,7 @@ from app.transport.webrtc import RtcCall, RtcServices, restrict_ice_host_address
 from app.transport.websocket import StreamConnection
 from app.voices.store import VoiceError, VoiceLimits, VoiceNotFound, VoiceStore
 from deployments.client import RayConverterClient
+from deployments.metrics import RayServeMetrics
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class Ingress:
             max_backlog_blocks=self.config.max_backlog_blocks,
             retry_after_s=self.config.retry_after_s,
             opus_bitrate=self.config.opus_bitrate,
+            metrics=RayServeMetrics(),
         )
         self.rtc = RtcServices.from_config(self.services, self.config)
         if self.config.ice_host_addresses is not None:

@@ -30,6 +30,7 @@ API_KEY = "test-key-0123456789abcdef"
 OTHER_API_KEY = "another-key-0123456789abcdef"  # a second tenant, for isolation tests
 BASE_URL = "http://127.0.0.1:8000"
 APP = "seedvc"
+METRICS_PORT = 8085  # this node's Prometheus endpoint (ray start --metrics-export-port in production)
 
 
 @dataclass
@@ -49,7 +50,7 @@ class ServeApp:
 
 @contextlib.contextmanager
 def local_ray() -> Iterator[None]:
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=METRICS_PORT)
     try:
         yield
     finally:

@@ -10,6 +10,7 @@ import asyncio
 import json
 import threading
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -29,6 +30,7 @@ from client.stream_client import (
 from tests.parity import ParitySet
 from tests.serve.harness import (
     BASE_URL,
+    METRICS_PORT,
     OTHER_API_KEY,
     ServeApp,
     converter_replicas,
@@ -205,3 +207,18 @@ def test_one_key_cannot_see_use_or_delete_another_keys_voice(served: ServeApp) -
     result = asyncio.run(stream_audio(BASE_URL, stranger, served.voice_id, served.source_48k(1.0), realtime=False))
     assert result.error is not None and result.error["code"] == "unknown_voice"
     assert served.voice_id in [v["voice_id"] for v in list_voices(BASE_URL, served.token)]
+
+
+def test_metrics_are_exported_for_prometheus(served: ServeApp) -> None:
+    """After streaming, the replicas' series show up on the node's Prometheus endpoint (pushed every few seconds)."""
+    served.stream(served.source_48k(1.0), realtime=False, seed=0)
+    wanted = ["ray_seedvc_step_seconds_bucket", "ray_seedvc_block_latency_seconds_bucket", "ray_seedvc_sessions"]
+    deadline = time.monotonic() + 60
+    text = ""
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        if all(name in text for name in wanted):
+            return
+        time.sleep(2)
+    raise AssertionError(f"missing from /metrics: {[name for name in wanted if name not in text]}")
