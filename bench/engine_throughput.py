@@ -43,7 +43,9 @@ the batch-8 step: what a device-side draw mode could save at most (on CUDA the d
 top and are not counted here).
 
 `--autocast {fp16,bf16}` wraps each step in torch.autocast on CUDA (ignored on CPU, with a note). `--compile` wraps
-the DiT in torch.compile; if compiling fails, the error is reported and the run continues eager.
+the DiT in torch.compile (it works on CPU when a C++ compiler is present; the first step of each shape compiles, so
+keep `--warmup` >= 1). A warm-up step that fails under either option drops it, reports the error and continues
+(bf16 autocast is expected to fail in the vocoder's iSTFT: torch.complex takes no bfloat16 inputs, as it does on CPU).
 """
 
 from __future__ import annotations
@@ -186,13 +188,35 @@ class CompiledDiT:
         assert self.eager is not None, "fall_back without enable"
         self.model.dit = self.eager
         self.eager = None
-        self.error = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        self.error = first_line(error)
 
 
-def autocast_context(device: torch.device, autocast: str) -> AbstractContextManager[Any]:
-    if autocast == "none" or device.type != "cuda":
-        return nullcontext()
-    return torch.autocast("cuda", dtype=AUTOCAST_DTYPES[autocast])
+@dataclass
+class Autocast:
+    """torch.autocast around every step, CUDA only; dropped (keeping the error) if a step fails under it."""
+
+    dtype: torch.dtype | None  # None: off
+    error: str | None = None
+
+    @classmethod
+    def from_option(cls, option: str, device: torch.device) -> Autocast:
+        return cls(AUTOCAST_DTYPES[option] if option != "none" and device.type == "cuda" else None)
+
+    @property
+    def active(self) -> bool:
+        return self.dtype is not None
+
+    def context(self) -> AbstractContextManager[Any]:
+        return nullcontext() if self.dtype is None else torch.autocast("cuda", dtype=self.dtype)
+
+    def fall_back(self, error: Exception) -> None:
+        self.dtype = None
+        self.error = first_line(error)
+
+
+def first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 @dataclass(frozen=True)
@@ -201,10 +225,10 @@ class TimedStep:
     cpu_seconds: float  # process CPU time (all threads) spent during the step
 
 
-def timed_step(engine: Engine, requests: Sequence[BlockRequest], device: torch.device, autocast: str) -> TimedStep:
-    synchronize(device)
+def timed_step(engine: Engine, requests: Sequence[BlockRequest], autocast: Autocast) -> TimedStep:
+    synchronize(engine.model.device)
     cpu_start = time.process_time()
-    with autocast_context(device, autocast):
+    with autocast.context():
         report = engine.step(requests)  # ends with the copy of the output to the host, so the device is done
     return TimedStep(report, time.process_time() - cpu_start)
 
@@ -237,35 +261,47 @@ class BatchRun:
         block_16k = engine.session(ids[0]).stream.geometry.block_16k
         return cls(len(ids), engine, session_inputs(ids, args.warmup + args.steps, block_16k, args.seed))
 
-    def step(self, args: BenchArgs) -> TimedStep:
-        timed = timed_step(self.engine, self.requests[self.done], self.engine.model.device, args.autocast)
-        self.done += 1
+    def step(self, autocast: Autocast) -> TimedStep:
+        timed = timed_step(self.engine, self.requests[self.done], autocast)
+        self.done += 1  # a failed step is retried with the same blocks
         return timed
 
 
-def warm_up(run: BatchRun, args: BenchArgs, compiled: CompiledDiT) -> None:
-    for _ in range(args.warmup):
-        try:
-            run.step(args)
-        except Exception as error:
-            if not compiled.active:
-                raise
-            compiled.fall_back(error)  # the failed step advanced the streams; harmless for timing
-            print(f"  torch.compile failed, continuing eager: {compiled.error}")
-            run.step(args)
+def warm_up(run: BatchRun, steps: int, compiled: CompiledDiT, autocast: Autocast) -> None:
+    """Unrecorded steps; a step that fails under torch.compile, then under autocast, drops that option and retries."""
+    for _ in range(steps):
+        while True:
+            try:
+                run.step(autocast)
+                break
+            except Exception as error:
+                # The failed step already advanced the streams' windows and generators: harmless for timing.
+                if compiled.active:
+                    compiled.fall_back(error)
+                    print(f"  torch.compile failed, continuing eager: {compiled.error}")
+                elif autocast.active:
+                    autocast.fall_back(error)
+                    print(f"  a step failed under autocast, continuing in float32: {autocast.error}")
+                else:
+                    raise
 
 
 def measure_variant(
-    model: SeedVC, pool: VoicePool, settings: StreamSettings, args: BenchArgs, compiled: CompiledDiT
+    model: SeedVC,
+    pool: VoicePool,
+    settings: StreamSettings,
+    args: BenchArgs,
+    compiled: CompiledDiT,
+    autocast: Autocast,
 ) -> dict[int, list[dict[str, float]]]:
     """Per batch size, the measured steps' rows; the steps are interleaved round-robin across the batch sizes."""
     runs = [BatchRun.open(model, pool.for_batch(batch), settings, args) for batch in args.batches]
     for run in runs:
-        warm_up(run, args, compiled)
+        warm_up(run, args.warmup, compiled, autocast)
     rows: dict[int, list[dict[str, float]]] = {run.batch: [] for run in runs}
     for _ in range(args.steps):
         for run in runs:
-            rows[run.batch].append(step_row(run.step(args), run.batch))
+            rows[run.batch].append(step_row(run.step(autocast), run.batch))
     return rows
 
 
@@ -449,10 +485,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model = load_model(args.model, device, args.seed)
-    autocast_note = args.autocast
-    if args.autocast != "none" and device.type != "cuda":
-        autocast_note = f"{args.autocast} requested but ignored on {device.type} (float32)"
-        print(f"note: --autocast {autocast_note}")
+    autocast = Autocast.from_option(args.autocast, device)
+    if args.autocast != "none" and not autocast.active:
+        print(f"note: --autocast {args.autocast} is ignored on {device.type}: the run is float32")
     compiled = CompiledDiT(model)
     if args.compile:
         compiled.enable()
@@ -468,7 +503,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for variant in args.variants:
         settings = VARIANTS[variant]
         geometry = StreamGeometry.from_settings(settings, model.sample_rate, model.config.mel.hop_length)
-        for batch, measured in measure_variant(model, pool, settings, args, compiled).items():
+        for batch, measured in measure_variant(model, pool, settings, args, compiled, autocast).items():
             rows += [{"variant": variant, "batch": batch, "step": k, **row} for k, row in enumerate(measured)]
             summary = BatchSummary(variant, batch, summarize(measured, (*COLUMNS, CPU)), geometry.block / geometry.rate)
             summaries.append(summary)
@@ -488,6 +523,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         compile_note = f"failed, ran eager ({compiled.error})" if compiled.error else "DiT compiled"
     else:
         compile_note = "off"
+    if args.autocast == "none":
+        autocast_note = "off"
+    elif autocast.error is not None:
+        autocast_note = f"{args.autocast} failed, ran float32 ({autocast.error})"
+    elif autocast.active:
+        autocast_note = args.autocast
+    else:
+        autocast_note = f"{args.autocast} ignored on {device.type} (float32)"
     meta = {
         "weights": args.model or "full-size random weights",
         "device": str(device),

@@ -14,7 +14,8 @@ StreamSettings() defaults, all stepped together by Engine.step (one batched pass
 
 Warm-up rule: the first `--warmup` steps (default 3) pay the one-time costs and are left out of the quarters. The
 remaining steps are cut into quarters; the report compares the median step time of the last quarter to the first
-(a ratio near 1.00 is flat; a state that grows with the stream would show as a ratio above 1). Memory is the
+(a ratio near 1.00 is flat; a state that grows with the stream would show as a ratio above 1), for wall time and
+for the process's CPU time per step (all threads; on a shared machine it is less swayed by other load). Memory is the
 process's resident set (VmRSS from /proc/self/status, or the peak ru_maxrss where /proc is missing): after the
 sessions are opened (start), after the warm-up, at the end of the first quarter, and at the end; plus the peak. On
 CUDA the allocated device memory is reported too. Flat means the end equals the end of the first quarter within
@@ -27,6 +28,7 @@ import argparse
 import json
 import os
 import resource
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -123,11 +125,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     memory = [memory_point("start (sessions open)", 0, device)]
     load_before = os.getloadavg()[0]
     seconds: list[float] = []
+    cpu_seconds: list[float] = []
     for index, step in enumerate(requests):
         synchronize(device)
+        cpu_start = time.process_time()
         report = engine.step(step)
         if index >= args.warmup:
             seconds.append(report.seconds)
+            cpu_seconds.append(time.process_time() - cpu_start)
         done = index + 1
         if done == args.warmup:
             memory.append(memory_point("after warm-up", done, device))
@@ -137,6 +142,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     load_after = os.getloadavg()[0]
     first = percentile(seconds[:quarter], 50)
     last = percentile(seconds[-quarter:], 50)
+    cpu_first = percentile(cpu_seconds[:quarter], 50)
+    cpu_last = percentile(cpu_seconds[-quarter:], 50)
     baseline = next(point for point in memory if point.label == "end of first quarter")
     end = memory[-1]
     block_seconds = engine.session(ids[0]).stream.geometry.block / model.sample_rate
@@ -153,6 +160,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"last / first                 {last / first:8.3f}",
         f"step median, whole run       {1000 * percentile(seconds, 50):8.1f} ms "
         f"(p90 {1000 * percentile(seconds, 90):.1f}, max {1000 * max(seconds):.1f})",
+        f"CPU time per step, median    {1000 * cpu_first:8.1f} ms first quarter, {1000 * cpu_last:.1f} ms last "
+        f"quarter: last / first {cpu_last / cpu_first:.3f}",
         "",
         f"{'RSS':<28}{'after step':>10}{'MiB':>10}" + (f"{'device MiB':>12}" if device.type == "cuda" else ""),
     ]
@@ -180,8 +189,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "measured_seconds": sum(seconds),
             },
             "step_seconds": seconds,
+            "step_cpu_seconds": cpu_seconds,
             "memory": [asdict(point) for point in memory],
-            "summary": {"first_quarter_s": first, "last_quarter_s": last, "ratio": last / first},
+            "summary": {
+                "first_quarter_s": first,
+                "last_quarter_s": last,
+                "ratio": last / first,
+                "cpu_ratio": cpu_last / cpu_first,
+            },
         }
         args.json.write_text(json.dumps(document, indent=2) + "\n")
         print(f"per-step times and memory written to {args.json}")

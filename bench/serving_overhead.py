@@ -23,7 +23,8 @@ Deployment options (`--serve-options`): `config` (default) uses serve_config.yam
 `max_ongoing_requests` and the Converter's `user_config` (batching: max_batch_size, batch_wait_s), with the
 harness's num_cpus 0, `--converters` replicas (default 1, as serve_config.yaml) and max_sessions = the most streams.
 `harness` calls tests.serve.harness.start_app unchanged: Serve's default max_ongoing_requests of 5 then caps the
-ingress at 5 open WebSockets and the converter's batches at 5, so 8 and 32 streams queue at the proxy.
+ingress at 5 open WebSockets (and the converter's batches at 5): at 8 streams the 6th to 8th wait for a slot (the
+table's `late` column: measured 3 of 8) and run after the others.
 
 Streams: `--seconds` (6) of the fixture's source, looped, pre-encoded once as 20 ms Opus packets and sent in real time
 (one packet per 20 ms against an absolute clock). Every stream connects first; once all are ready their first packets
@@ -44,17 +45,20 @@ realtime=false also switches the server from dropping input to backpressure (it 
 blocks wait): when the stack cannot keep up, unpaced input waits unread before a block's clock starts, so an
 overloaded unpaced run understates latency; the paced run's dropped blocks are the overload signal.
 
-Engine step with the real model (`--real-model`, on by default): one stream with the tiny model converting, in each
-pacing. The block event carries no compute time, so its overhead is latency_ms minus the replica's mean batch
-execution time over the run, from Serve's own `@serve.batch` metric (serve_batch_execution_time_ms, read from Ray's
-Prometheus endpoint; the bench sets RAY_metrics_report_interval_ms=500 so that it is current after 2 s). That is a
-mean, so the overhead's percentiles also carry the step's own spread; and it includes the hop to the engine thread,
-which identity mode counts as overhead. For comparison the report also gives the same model's step measured in this
-process (batch 1, one torch thread, app idle) and the replica's start-up speed check. Only one stream: the tiny model
+Direct converter probe: after each (re)start, this process opens a session on the converter itself and sends it 24
+blocks of the source through a DeploymentHandle (no WebSocket, no ingress), one in flight at real-time pace, and
+reads each reply's BlockOut: the round trip here, the replica's queue_seconds (the `@serve.batch` wait, since nothing
+else is in flight) and compute_seconds (the engine step, or the identity work). It splits the single-stream overhead
+into the Ray handle hop + batching wait vs what the WebSocket path and the ingress add on top.
+
+Engine step with the real model (on by default; `--no-real-model` skips it): one stream with the tiny model
+converting, in each pacing. The block event carries no compute time, so its overhead is latency_ms minus the median
+engine step that the probe measured in the replica just before (compute_seconds: same model, process, settings and
+thread). A median, so the overhead's percentiles also carry the step's own spread. Only one stream: the tiny model
 takes ~100 ms per stream-block on one thread, so 2 already fill a core and 8 or 32 fall behind real time and drop
 input, and then latency is backlog, not overhead. queue_ms is not subtracted: at one stream it is `@serve.batch`
 waiting out its timeout for a batch that never fills, which is serving overhead. Identity mode is the measurement;
-this is a cross-check. Serve's batch wait and execution means are reported for every run.
+this is a cross-check.
 
 CPU: per process group (ingress replica, converter replica, Serve proxy, Serve controller, other Ray processes, this
 bench process = Ray driver + the clients unless `--client-procs`, client subprocesses, everything else) from
@@ -77,11 +81,10 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import sys
 import tempfile
 import time
-import urllib.request
+import uuid
 from collections import Counter
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -91,24 +94,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray
 import torch
 import yaml
 from ray import serve
 
-from app.audio.files import Audio, resample
+from app.audio.files import resample
 from app.audio.opus import SAMPLE_RATE, OpusDecoder, OpusEncoder
 from app.audio.stream_resample import StreamingResampler
-from app.engine.engine import BlockRequest, Engine
-from app.model.seedvc import SeedVC
 from app.serving.config import ConverterConfig, IngressConfig
+from app.serving.wire import BlockIn, OpenRequest
 from app.streaming.settings import CONTENT_RATE, StreamSettings
-from app.streaming.voice import VoiceCache
 from app.transport.protocol import FRAME_MS
 from bench.stages import percentile
 from client.api import get_token, upload_voice
 from client.stream_client import Event, Outgoing, StreamError, encode_packets, paced_packets, run_stream, start_message
 from deployments.app import AppArgs, build_app
+from deployments.router import pin
 from tests.parity import FIXTURES, ParitySet
 from tests.serve.harness import (
     API_KEY,
@@ -132,16 +133,8 @@ OTHER_CPU_WARNING = 20.0  # % of one core used outside this bench during a run: 
 COMPLETE_MARGIN_MS = 2 * FRAME_MS
 READY_GRACE_S = 1.0  # before the first packet: every stream connects and opens its session first
 READY_GRACE_PER_STREAM_S = 0.05
-# Serve's batching metrics, read from Ray's Prometheus endpoint; Ray reports them every 10 s unless told otherwise.
-METRICS_INTERVAL_ENV = "RAY_metrics_report_interval_ms"
-METRICS_INTERVAL_MS = 500
-METRICS_SETTLE_S = 2.0
-BATCH_FUNCTION = "_convert_batch"
-BATCH_METRIC = re.compile(
-    r"^ray_serve_batch_(?P<kind>wait|execution)_time_ms_(?P<part>sum|count)\{(?P<tags>[^}]*)\} (?P<value>\S+)$"
-)
-ENGINE_WARMUP_STEPS = 2
-ENGINE_STEPS = 10
+PROBE_BLOCKS = 24
+PROBE_WARMUP = 2
 PERCENTILES = (50, 95, 99)
 
 
@@ -449,52 +442,42 @@ def all_replica_stats() -> dict[str, dict[str, Any]]:
     return {replica: replica_stats(replica) for replica in converter_replicas()}
 
 
-def batch_timings() -> dict[str, float]:
-    """Serve's own `@serve.batch` histograms of the converter, cumulative and summed over replicas, from the node's
-    Prometheus endpoint: `wait` = a batch's first request waiting for the batch to fill (at most batch_wait_s),
-    `execution` = the batch function (convert_blocks: the hop to the engine thread and the step). {} if unreachable."""
-    ports = [node["MetricsExportPort"] for node in ray.nodes() if node.get("Alive")]
+def probe_converter(voice_id: str, blocks: Sequence[np.ndarray], block_s: float) -> list[dict[str, float]]:
+    """Blocks sent straight to the converter from this process through a DeploymentHandle (no WebSocket, no ingress),
+    one at a time at real-time pace, like one stream: per block the round trip here, and the replica's own queue and
+    compute time (BlockOut: compute = the engine step). The first PROBE_WARMUP blocks are left out."""
+    handle = serve.get_deployment_handle("Converter", app_name=APP)
+    session = f"probe-{uuid.uuid4().hex[:8]}"
+    opened = handle.open.remote(OpenRequest(session, voice_id, StreamSettings(), seed=0)).result(timeout_s=60)
+    pinned = handle.options(session_id=pin(opened.replica))
+    rows = []
+    start = time.monotonic()
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/metrics", timeout=10) as answer:
-            text = answer.read().decode()
-    except (OSError, IndexError):
-        return {}
-    totals: dict[str, float] = {}
-    for line in text.splitlines():
-        match = BATCH_METRIC.match(line)
-        if match and f'function_name="{BATCH_FUNCTION}"' in match["tags"]:
-            key = f"{match['kind']}_{match['part']}"
-            totals[key] = totals.get(key, 0.0) + float(match["value"])
-    return totals
-
-
-def batch_timing_means(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, float | None]:
-    """Mean wait and execution per batch (ms) between two `batch_timings` snapshots; None without batches."""
-    means: dict[str, float | None] = {}
-    for kind in ("wait", "execution"):
-        count = after.get(f"{kind}_count", 0.0) - before.get(f"{kind}_count", 0.0)
-        total = after.get(f"{kind}_sum", 0.0) - before.get(f"{kind}_sum", 0.0)
-        means[f"{kind}_ms"] = total / count if count > 0 else None
-    return means
-
-
-def engine_step_ms(model_dir: Path, settings: StreamSettings) -> list[float]:
-    """Engine.step wall times (ms) of one session of the model on one torch thread, in this process."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model = SeedVC.load(str(model_dir), torch.device("cpu"))
-        rate = model.sample_rate
-        t = np.arange(int(2.0 * rate), dtype=np.float32) / rate
-        reference = Audio(samples=(0.1 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), rate=rate)
-        engine = Engine(model)
-        engine.open("bench", VoiceCache(model, capacity=1).get(reference, settings.max_prompt), settings, seed=0)
-        size = engine.session("bench").stream.geometry.block_16k
-        block = torch.from_numpy(0.1 * np.random.default_rng(0).standard_normal(size).astype(np.float32))
-        steps = [engine.step([BlockRequest("bench", block)]).seconds for _ in range(ENGINE_WARMUP_STEPS + ENGINE_STEPS)]
-        return [1000 * s for s in steps[ENGINE_WARMUP_STEPS:]]
+        for index, block in enumerate(blocks):
+            time.sleep(max(0.0, start + index * block_s - time.monotonic()))
+            sent = time.perf_counter()
+            out = pinned.convert.remote(BlockIn(session, index, block)).result(timeout_s=60)
+            rows.append(
+                {
+                    "round_trip_ms": 1000 * (time.perf_counter() - sent),
+                    "queue_ms": 1000 * out.queue_seconds,
+                    "compute_ms": 1000 * out.compute_seconds,
+                }
+            )
     finally:
-        torch.set_num_threads(threads)
+        pinned.close.remote(session).result(timeout_s=60)
+    return rows[PROBE_WARMUP:]
+
+
+def probe_blocks(audio_48k: np.ndarray, block_16k: int, count: int) -> list[np.ndarray]:
+    """`count` consecutive 16 kHz blocks of the (looped) source."""
+    samples = resample(torch.from_numpy(audio_48k), SAMPLE_RATE, CONTENT_RATE).numpy()
+    samples = np.tile(samples, -(-count * block_16k // samples.size))
+    return [np.ascontiguousarray(samples[i * block_16k : (i + 1) * block_16k]) for i in range(count)]
+
+
+def describe_probe(rows: Sequence[Mapping[str, float]]) -> dict[str, dict[str, float | None]]:
+    return {key: distribution([row[key] for row in rows]) for key in ("round_trip_ms", "queue_ms", "compute_ms")}
 
 
 def identity_work_ms(model_rate: int, block_16k: int, repeats: int = 50) -> float:
@@ -552,7 +535,7 @@ def transport_work_ms(packets: Sequence[bytes], model_rate: int, block_s: float)
 class RunResult:
     label: str  # identity/paced, identity/unpaced, model/paced
     streams: int
-    step_ms: float  # subtracted from latency: 0 in identity mode, the mean batch execution with the real model
+    step_ms: float  # subtracted from latency: 0 in identity mode; with the model, the probe's median compute
     rows: list[dict[str, Any]]
     errors: list[str]
     late_starts: int
@@ -566,7 +549,6 @@ class RunResult:
     client_cpu_s: float
     idle_cpu: dict[str, float]  # the same groups with the app up and no stream
     threads: dict[str, list[str]]  # the busiest threads of the ingress, converter and proxy
-    batch_timing_ms: dict[str, float | None]  # Serve's batching metrics: mean wait and execution per batch
     extra: dict[str, Any] = field(default_factory=dict)
 
     def cpu_ms_per_packet(self, group: str, stream_packets: int) -> float:
@@ -599,7 +581,6 @@ class RunResult:
             "load_1min": list(self.load_1min),
             "client_cpu_s": self.client_cpu_s,
             "busiest_threads": self.threads,
-            "serve_batch_mean_ms": self.batch_timing_ms,
             **self.extra,
         }
 
@@ -620,10 +601,9 @@ def measure(
     args: BenchArgs,
     pool: ProcessPoolExecutor | None,
     idle_cpu: dict[str, float],
-    subtract_step: bool = False,
+    step_ms: float = 0.0,
 ) -> RunResult:
-    """One run of `streams` concurrent streams. With `subtract_step` (real model), each block's overhead is its latency
-    minus the replica's mean batch execution time over the run (Serve's metric; ~ the engine step)."""
+    """One run of `streams` concurrent streams; each block's overhead is its latency minus `step_ms`."""
     packets = encode_packets(audio)
     block_s = StreamSettings().block_time
     offsets = phases(streams, block_s, args.aligned)
@@ -635,16 +615,13 @@ def measure(
         ClientJob(app.token, app.voice_id, packets, numbers[j::parts], offsets[j::parts], start_at, realtime_output)
         for j in range(parts)
     ]
-    stats_before, timings_before = all_replica_stats(), batch_timings()
+    stats_before = all_replica_stats()
     load_before = os.getloadavg()[0]
     cpu_before = cpu_snapshot()
     results, client_cpu = run_clients(jobs, pool)
     cpu_after = cpu_snapshot()
     load_after = os.getloadavg()[0]
     stats_after = all_replica_stats()
-    time.sleep(METRICS_SETTLE_S)  # the replica reports its metrics every METRICS_INTERVAL_MS
-    timings = batch_timing_means(timings_before, batch_timings())
-    step_ms = (timings["execution_ms"] or 0.0) if subtract_step else 0.0
     rows: list[dict[str, Any]] = []
     errors, late_starts, late_events, dropped = [], 0, 0, 0
     input_ms = len(packets) * FRAME_MS
@@ -677,7 +654,6 @@ def measure(
         client_cpu_s=client_cpu,
         idle_cpu=idle_cpu,
         threads=busiest_threads(cpu_before, cpu_after),
-        batch_timing_ms=timings,
     )
 
 
@@ -709,14 +685,16 @@ def format_report(summaries: Sequence[Mapping[str, Any]], meta: Mapping[str, Any
         f"streams of {meta['seconds']:.0f} s, paced input, {meta['phases']}; block {meta['block_ms']:.0f} ms; "
         f"identity work per block (resample 16 kHz -> {meta['model_rate']} Hz, in-process) "
         f"{meta['identity_work_ms']:.2f} ms",
-        "overhead = latency_ms - engine step (0 in identity mode; with the model the replica's mean batch execution);"
-        " queue = of it, waiting at the converter for a "
+        "overhead = latency_ms - engine step (0 in identity mode; with the model the probe's median step); "
+        "queue = of it, waiting at the converter for a "
         "batch / the engine thread; rest = overhead - queue; blk0 = p50 latency of the streams' first blocks;",
-        "blocks = converted blocks counted; drop = blocks the server dropped (fell > 3 blocks behind), not counted",
+        "blocks = converted blocks counted; drop = blocks the server dropped (fell > 3 blocks behind), not counted; "
+        "late = streams whose ready came after their first packet was due (they waited for a connection slot)",
         f"app work per stream-packet at the ingress, in-process: {meta['transport_work']}",
         "",
         f"{'run':<17}{'n':>3}{'blocks':>7} | {'overhead p50':>12}{'p95':>7}{'p99':>7}{'max':>7} | "
-        f"{'queue p50':>9}{'p95':>6} | {'rest p50':>8}{'p95':>6} | {'blk0':>5} | {'drop':>4} {'err':>3} | batch sizes",
+        f"{'queue p50':>9}{'p95':>6} | {'rest p50':>8}{'p95':>6} | {'blk0':>5} | "
+        f"{'drop':>4} {'late':>4} {'err':>3} | batch sizes",
     ]
     for s in summaries:
         o, q, r = s["overhead_ms"], s["queue_ms"], s["rest_ms"]
@@ -724,19 +702,21 @@ def format_report(summaries: Sequence[Mapping[str, Any]], meta: Mapping[str, Any
             f"{s['label']:<17}{s['streams']:>3}{s['blocks']:>7} | {_ms(o['p50']):>12}{_ms(o['p95']):>7}"
             f"{_ms(o['p99']):>7}{_ms(o['max']):>7} | {_ms(q['p50']):>9}{_ms(q['p95']):>6} | "
             f"{_ms(r['p50']):>8}{_ms(r['p95']):>6} | {_ms(s['first_block_latency_ms']['p50']):>5} | "
-            f"{s['dropped_blocks']:>4} {s['errors']:>3} | "
+            f"{s['dropped_blocks']:>4} {s['late_starts']:>4} {s['errors']:>3} | "
             f"{describe_batches(s['batch_sizes'])}"
         )
     lines += [
         "",
-        "Serve's @serve.batch metrics, mean per batch: wait = first request waiting for the batch to fill; exec = "
-        "convert_blocks (engine-thread hop + step)",
+        f"direct converter probe ({PROBE_BLOCKS - PROBE_WARMUP} blocks, this process -> DeploymentHandle -> converter, "
+        "one in flight, real-time pace, no other stream): p50 / p95 / max ms",
     ]
-    for s in summaries:
-        timing = s["serve_batch_mean_ms"]
+    for mode, probe in meta["probes"].items():
         lines.append(
-            f"{s['label']:<17}{s['streams']:>3} | wait {_ms(timing.get('wait_ms')):>6} ms | "
-            f"exec {_ms(timing.get('execution_ms')):>6} ms | mean batch {s['mean_batch']:.2f}"
+            f"  {mode:<9}"
+            + " | ".join(
+                f"{name.removesuffix('_ms')} {_ms(d['p50'])} / {_ms(d['p95'])} / {_ms(d['max'])}"
+                for name, d in probe.items()
+            )
         )
     lines += [
         "",
@@ -806,7 +786,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.client_procs:
         pool = ProcessPoolExecutor(args.client_procs, mp_context=get_context("spawn"))
         list(pool.map(_ping, range(args.client_procs)))  # spawn and import before anything is timed
-    os.environ.setdefault(METRICS_INTERVAL_ENV, str(METRICS_INTERVAL_MS))  # read by ray.init, inherited by Ray
     parity = ParitySet(FIXTURE)
     settings = StreamSettings()
     runs: list[RunResult] = []
@@ -816,6 +795,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             audio = looped(app.source_48k(), args.seconds, 48000)
             warm_up(app, audio, pool)
             idle = idle_cpu()
+            blocks = probe_blocks(audio, round(settings.block_time * CONTENT_RATE), PROBE_BLOCKS)
+            probes = {"identity": describe_probe(probe_converter(app.voice_id, blocks, settings.block_time))}
             for pacing in args.pacing:
                 for streams in args.streams:
                     label = f"identity/{pacing}"
@@ -824,11 +805,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.real_model:
                 app, _ = start_service(parity, Path(voices), args, identity=False)
                 speed = {r: s["real_time_factor"] * settings.block_time * 1000 for r, s in all_replica_stats().items()}
-                steps = engine_step_ms(parity.model_dir, settings)
                 warm_up(app, audio, pool)
+                probes["model"] = describe_probe(probe_converter(app.voice_id, blocks, settings.block_time))
+                step = probes["model"]["compute_ms"]["p50"] or 0.0
                 for pacing in args.pacing:
-                    run = measure(app, audio, 1, f"model/{pacing}", pacing == "paced", args, pool, idle, True)
-                    run.extra = {"engine_step_ms": distribution(steps), "replica_speed_check_step_ms": speed}
+                    run = measure(app, audio, 1, f"model/{pacing}", pacing == "paced", args, pool, idle, step)
+                    run.extra = {"replica_speed_check_step_ms": speed}
                     runs.append(run)
     finally:
         if pool is not None:
@@ -849,6 +831,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "transport_work_ms": work,
         "transport_work": ", ".join(f"{name} {value:.3f}" for name, value in work.items()) + " ms",
         "idle_cpu": idle,
+        "probes": probes,
         "torch": torch.__version__,
     }
     summaries = [run.summary() for run in runs]
@@ -864,14 +847,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"WARNING {run.label} x{run.streams}: other work used {run.cpu[OTHER]:.0f} % of a core meanwhile")
         for error in run.errors[:5]:
             print(f"{run.label} x{run.streams}: {error}")
-        if run.extra:
-            step = run.extra["engine_step_ms"]
-            print(
-                f"{run.label} x{run.streams}: subtracted the replica's mean batch execution {run.step_ms:.1f} ms; "
-                f"for comparison, engine step in this process (batch 1, one thread, app idle) p50 {step['p50']:.1f} "
-                f"ms, max {step['max']:.1f} ms; the replica's start-up speed check: "
-                + ", ".join(f"{v:.1f} ms" for v in run.extra["replica_speed_check_step_ms"].values())
-            )
+        if run.step_ms:
+            print(f"{run.label} x{run.streams}: subtracted the probe's median engine step, {run.step_ms:.1f} ms")
     if args.json is not None:
         document = {
             "meta": meta,
