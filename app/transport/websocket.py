@@ -147,25 +147,43 @@ class StreamConnection:
             asyncio.get_running_loop().create_task(self._send(self.services.late_event(late)))
 
     async def _write(self, session: LiveSession) -> None:
-        pacer = Pacer(FRAME_MS / 1000)
-        sent = 0
+        """Convert blocks as fast as they come; a separate sender paces them out.
+
+        Pacing inside the conversion loop would hold block k+1 back until block k had played, adding a whole step
+        of latency to every block: the outbox decouples the two and keeps events and audio in protocol order.
+        """
+        outbox: asyncio.Queue[np.ndarray | str | None] = asyncio.Queue()
+        sender = asyncio.create_task(self._send_outbox(outbox))
 
         async def emit_frame(frame: np.ndarray) -> None:
-            nonlocal sent
-            if self.realtime:
-                await pacer.wait(sent)
-            await self.websocket.send_bytes(self.encoder.encode(frame))
-            sent += 1
+            outbox.put_nowait(frame)
 
         async def emit_report(report: BlockReport) -> None:
             self.services.record_block(report)
             for event in self.events.of(report):
-                await self._send(event)
+                outbox.put_nowait(event)
 
         try:
             await pump(session, emit_frame, emit_report)
+            outbox.put_nowait(None)
+            await sender
         except SessionLost as error:
             raise ProtocolError(ErrorCode.internal, "the converter was lost and could not be replaced") from error
+        finally:
+            sender.cancel()
+
+    async def _send_outbox(self, outbox: asyncio.Queue[np.ndarray | str | None]) -> None:
+        """Events go out at once; audio frames at 20 ms each against an absolute clock (when real time)."""
+        pacer = Pacer(FRAME_MS / 1000)
+        sent = 0
+        while (item := await outbox.get()) is not None:
+            if isinstance(item, str):
+                await self._send(item)
+                continue
+            if self.realtime:
+                await pacer.wait(sent)
+            await self.websocket.send_bytes(self.encoder.encode(item))
+            sent += 1
 
     async def _send(self, text: str) -> None:
         if self.websocket.application_state == WebSocketState.CONNECTED:
