@@ -101,18 +101,14 @@ from ray import serve
 from app.audio.files import resample
 from app.audio.opus import SAMPLE_RATE, OpusDecoder, OpusEncoder
 from app.audio.stream_resample import StreamingResampler
-from app.serving.config import ConverterConfig, IngressConfig
 from app.serving.wire import BlockIn, OpenRequest
 from app.streaming.settings import CONTENT_RATE, StreamSettings
 from app.transport.protocol import FRAME_MS
 from bench.stages import percentile
-from client.api import get_token, upload_voice
 from client.stream_client import Event, Outgoing, StreamError, encode_packets, paced_packets, run_stream, start_message
-from deployments.app import AppArgs, build_app
 from deployments.router import pin
 from tests.parity import FIXTURES, ParitySet
 from tests.serve.harness import (
-    API_KEY,
     APP,
     BASE_URL,
     ServeApp,
@@ -408,34 +404,22 @@ def start_service(parity: ParitySet, voices: Path, args: BenchArgs, identity: bo
     """The app (re)deployed with the tiny bundle, a token and an uploaded voice; and the options it runs with."""
     max_sessions = max(args.streams) + 1
     if args.serve_options == "harness":
-        app = start_app(parity, voices, converters=args.converters, max_sessions=max_sessions, identity=identity)
-        time.sleep(SETTLE_SECONDS)  # the replicas a redeploy replaced stop, and Ray's workers settle
-        return app, {"mode": "harness start_app (Serve defaults: max_ongoing_requests 5)"}
-    # tests.serve.harness.start_app with serve_config.yaml's options: start_app itself cannot take deployment options.
-    converter_options, ingress_options = config_options()
-    no_cpu = {"ray_actor_options": {"num_cpus": 0}}
-    app_args = AppArgs(
-        converter=ConverterConfig(
-            model=str(parity.model_dir),
-            voice_store=str(voices),
-            max_sessions=max_sessions,
-            silence_gate_dbfs=None,
-            torch_threads=1,
-            identity=identity,
-        ),
-        ingress=IngressConfig(voice_store=str(voices), api_keys={"test": API_KEY}),
+        options: dict[str, Any] = {"mode": "harness start_app (Serve defaults: max_ongoing_requests 5)"}
+        deployment_options = None
+    else:
+        converter_options, ingress_options = config_options()
+        options = {"mode": "serve_config.yaml options", "converter": converter_options, "ingress": ingress_options}
+        deployment_options = {"Converter": converter_options, "Ingress": ingress_options}
+    app = start_app(
+        parity,
+        voices,
+        converters=args.converters,
+        max_sessions=max_sessions,
+        options=deployment_options,
+        identity=identity,
     )
-    application = build_app(
-        app_args,
-        converter_options={"num_replicas": args.converters, **converter_options, **no_cpu},
-        ingress_options={**ingress_options, **no_cpu},
-    )
-    serve.run(application, name=APP, route_prefix="/")
     time.sleep(SETTLE_SECONDS)  # the replicas a redeploy replaced stop, and Ray's workers settle, before measuring
-    token = get_token(BASE_URL, API_KEY)
-    voice = upload_voice(BASE_URL, token, parity.root / parity.bundle["files"]["reference_22k"], name="fixture")
-    options = {"mode": "serve_config.yaml options", "converter": converter_options, "ingress": ingress_options}
-    return ServeApp(parity=parity, token=token, voice_id=voice["voice_id"]), options
+    return app, options
 
 
 def all_replica_stats() -> dict[str, dict[str, Any]]:

@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+from app.model.seedvc import SeedVC
 from tests.parity import ParitySet, parity_sets
 
 # Browser tests need a loopback-only network namespace entered before Ray starts: scripts/test runs them as their own
@@ -19,3 +20,9 @@ torch.backends.cudnn.allow_tf32 = False
 @pytest.fixture(scope="session", params=parity_sets(), ids=lambda s: s.root.name)
 def parity(request: pytest.FixtureRequest) -> ParitySet:
     return request.param
+
+
+@pytest.fixture(scope="session")
+def model(parity: ParitySet) -> SeedVC:
+    """The fixture set's tiny model, loaded once per test run."""
+    return SeedVC.load(parity.model_dir)

@@ -42,11 +42,6 @@ def fixture_settings(parity: ParitySet) -> StreamSettings:
 
 
 @pytest.fixture(scope="module")
-def model(parity: ParitySet) -> SeedVC:
-    return SeedVC.load(parity.model_dir)
-
-
-@pytest.fixture(scope="module")
 def reference(parity: ParitySet) -> Audio:
     return read_audio(parity.root / parity.bundle["files"]["reference_22k"])
 

@@ -28,11 +28,6 @@ SETTINGS = StreamSettings(diffusion_steps=3)
 
 
 @pytest.fixture(scope="module")
-def model(parity: ParitySet) -> SeedVC:
-    return SeedVC.load(parity.model_dir)
-
-
-@pytest.fixture(scope="module")
 def voice_ids(parity: ParitySet, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[str]]:
     root = str(tmp_path_factory.mktemp("voices"))
     store = VoiceStore(root)

@@ -40,11 +40,6 @@ def _one_thread() -> Iterator[None]:
         yield
 
 
-@pytest.fixture(scope="module")
-def model(parity: ParitySet) -> SeedVC:
-    return SeedVC.load(parity.model_dir)
-
-
 def _blocks(parity: ParitySet) -> list[int]:
     return list(range(parity.expected["blk_output"].shape[0]))
 

@@ -42,11 +42,6 @@ def _one_thread() -> Iterator[None]:
         yield
 
 
-@pytest.fixture(scope="module")
-def model(parity: ParitySet) -> SeedVC:
-    return SeedVC.load(parity.model_dir)
-
-
 def _reference(parity: ParitySet) -> Audio:
     return read_audio(parity.root / parity.bundle["files"]["reference_22k"])
 

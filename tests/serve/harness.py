@@ -65,8 +65,10 @@ def start_app(
     max_sessions: int = 8,
     ingress: dict[str, Any] | None = None,
     base_url: str = BASE_URL,
+    options: dict[str, dict[str, Any]] | None = None,
     **converter: Any,
 ) -> ServeApp:
+    """Deploy the app; `options` adds Serve deployment options by deployment name ("Converter", "Ingress")."""
     args = AppArgs(
         converter=ConverterConfig(
             model=str(parity.model_dir),
@@ -81,7 +83,12 @@ def start_app(
         ),
     )
     no_cpu = {"ray_actor_options": {"num_cpus": 0}}
-    app = build_app(args, converter_options={"num_replicas": converters, **no_cpu}, ingress_options=no_cpu)
+    options = options or {}
+    app = build_app(
+        args,
+        converter_options={"num_replicas": converters, **options.get("Converter", {}), **no_cpu},
+        ingress_options={**options.get("Ingress", {}), **no_cpu},
+    )
     serve.run(app, name=APP, route_prefix="/")
     token = get_token(base_url, API_KEY)
     voice = upload_voice(base_url, token, parity.root / parity.bundle["files"]["reference_22k"], name="fixture")
