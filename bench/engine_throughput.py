@@ -76,6 +76,7 @@ from bench.stages import (
     Stats,
     describe_settings,
     load_model,
+    run_meta,
     source_blocks,
     summarize,
     synchronize,
@@ -532,11 +533,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         autocast_note = f"{args.autocast} ignored on {device.type} (float32)"
     meta = {
-        "weights": args.model or "full-size random weights",
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
-        "load_average_1min": [load_before, load_after],  # other work on the machine makes the numbers noisy
+        **run_meta(args.model, device, load_before, load_after),
         "torch": torch.__version__,
         "warmup": args.warmup,
         "steps": args.steps,

@@ -267,6 +267,17 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchArgs:
     return BenchArgs(**vars(ns))
 
 
+def run_meta(model: str | None, device: torch.device, load_before: float, load_after: float) -> dict[str, Any]:
+    """What every bench records about the machine and weights it ran on."""
+    return {
+        "weights": model or "full-size random weights",
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "load_average_1min": [load_before, load_after],  # other work on the machine makes the numbers noisy
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads is not None:
@@ -284,11 +295,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     load_after = os.getloadavg()[0]
     summary = summarize(rows)
     meta = {
-        "weights": args.model or "full-size random weights",
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
-        "load_average_1min": [load_before, load_after],  # other work on the machine makes the numbers noisy
+        **run_meta(args.model, device, load_before, load_after),
         "batch": args.batch,
         "blocks": args.blocks,
         "warmup": args.warmup,
