@@ -23,8 +23,9 @@ Warm-up rule: per (variant, B) a fresh Engine opens B sessions and runs `--warmu
 recorded (allocator growth, oneDNN primitive choice, CUDA lazy init, torch.compile's compilation for the new
 shapes). Then `--steps` measured steps (default 3) per B, interleaved round-robin over the batch sizes (B=1, 2, 4,
 ..., then again), so that load from other processes on a shared machine hits every batch size alike instead of
-skewing one of them. The defaults keep the full CPU run to about 10-15 minutes on two idle cores; medians of 3
-steps are rough, so read the ratios with that in mind. The rolling window has its full length from the first block
+skewing one of them. With the defaults the full CPU run takes about 6 minutes on two cores (a 2-core Xeon with
+AVX-512); medians of 3 steps are rough (repeat runs differed by up to 0.1 in the ratios), so read them with that in
+mind. The rolling window has its full length from the first block
 (zero-filled), so every step has the same shapes.
 
 What is measured, per step: `step` = wall time of Engine.step (CUDA synchronised before; the step ends with the copy

@@ -118,3 +118,18 @@ def test_config_honours_the_yaml(parity: ParitySet) -> None:
     assert config.istft_n_fft == data["hift"]["istft_params"]["n_fft"]
     mel_frames = parity.expected["blk_cfm_mel"].shape[-1]
     assert config.samples_per_frame * mel_frames == parity.expected["blk_vocoder_wave"].shape[-1]
+
+
+def test_vocoder_runs_under_bfloat16_autocast(parity):
+    """Reduced precision is a serving option (bench --autocast); the iSTFT must not reject it."""
+    from app.model.hift import HiFTConfig, HiFTNoise, HiFTVocoder
+
+    config = HiFTConfig(base_channels=8, f0_cond_channels=8)
+    vocoder = HiFTVocoder(config).eval()
+    frames, samples = 4, 4 * config.samples_per_frame
+    noise = HiFTNoise(
+        phase_u=torch.rand(1, config.nb_harmonics + 1, 1), sine_noise=torch.randn(1, config.nb_harmonics + 1, samples)
+    )
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        wave = vocoder(torch.randn(1, config.in_channels, frames), noise)
+    assert wave.shape == (1, samples) and torch.isfinite(wave.float()).all()

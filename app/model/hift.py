@@ -345,6 +345,8 @@ class HiFTVocoder(nn.Module):
 
     def _istft(self, magnitude: Tensor, phase: Tensor) -> Tensor:
         n_fft, hop = self.config.istft_n_fft, self.config.istft_hop
+        # torch.complex has no bfloat16/float16 kernels: under autocast the iSTFT runs in float32.
+        magnitude, phase = magnitude.float(), phase.float()
         spec = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
         return torch.istft(spec, n_fft, hop, n_fft, window=self.window, center=True)
 
