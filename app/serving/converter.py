@@ -205,7 +205,7 @@ class ConverterService:
                     batch_size=len(known),
                     queue_seconds=max(0.0, started - block.received_at) if block.received_at else 0.0,
                     compute_seconds=computed,
-                    state=ResumeState.from_stream_state(stream.snapshot(), keep_window=False),
+                    state=ResumeState.of(stream),
                 )
         return [replies[block.session_id] for block in blocks]
 

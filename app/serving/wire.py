@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from app.streaming.settings import StreamSettings
-from app.streaming.stream import StreamState
+from app.streaming.stream import Stream, StreamState
 
 
 class ConverterError(Exception):
@@ -41,12 +41,12 @@ class ResumeState:
     window: np.ndarray | None = None  # (window_16k,) float32; the transport keeps its own and fills it in
 
     @classmethod
-    def from_stream_state(cls, state: StreamState, keep_window: bool) -> ResumeState:
+    def of(cls, stream: Stream) -> ResumeState:
+        """A stream's state after its last block, without the window (the transport mirrors that itself)."""
         return cls(
-            tail=state.tail.numpy(),
-            generator_state=state.generator_state.numpy().tobytes(),
-            blocks_done=state.blocks_done,
-            window=state.window.numpy() if keep_window else None,
+            tail=stream.tail.cpu().numpy().copy(),
+            generator_state=stream.generator.get_state().numpy().tobytes(),
+            blocks_done=stream.blocks_done,
         )
 
     def to_stream_state(self) -> StreamState:

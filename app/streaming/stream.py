@@ -45,14 +45,6 @@ class Stream:
         self.generator = torch.Generator().manual_seed(seed)
         self.blocks_done = 0
 
-    def snapshot(self) -> StreamState:
-        return StreamState(
-            window=self.window.clone(),
-            tail=self.tail.cpu().clone(),
-            generator_state=self.generator.get_state(),
-            blocks_done=self.blocks_done,
-        )
-
     def restore(self, state: StreamState) -> None:
         geometry = self.geometry
         if state.window.shape != (geometry.window_16k,) or state.tail.shape != (geometry.sola_buffer,):
