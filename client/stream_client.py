@@ -60,6 +60,8 @@ API_KEY_ENV = "SEEDVC_API_KEY"
 
 Event = dict[str, Any]
 EventHandler = Callable[[Event], None]
+# Sees every message the server sends, as it arrives and before it is handled: an Opus packet (bytes) or a JSON text.
+MessageHandler = Callable[[bytes | str], None]
 # What the sender puts on the socket: an Opus packet (binary message) or a control message (JSON text).
 Outgoing = bytes | dict[str, Any]
 
@@ -250,8 +252,9 @@ class Microphone:
 class _Stream:
     """One connection: a sender task for the input, and a receive loop that keeps events and decodes the output."""
 
-    def __init__(self, on_event: EventHandler | None) -> None:
+    def __init__(self, on_event: EventHandler | None, on_message: MessageHandler | None = None) -> None:
         self._on_event = on_event
+        self._on_message = on_message
         self._decoder = OpusDecoder()
         self._ready = asyncio.Event()
         self.output: list[np.ndarray] = []
@@ -315,6 +318,8 @@ class _Stream:
                 if self.error is not None:
                     return  # the server closes the socket after an error event
                 raise StreamError(f"the server closed the stream before its end event ({_why(closed)})") from None
+            if self._on_message is not None:
+                self._on_message(message)
             if isinstance(message, bytes):
                 self._take_audio(message)
                 continue
@@ -364,14 +369,22 @@ def _why(closed: ConnectionClosed) -> str:
 
 
 async def run_stream(
-    url: str, start: Event, messages: AsyncGenerator[Outgoing, None], *, on_event: EventHandler | None = None
+    url: str,
+    start: Event,
+    messages: AsyncGenerator[Outgoing, None],
+    *,
+    on_event: EventHandler | None = None,
+    on_message: MessageHandler | None = None,
 ) -> StreamResult:
     """Runs one stream: `start` (see `start_message`), then `messages` once the server is ready, then end.
+
+    `on_event` sees each JSON event once parsed; `on_message` sees each raw message first (byte counts, arrival
+    times of the audio: what a load test measures).
 
     Raises OSError or websockets' InvalidURI / InvalidHandshake when no connection opens, and StreamError when it
     breaks; an error event is returned in the result instead.
     """
-    stream = _Stream(on_event)
+    stream = _Stream(on_event, on_message)
     # No permessage-deflate: Opus packets do not compress, and each stream would pay for a deflate context.
     async with connect(stream_url(url), compression=None) as websocket:
         await stream.run(websocket, start, messages)

@@ -232,6 +232,35 @@ def test_a_file_goes_out_as_20ms_opus_packets_and_comes_back_whole() -> None:
     assert stats.first_audio_ms is not None and stats.first_audio_ms >= 0
 
 
+def test_on_message_sees_every_server_message_raw_before_it_is_handled() -> None:
+    converter, raw, handled = EchoConverter(), [], []
+
+    def on_message(message: bytes | str) -> None:
+        raw.append(message)
+        handled.append(len(result_events))  # events handled so far: the raw message comes first
+
+    result_events: list[dict[str, Any]] = []
+    with serving(converter) as url:
+        start = start_message("token-1", "voice-a", realtime=False)
+        packets = stream_client.encode_packets(sine(0.3))
+        result = asyncio.run(
+            run_stream(
+                url,
+                start,
+                stream_client.paced_packets(packets, realtime=False),
+                on_event=result_events.append,
+                on_message=on_message,
+            )
+        )
+    texts = [message for message in raw if isinstance(message, str)]
+    audio = [message for message in raw if isinstance(message, bytes)]
+    assert [json.loads(text) for text in texts] == result.events
+    assert audio == converter.packets  # the echo: the very packets sent, in order
+    assert len(result.output_48k) == len(audio) * FRAME_SAMPLES
+    first_text = raw.index(texts[0])
+    assert handled[first_text] == 0
+
+
 def test_realtime_input_is_paced_and_switches_voice_on_time() -> None:
     converter = EchoConverter()
     with serving(converter) as url:
