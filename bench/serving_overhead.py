@@ -86,7 +86,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
@@ -137,11 +137,11 @@ PERCENTILES = (50, 95, 99)
 # ---- pure metrics -------------------------------------------------------------------------------------------------
 
 
-def distribution(values: Sequence[float]) -> dict[str, float | None]:
-    """p50/p95/p99/max of the values (None for each when there are none)."""
+def distribution(values: Sequence[float], quantiles: Sequence[int] = PERCENTILES) -> dict[str, float | None]:
+    """p50/p95/p99/max (or the given percentiles and max) of the values (None for each when there are none)."""
     if not values:
-        return {**{f"p{q}": None for q in PERCENTILES}, "max": None}
-    return {**{f"p{q}": percentile(values, q) for q in PERCENTILES}, "max": max(values)}
+        return {**{f"p{q}": None for q in quantiles}, "max": None}
+    return {**{f"p{q}": percentile(values, q) for q in quantiles}, "max": max(values)}
 
 
 def kept_block(event: Event, block_ms: float, input_ms: float) -> bool:
@@ -253,13 +253,13 @@ def _read(path: str) -> str | None:
 
 
 def _stat_fields(stat: str) -> list[str]:
-    """/proc/.../stat after "pid (comm) ": state ppid ...; utime and stime are [11] and [12]."""
+    """/proc/.../stat after "pid (comm) ": state ppid ...; utime and stime are [11] and [12], rss (pages) [21]."""
     return stat[stat.rindex(")") + 2 :].split()
 
 
-def cpu_snapshot() -> CpuSnapshot:
+def process_table() -> Iterator[tuple[int, str, list[str]]]:
+    """(pid, group, /proc/<pid>/stat fields after the command: see _stat_fields) of every process now."""
     me = os.getpid()
-    processes, threads = {}, {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -267,8 +267,12 @@ def cpu_snapshot() -> CpuSnapshot:
         if stat is None or command is None:
             continue
         fields = _stat_fields(stat)
-        pid, parent = int(entry), int(fields[1])
-        group = classify(pid, parent, command.replace("\0", " "), me)
+        yield int(entry), classify(int(entry), int(fields[1]), command.replace("\0", " "), me), fields
+
+
+def cpu_snapshot() -> CpuSnapshot:
+    processes, threads = {}, {}
+    for pid, group, fields in process_table():
         processes[pid] = (group, (int(fields[11]) + int(fields[12])) / TICKS)
         if group in THREAD_GROUPS:
             for tid in os.listdir(f"/proc/{pid}/task") if os.path.isdir(f"/proc/{pid}/task") else []:
@@ -401,9 +405,16 @@ def config_options() -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def start_service(parity: ParitySet, voices: Path, args: BenchArgs, identity: bool) -> tuple[ServeApp, dict[str, Any]]:
-    """The app (re)deployed with the tiny bundle, a token and an uploaded voice; and the options it runs with."""
-    max_sessions = max(args.streams) + 1
-    if args.serve_options == "harness":
+    """The app (re)deployed for this bench's largest run; see `deploy`."""
+    return deploy(parity, voices, max(args.streams) + 1, args.converters, args.serve_options, identity)
+
+
+def deploy(
+    parity: ParitySet, voices: Path, max_sessions: int, converters: int, serve_options: str, identity: bool
+) -> tuple[ServeApp, dict[str, Any]]:
+    """The app (re)deployed with the tiny bundle, a token and an uploaded voice; and the options it runs with
+    (`serve_options`: "config" or "harness", see the module docstring)."""
+    if serve_options == "harness":
         options: dict[str, Any] = {"mode": "harness start_app (Serve defaults: max_ongoing_requests 5)"}
         deployment_options = None
     else:
@@ -413,7 +424,7 @@ def start_service(parity: ParitySet, voices: Path, args: BenchArgs, identity: bo
     app = start_app(
         parity,
         voices,
-        converters=args.converters,
+        converters=converters,
         max_sessions=max_sessions,
         options=deployment_options,
         identity=identity,
@@ -440,7 +451,7 @@ def probe_converter(voice_id: str, blocks: Sequence[np.ndarray], block_s: float)
         for index, block in enumerate(blocks):
             time.sleep(max(0.0, start + index * block_s - time.monotonic()))
             sent = time.perf_counter()
-            out = pinned.convert.remote(BlockIn(session, index, block)).result(timeout_s=60)
+            out = pinned.convert.remote(BlockIn(session, index, block, lease=opened.lease)).result(timeout_s=60)
             rows.append(
                 {
                     "round_trip_ms": 1000 * (time.perf_counter() - sent),
