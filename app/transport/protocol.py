@@ -26,6 +26,8 @@
    The one exception is `unknown_voice` in answer to `set_voice`: the stream goes on with the previous voice.
 
 Text messages are at most `MAX_TEXT_BYTES`. Unknown fields are rejected, so a typo never goes unnoticed.
+Limits (app/transport/limits.py, set in the ingress config): real-time audio may arrive at most a few times faster than
+real time and text messages a few a second (`too_fast`); a session lasts at most `max_session_s` (`session_too_long`).
 
 WebRTC calls (`/v1/rtc`, spelled out step by step in app/transport/webrtc.py) reuse these messages and events on a
 signalling WebSocket, plus `OfferMessage` and `AnswerEvent` for the SDP; the audio travels on the call's track
@@ -96,6 +98,8 @@ class ErrorCode(StrEnum):
     bad_offer = "bad_offer"  # WebRTC: the SDP offer is malformed, sends no audio, or has no codec in common
     connection_failed = "connection_failed"  # WebRTC: no offer or no media connection in time, or the media path died
     internal = "internal"  # a server fault; the message carries no internals
+    too_fast = "too_fast"  # audio faster than the allowed multiple of real time, or too many text messages a second
+    session_too_long = "session_too_long"  # the session reached the server's maximum length; start a new one
 
 
 # WebSocket close codes (RFC 6455, section 7.4.1).
@@ -121,6 +125,8 @@ _CLOSE_CODES = {
     ErrorCode.bad_offer: CLOSE_POLICY_VIOLATION,
     ErrorCode.connection_failed: CLOSE_INTERNAL_ERROR,  # the call cannot go on; the error code says why
     ErrorCode.internal: CLOSE_INTERNAL_ERROR,
+    ErrorCode.too_fast: CLOSE_POLICY_VIOLATION,
+    ErrorCode.session_too_long: CLOSE_POLICY_VIOLATION,
 }
 
 
