@@ -112,6 +112,10 @@ class ApiKeys:
     def __repr__(self) -> str:
         return f"ApiKeys(key_ids={sorted(self._digests)})"
 
+    @property
+    def key_ids(self) -> frozenset[str]:
+        return frozenset(self._digests)
+
     def authenticate(self, presented_key: str) -> str:
         """The id of the presented key. Every key is compared, so the time taken does not depend on which matched."""
         presented = hashlib.sha256(presented_key.encode()).digest()
