@@ -7,9 +7,12 @@ instead of being silently ignored.
 from __future__ import annotations
 
 import ipaddress
+from typing import Annotated
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from app.transport.origins import normalized_origin
 
 ICE_URL_SCHEMES = ("stun:", "stuns:", "turn:", "turns:")
 
@@ -88,6 +91,16 @@ class IngressConfig(Strict):
     rtc_connect_timeout_s: float = Field(
         15.0, gt=0, description="WebRTC: for the offer to arrive after `ready`, then for the media to connect"
     )
+    allowed_origins: list[Annotated[str, AfterValidator(normalized_origin)]] = Field(
+        default_factory=list,
+        description="browser origins (scheme://host[:port]) allowed on /v1/stream, /v1/rtc and, by CORS, the HTTP API, "
+        "besides the service's own page; ['*'] = any. Clients that send no Origin (not browsers) are always allowed",
+    )
+    max_audio_speed: float = Field(3.0, gt=1, description="real-time audio a stream may send, in times real time")
+    audio_burst_s: float = Field(5.0, gt=0, description="seconds of audio a stream may send at once beyond that")
+    max_text_per_s: float = Field(5.0, gt=0, description="text messages a connection may send a second, sustained")
+    text_burst: int = Field(20, ge=1, description="text messages a connection may send at once beyond that")
+    max_session_s: float = Field(4 * 3600, gt=0, description="longest a stream or call lasts (session_too_long)")
 
     @field_validator("ice_host_addresses")
     @classmethod

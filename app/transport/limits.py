@@ -1,0 +1,122 @@
+"""What one connection may send, and for how long: the limits both live transports enforce in their reader loops.
+
+- Audio of a real-time stream: at most `audio_speed` times real time, sustained, plus `audio_burst_s` seconds at once
+  (a client catching up after a network stall sends its backlog in one go). Anything faster is not a microphone: it
+  costs decoding and is then dropped as late input anyway. Streams that are not real time need no such limit, since
+  the server reads their input only as fast as it converts it.
+- Text messages: at most `text_per_s` a second plus `text_burst` at once; a client sends a handful per session.
+- Session length: `max_session_s` from the start of the connection, so that a forgotten client does not hold a
+  converter slot forever.
+
+A violation raises a `ProtocolError` (`too_fast`, `session_too_long`), which ends only that connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from app.serving.config import IngressConfig
+from app.transport.protocol import ErrorCode, ProtocolError
+
+T = TypeVar("T")
+Clock = Callable[[], float]
+# Refills add up float time steps: without slack, a client exactly at the rate would be refused for a rounding error.
+ROUNDING_SLACK = 1e-9
+
+
+class TokenBucket:
+    """`rate` units a second, sustained, and up to `burst` at once; starts full."""
+
+    def __init__(self, rate: float, burst: float, clock: Clock = time.monotonic) -> None:
+        if rate <= 0 or burst <= 0:
+            raise ValueError(f"rate and burst must be positive, not {rate} and {burst}")
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._level = burst
+        self._updated = clock()
+
+    def take(self, amount: float = 1.0) -> bool:
+        """Takes `amount` if the bucket holds it; False (and nothing taken) otherwise."""
+        now = self._clock()
+        self._level = min(self.burst, self._level + (now - self._updated) * self.rate)
+        self._updated = now
+        if self._level < amount - ROUNDING_SLACK:
+            return False
+        self._level -= amount
+        return True
+
+
+@dataclass(frozen=True)
+class MessageLimits:
+    """The limits of every connection, from the ingress configuration."""
+
+    audio_speed: float
+    audio_burst_s: float
+    text_per_s: float
+    text_burst: int
+    max_session_s: float
+
+    @classmethod
+    def default(cls) -> MessageLimits:
+        """The configuration's defaults, written down once, there."""
+        return cls.from_config(IngressConfig())
+
+    @classmethod
+    def from_config(cls, config: IngressConfig) -> MessageLimits:
+        return cls(
+            audio_speed=config.max_audio_speed,
+            audio_burst_s=config.audio_burst_s,
+            text_per_s=config.max_text_per_s,
+            text_burst=config.text_burst,
+            max_session_s=config.max_session_s,
+        )
+
+
+class ConnectionLimits:
+    """One connection's allowance; its session-length clock starts when it is created."""
+
+    def __init__(self, limits: MessageLimits, clock: Clock = time.monotonic) -> None:
+        self.limits = limits
+        self._audio = TokenBucket(limits.audio_speed, limits.audio_burst_s, clock)
+        self._text = TokenBucket(limits.text_per_s, limits.text_burst, clock)
+        self._deadline = clock() + limits.max_session_s
+        self._clock = clock
+
+    def audio(self, seconds: float) -> None:
+        """Counts `seconds` of received real-time audio; too_fast beyond the allowance."""
+        if not self._audio.take(seconds):
+            raise ProtocolError(
+                ErrorCode.too_fast,
+                f"audio arrives faster than {self.limits.audio_speed:g} times real time; send it as it is recorded",
+            )
+
+    def text(self) -> None:
+        """Counts one received text message; too_fast beyond the allowance."""
+        if not self._text.take():
+            raise ProtocolError(
+                ErrorCode.too_fast, f"more than {self.limits.text_per_s:g} text messages a second on this connection"
+            )
+
+    def _too_long(self) -> ProtocolError:
+        return ProtocolError(
+            ErrorCode.session_too_long, f"sessions last at most {self.limits.max_session_s:g} s; start a new one"
+        )
+
+    async def bounded(self, work: Awaitable[T]) -> T:
+        """The result of `work`, unless the session outlives its maximum length first: then session_too_long.
+
+        Wrapping a reader loop this way ends a session that sends nothing, too, which a check per message would not.
+        """
+        try:
+            # A deadline already past ends `work` at its first wait.
+            async with asyncio.timeout(self._deadline - self._clock()) as deadline:
+                return await work
+        except TimeoutError:
+            if deadline.expired():
+                raise self._too_long() from None
+            raise  # a timeout of `work`'s own
