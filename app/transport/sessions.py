@@ -16,6 +16,7 @@ from app.serving.live import BlockReport, ConverterClient, LateReport, LiveSessi
 from app.serving.metrics import Metrics, NoMetrics
 from app.serving.wire import CapacityExceeded, UnknownVoice
 from app.streaming.settings import StreamSettings
+from app.transport.limits import MessageLimits
 from app.transport.protocol import (
     BlockEvent,
     ErrorCode,
@@ -42,6 +43,7 @@ class StreamServices:
     opus_bitrate: int = 32000
     metrics: Metrics = field(default_factory=NoMetrics)
     open_streams: Counter[str] = field(default_factory=Counter)  # by transport
+    limits: MessageLimits = field(default_factory=MessageLimits.default)  # what each connection may send, how long
 
     def stream_opened(self, transport: str) -> None:
         self.open_streams[transport] += 1

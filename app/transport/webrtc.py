@@ -63,9 +63,11 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from app.audio.opus import FRAME_SAMPLES, SAMPLE_RATE
 from app.audio.pacing import Pacer
+from app.logs import note, session_logged
 from app.serving.config import IceServer, IngressConfig
 from app.serving.live import BlockReport, LiveSession, pump
 from app.serving.wire import SessionLost
+from app.transport.limits import ConnectionLimits
 from app.transport.protocol import (
     CLOSE_NORMAL,
     FRAME_MS,
@@ -261,7 +263,9 @@ class RtcCall:
         self.owner = ""  # the API key id of the caller, known once the start message is checked
         self.dropped_ms = 0.0
         self._connection_changed = asyncio.Event()
+        self.limits = ConnectionLimits(services.stream.limits)
 
+    @session_logged("webrtc")
     async def run(self) -> None:
         await self.websocket.accept()
         try:
@@ -289,7 +293,7 @@ class RtcCall:
         peer.on("connectionstatechange", self._connection_changed.set)
         microphone = await self._answer(peer, offer, output)
         reader = asyncio.create_task(self._read_signalling(session))
-        media = asyncio.create_task(self._receive_media(session, microphone))
+        media = asyncio.create_task(self.limits.bounded(self._receive_media(session, microphone)))
         writer = asyncio.create_task(self._write(session, output))
         watch = asyncio.create_task(self._watch_connection(peer))
         tasks = (reader, media, writer, watch)
@@ -331,6 +335,7 @@ class RtcCall:
         text = message.get("text")
         if text is None:
             raise ProtocolError(ErrorCode.bad_message, "signalling is JSON text; the audio goes on the track")
+        self.limits.text()
         return parse_rtc_message(text)
 
     async def _receive_start(self) -> StartMessage:
@@ -338,6 +343,7 @@ class RtcCall:
         if not isinstance(start, StartMessage):
             raise ProtocolError(ErrorCode.not_started, f"the first message must be 'start', not '{start.type}'")
         self.owner = self.services.stream.check_start(start)
+        note(key_id=self.owner)
         return start
 
     async def _receive_offer(self) -> OfferMessage:
@@ -386,6 +392,7 @@ class RtcCall:
     async def _open(self, start: StartMessage) -> LiveSession:
         session, ready = await self.services.stream.open_session(start, self.owner)
         self.session = session  # from here on, `run` closes it whatever happens
+        note(session_id=session.session_id)
         self.events = BlockEvents(start.voice_id)
         self.services.stream.stream_opened("webrtc")
         await self._send(ready.model_dump_json())
@@ -444,6 +451,7 @@ class RtcCall:
             except MediaStreamError:
                 raise ProtocolError(ErrorCode.connection_failed, "the caller's audio track ended") from None
             assert isinstance(frame, AudioFrame), "an audio track yields audio frames"
+            self.limits.audio(frame.samples / frame.sample_rate)
             late = session.feed(downmix(frame))
             if late is not None:
                 self.dropped_ms = late.total_dropped_ms

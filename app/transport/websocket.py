@@ -16,8 +16,10 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from app.audio.opus import OpusDecoder, OpusEncoder, OpusError
 from app.audio.pacing import Pacer
+from app.logs import note, session_logged
 from app.serving.live import BlockReport, LiveSession, pump
 from app.serving.wire import SessionLost
+from app.transport.limits import ConnectionLimits
 from app.transport.protocol import (
     FRAME_MS,
     EndEvent,
@@ -46,7 +48,9 @@ class StreamConnection:
         self.dropped_ms = 0.0
         self.events = BlockEvents("")
         self.owner = ""  # the API key id of the caller, known once the start message is checked
+        self.limits = ConnectionLimits(services.limits)
 
+    @session_logged("websocket")
     async def run(self) -> None:
         await self.websocket.accept()
         try:
@@ -71,7 +75,7 @@ class StreamConnection:
     async def _serve(self) -> None:
         start = await self._receive_start()
         session = await self._open(start)
-        reader = asyncio.create_task(self._read(session))
+        reader = asyncio.create_task(self.limits.bounded(self._read(session)))
         writer = asyncio.create_task(self._write(session))
         try:
             done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_EXCEPTION)
@@ -94,12 +98,14 @@ class StreamConnection:
         if not isinstance(parsed, StartMessage):
             raise ProtocolError(ErrorCode.not_started, f"the first message must be 'start', not '{parsed.type}'")
         self.owner = self.services.check_start(parsed)
+        note(key_id=self.owner)
         return parsed
 
     async def _open(self, start: StartMessage) -> LiveSession:
         session, ready = await self.services.open_session(start, self.owner)
         self.realtime = start.realtime
         self.session = session  # from here on, `run` closes it whatever happens
+        note(session_id=session.session_id)
         self.events = BlockEvents(start.voice_id)
         self.services.stream_opened("websocket")
         await self._send(ready.model_dump_json())
@@ -115,8 +121,11 @@ class StreamConnection:
                 raise WebSocketDisconnect(message.get("code", 1000))
             packet = message.get("bytes")
             if packet is not None:
+                if self.realtime:  # a file's input is read only as fast as it converts (wait_for_room)
+                    self.limits.audio(FRAME_MS / 1000)  # one packet is 20 ms, by the protocol
                 self._take_audio(session, packet)
                 continue
+            self.limits.text()
             parsed = parse_client_message(message.get("text") or "")
             if isinstance(parsed, EndMessage):
                 session.end_input()
