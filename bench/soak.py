@@ -206,23 +206,24 @@ def format_row(row: Mapping[str, Any]) -> str:
     )
 
 
-def _judged(name: str, check: Flatness, limit: float, unit: str) -> str:
+def _judged(name: str, check: Flatness, limit: float, unit: str, judged: bool = True) -> str:
     if check.ratio is None:
         return f"{name}: no data"
-    state = "flat" if check.flat else "NOT flat"
-    return f"{name}: {_num(check.first)} -> {_num(check.last)} {unit} (x{check.ratio:.2f}, limit x{limit:.2f}) {state}"
+    change = f"{name}: {_num(check.first)} -> {_num(check.last)} {unit} (x{check.ratio:.2f}"
+    if not judged:
+        return f"{change}; shown, not judged)"
+    return f"{change}, limit x{limit:.2f}) {'flat' if check.flat else 'NOT flat'}"
 
 
 def format_verdict(result: Mapping[str, Any]) -> str:
-    if result["flat"] is None and "latency_p50" not in result:
+    if "latency_p50" not in result:
         return "verdict: no interval completed"
     lines = [
         _judged("server latency p50", result["latency_p50"], LATENCY_FLAT, "ms"),
-        _judged("server latency p99 (shown, not judged)", result["latency_p99"], LATENCY_FLAT, "ms"),
+        _judged("server latency p99", result["latency_p99"], LATENCY_FLAT, "ms", judged=False),
     ]
     for group in RSS_GROUPS:
-        judged = "" if group in JUDGED_RSS else " (shown, not judged)"
-        lines.append(_judged(f"RSS {group}{judged}", result["rss"][group], RSS_FLAT, "MiB"))
+        lines.append(_judged(f"RSS {group}", result["rss"][group], RSS_FLAT, "MiB", judged=group in JUDGED_RSS))
     overall_state = {True: "FLAT", False: "NOT FLAT", None: "UNKNOWN (no figures to compare)"}[result["flat"]]
     lines.append(f"verdict: {overall_state} (last interval vs first)")
     return "\n".join(lines)
