@@ -30,7 +30,7 @@ from av import AudioFrame
 from pydantic import TypeAdapter, ValidationError
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
-from starlette.websockets import WebSocket
+from starlette.websockets import WebSocket, WebSocketState
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
@@ -399,6 +399,57 @@ def test_answer_event_round_trips_and_new_codes_close_the_socket() -> None:
     answer = AnswerEvent(sdp="v=0\r\n")
     assert TypeAdapter(RtcServerEvent).validate_json(answer.model_dump_json()) == answer
     assert close_code(ErrorCode.bad_offer) == 1008 and close_code(ErrorCode.connection_failed) == 1011
+
+
+class SignallingSocket:
+    """What `RtcCall._answer` uses of its WebSocket: it sends the answer event."""
+
+    application_state = WebSocketState.CONNECTED
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    async def send_text(self, text: str) -> None:
+        self.sent.append(text)
+
+
+def malformed_offer(offer: str, case: str) -> str:
+    lines = offer.split("\r\n")
+    if case == "media_line_without_fields":
+        return "v=0\r\nm=audio\r\n"
+    if case == "no_dtls_attributes":
+        lines = [line for line in lines if not line.startswith(("a=fingerprint:", "a=setup:"))]
+    elif case == "fmtp_for_an_unlisted_codec":
+        lines.insert(lines.index("a=rtpmap:96 opus/48000/2") + 1, "a=fmtp:111 minptime=10")
+    elif case == "mid_without_an_id":
+        lines[lines.index("a=mid:0")] = "a=mid"
+    return "\r\n".join(lines)
+
+
+@pytest.mark.parametrize(
+    "case", ["media_line_without_fields", "no_dtls_attributes", "fmtp_for_an_unlisted_codec", "mid_without_an_id"]
+)
+def test_offers_aiortc_trips_over_are_bad_offer(case: str, loopback: None) -> None:
+    # Found by tests/test_fuzz_sdp.py. aiortc failed on these with an AssertionError, an AttributeError, a
+    # StopIteration turned RuntimeError and (in setLocalDescription) a ValueError: all reported as `internal` before.
+    async def run() -> ProtocolError:
+        peer = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        peer.addTransceiver("audio", direction="sendrecv")
+        await peer.setLocalDescription(await peer.createOffer())
+        await peer.close()
+        services = StreamServices(client=None, tokens=None, voices=None, defaults=StreamSettings())  # type: ignore[arg-type]
+        call = RtcCall(SignallingSocket(), RtcServices(services))  # type: ignore[arg-type]
+        answerer = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        offer = OfferMessage(type="offer", sdp=malformed_offer(peer.localDescription.sdp, case))
+        try:
+            with pytest.raises(ProtocolError) as refused:
+                await call._answer(answerer, offer, ConvertedAudioTrack(4))
+        finally:
+            await answerer.close()
+        return refused.value
+
+    error = asyncio.run(run())
+    assert error.code == ErrorCode.bad_offer and error.message.startswith("unusable SDP offer: "), error.message
 
 
 # -- whole calls in this process ---------------------------------------------------------------------------------

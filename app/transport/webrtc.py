@@ -419,10 +419,18 @@ class RtcCall:
             await peer.setRemoteDescription(RTCSessionDescription(sdp=offer.sdp, type="offer"))
         except (ValueError, LookupError, InternalError, InvalidAccessError, InvalidStateError, OperationError) as error:
             raise ProtocolError(ErrorCode.bad_offer, f"unusable SDP offer: {error}") from error
+        except Exception as error:
+            # aiortc's SDP parser trusts its input: on some malformed offers it fails with whatever it trips over (an
+            # assert, None for a missing attribute, a StopIteration turned RuntimeError). The offer is the only input.
+            log.info("call %s: aiortc failed on the offer: %r", self._session_id, error)
+            raise ProtocolError(ErrorCode.bad_offer, "unusable SDP offer: malformed or incomplete") from error
         microphone = transceiver.receiver.track
         if microphone is None or peer.getTransceivers() != [transceiver]:
             raise ProtocolError(ErrorCode.bad_offer, "the offer must hold exactly one audio section, which sends")
-        await peer.setLocalDescription(await peer.createAnswer())  # aiortc gathers every candidate here
+        try:
+            await peer.setLocalDescription(await peer.createAnswer())  # aiortc gathers every candidate here
+        except ValueError as error:  # an offer aiortc accepted can still yield an answer it refuses (a=mid with no id)
+            raise ProtocolError(ErrorCode.bad_offer, f"unusable SDP offer: {error}") from error
         await self._send(AnswerEvent(sdp=peer.localDescription.sdp).model_dump_json())
         return microphone
 
