@@ -59,8 +59,8 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections import Counter
-from collections.abc import AsyncGenerator, Iterator, Sequence
+from collections import Counter, defaultdict
+from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -74,7 +74,18 @@ from app.audio.opus import FRAME_SAMPLES, SAMPLE_RATE
 from app.audio.stream_resample import StreamingResampler
 from app.streaming.settings import CONTENT_RATE, StreamSettings
 from app.transport.protocol import FRAME_MS, ErrorCode
-from bench.serving_overhead import FIXTURE, deploy, distribution, dropped_block, kept_block, looped, phases
+from bench.serving_overhead import (
+    FIXTURE,
+    CpuSnapshot,
+    cpu_snapshot,
+    deploy,
+    distribution,
+    dropped_block,
+    kept_block,
+    looped,
+    phases,
+    process_table,
+)
 from client.api import ClientError, get_token, upload_voice
 from client.stream_client import Event, Outgoing, StreamError, encode_packets, paced_packets, run_stream, start_message
 from tests.parity import ParitySet
@@ -279,6 +290,47 @@ class Ledger:
     def rotate(self) -> Tally:
         done, self.current = self.current, Tally()
         return done
+
+
+def descendants(parents: Mapping[int, int], root: int) -> set[int]:
+    """Every process below `root` in the tree given as pid -> parent pid."""
+    children: dict[int, list[int]] = defaultdict(list)
+    for pid, parent in parents.items():
+        children[parent].append(pid)
+    found: set[int] = set()
+    todo = [root]
+    while todo:
+        for child in children[todo.pop()]:
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def own_tree() -> set[int]:
+    """This process and every process below it (with --local: the Ray it started, the app's replicas)."""
+    parents = {pid: int(fields[1]) for pid, _, fields in process_table()}
+    return {os.getpid(), *descendants(parents, os.getpid())}
+
+
+def neighbour_cpu(before: CpuSnapshot, after: CpuSnapshot, ours: set[int]) -> dict[str, float]:
+    """% of one core between two snapshots: the whole machine's, this tool's process tree's, and the rest (whoever
+    else uses the machine: on a shared one, the noise in the figures)."""
+    wall = after.wall - before.wall
+    own_s = sum(
+        seconds - before.processes.get(pid, ("", 0.0))[1]
+        for pid, (_, seconds) in after.processes.items()
+        if pid in ours
+    )
+    machine = 100 * (after.machine_busy_s - before.machine_busy_s) / wall
+    return {"machine": machine, "this_tool": 100 * own_s / wall, "others": max(0.0, machine - 100 * own_s / wall)}
+
+
+def format_cpu(cpu: Mapping[str, float]) -> str:
+    return (
+        f"CPU over the run, % of one core ({os.cpu_count()} cores): machine {cpu['machine']:.0f}, this tool's "
+        f"processes {cpu['this_tool']:.0f}, others {cpu['others']:.0f}"
+    )
 
 
 # ---- streams ------------------------------------------------------------------------------------------------------
@@ -569,13 +621,20 @@ def format_report(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         verdict = "-" if b["within_goal"] is None else "ok" if b["within_goal"] else "OVER"
         lines.append(f"  {label:<46}{_kbps(b['median']):>8}{_kbps(b['max']):>8}   {verdict}")
     lines.append("  (TCP/IP and TLS headers below the WebSocket are not counted; see the docstring)")
+    lines.append(format_cpu(meta["cpu_percent"]))
     for message in summary["error_messages"][:5]:
         lines.append(f"error: {message}")
     return "\n".join(lines)
 
 
 def run_meta(
-    title: str, args: argparse.Namespace, target: Target, seconds: float, block_ms: float, load: tuple[float, float]
+    title: str,
+    args: argparse.Namespace,
+    target: Target,
+    seconds: float,
+    block_ms: float,
+    load: tuple[float, float],
+    cpu: Mapping[str, float],
 ) -> dict[str, Any]:
     return {
         "title": title,
@@ -588,6 +647,7 @@ def run_meta(
         "load_1min": list(load),
         "input": str(args.input),
         "goal_kbps": GOAL_KBPS,
+        "cpu_percent": dict(cpu),
     }
 
 
@@ -604,13 +664,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ledger = Ledger()
     with open_target(args, max_sessions=2 * args.streams + 1) as target:
         warm_up(target, audio)
-        load_before = os.getloadavg()[0]
+        load_before, cpu_before = os.getloadavg()[0], cpu_snapshot()
         asyncio.run(load_run(target, packets, args.streams, args.ramp, ledger))
-        load_after = os.getloadavg()[0]
+        load_after, cpu_after = os.getloadavg()[0], cpu_snapshot()
+        cpu = neighbour_cpu(cpu_before, cpu_after, own_tree())  # while the app's processes still exist
     tally = ledger.current
     block_ms = tally.blocks[0].block_ms if tally.blocks else 1000 * StreamSettings().block_time
     report = {
-        "meta": run_meta("Load", args, target, args.seconds, block_ms, (load_before, load_after)),
+        "meta": run_meta("Load", args, target, args.seconds, block_ms, (load_before, load_after), cpu),
         "summary": tally.summary(),
         "streams": [{"stream": t.stream, **t.rates()} for t in sorted(tally.traffic, key=lambda t: t.stream)],
         "blocks": [asdict(sample) for sample in tally.blocks],

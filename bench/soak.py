@@ -35,7 +35,6 @@ import itertools
 import json
 import os
 import time
-from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
@@ -48,16 +47,19 @@ from bench.load import (
     Target,
     add_target_args,
     check_target_args,
+    descendants,
     flatness,
     format_report,
+    neighbour_cpu,
     open_target,
+    own_tree,
     read_input,
     run_meta,
     run_one_stream,
     warm_up,
     write_json,
 )
-from bench.serving_overhead import CONVERTER, INGRESS, PROXY, phases, process_table
+from bench.serving_overhead import CONVERTER, INGRESS, PROXY, cpu_snapshot, phases, process_table
 from client.stream_client import encode_packets
 
 LATENCY_FLAT = 1.25  # last / first interval p50; the shared 2-core machines move a p50 by ~10-20 % on their own
@@ -71,22 +73,9 @@ PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 # ---- pure parts ---------------------------------------------------------------------------------------------------
 
 
-def descendants(parents: Mapping[int, int], root: int) -> set[int]:
-    """Every process below `root` in the tree given as pid -> parent pid."""
-    children: dict[int, list[int]] = defaultdict(list)
-    for pid, parent in parents.items():
-        children[parent].append(pid)
-    found: set[int] = set()
-    todo = [root]
-    while todo:
-        for child in children[todo.pop()]:
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def interval_row(number: int, end_s: float, tally: Tally, rss_mib: Mapping[str, float | None]) -> dict[str, Any]:
+def interval_row(
+    number: int, end_s: float, tally: Tally, rss_mib: Mapping[str, float | None], cpu: Mapping[str, float]
+) -> dict[str, Any]:
     summary = tally.summary()
     return {
         "interval": number,
@@ -102,6 +91,7 @@ def interval_row(number: int, end_s: float, tally: Tally, rss_mib: Mapping[str, 
         "refusals": sum(summary["refusals"].values()),
         "errors": summary["errors"],
         "rss_mib": dict(rss_mib),
+        "cpu_percent": dict(cpu),
     }
 
 
@@ -172,11 +162,16 @@ async def soak(
     rows: list[dict[str, Any]] = []
     tallies: list[Tally] = []
     tick = start + args.interval
+    cpu_before = cpu_snapshot()
     while tick <= stop_at + 1e-6:
         await asyncio.sleep(max(0.0, tick - time.monotonic()))
         tallies.append(ledger.rotate())
-        rows.append(interval_row(len(rows) + 1, tick - start, tallies[-1], replica_rss_mib(rss_root)))
-        print(format_row(rows[-1]), flush=True)
+        cpu_after = cpu_snapshot()
+        cpu = neighbour_cpu(cpu_before, cpu_after, own_tree())
+        cpu_before = cpu_after
+        row = interval_row(len(rows) + 1, tick - start, tallies[-1], replica_rss_mib(rss_root), cpu)
+        rows.append(row)
+        print(format_row(row), flush=True)
         tick += args.interval
     await asyncio.gather(*slots)
     return rows, [*tallies, ledger.rotate()]
@@ -191,7 +186,8 @@ def _num(value: float | None, digits: int = 1) -> str:
 
 HEADER = (
     f"{'t':>6} {'new':>4}{'blocks':>7} | {'server p50':>10}{'p99':>7} | {'client p50':>10}{'p99':>7} | "
-    f"{'miss':>4}{'drop':>5}{'refused':>8}{'err':>4} | RSS MiB {'ingress':>8}{'convert':>8}{'proxy':>7}"
+    f"{'miss':>4}{'drop':>5}{'refused':>8}{'err':>4} | RSS MiB {'ingress':>8}{'convert':>8}{'proxy':>7} | "
+    f"{'CPU %: ours':>11}{'others':>7}"
 )
 
 
@@ -202,7 +198,8 @@ def format_row(row: Mapping[str, Any]) -> str:
         f"{_num(row['server_p50_ms']):>10}{_num(row['server_p99_ms']):>7} | "
         f"{_num(row['client_p50_ms']):>10}{_num(row['client_p99_ms']):>7} | "
         f"{row['misses']:>4}{row['dropped_blocks']:>5}{row['refusals']:>8}{row['errors']:>4} | "
-        f"{'':>7} {_num(rss[INGRESS], 0):>8}{_num(rss[CONVERTER], 0):>8}{_num(rss[PROXY], 0):>7}"
+        f"{'':>7} {_num(rss[INGRESS], 0):>8}{_num(rss[CONVERTER], 0):>8}{_num(rss[PROXY], 0):>7} | "
+        f"{row['cpu_percent']['this_tool']:>11.0f}{row['cpu_percent']['others']:>7.0f}"
     )
 
 
@@ -261,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     rss_root = os.getpid() if args.local else None
     with open_target(args, max_sessions=2 * args.streams + 1) as target:
         warm_up(target, audio)
-        load_before = os.getloadavg()[0]
+        load_before, cpu_before = os.getloadavg()[0], cpu_snapshot()
         print(
             f"Soak | {target.description} | {args.streams} streams live for {args.minutes:g} min, streams of "
             f"{args.stream_seconds:g} s back to back | a row every {args.interval:g} s | {os.cpu_count()} CPUs",
@@ -269,10 +266,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
         print(HEADER, flush=True)
         rows, tallies = asyncio.run(soak(target, packets, args, rss_root))
-        load_after = os.getloadavg()[0]
+        load_after, cpu_after = os.getloadavg()[0], cpu_snapshot()
+        cpu = neighbour_cpu(cpu_before, cpu_after, own_tree())
     total = Tally.merged(tallies)
     block_ms = total.blocks[0].block_ms if total.blocks else 0.0
-    meta = run_meta("Soak, all intervals", args, target, args.stream_seconds, block_ms, (load_before, load_after))
+    load = (load_before, load_after)
+    meta = run_meta("Soak, all intervals", args, target, args.stream_seconds, block_ms, load, cpu)
     report = {"meta": meta, "rows": rows, "verdict": verdict(rows), "total": total.summary()}
     print()
     print(format_report(report["total"], meta))

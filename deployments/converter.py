@@ -6,12 +6,14 @@ session-pinning router (least-loaded placement) and `record_autoscaling_stats` t
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import replace
 from typing import Any
 
 from ray import serve
 
+from app.logs import route_to
 from app.serving.config import ConverterConfig
 from app.serving.converter import ConverterService
 from app.serving.wire import BlockIn, BlockOut, ConverterError, OpenReply, OpenRequest
@@ -23,6 +25,7 @@ DEFAULT_BATCH_WAIT_S = 0.005
 
 class Converter:
     def __init__(self, config: dict[str, Any]) -> None:
+        route_to(logging.getLogger("ray.serve"))  # app/ records (model load, speed check) into this replica's Serve log
         replica = serve.get_replica_context().replica_id.unique_id
         self.service = ConverterService(ConverterConfig(**config, replica_tag=replica), metrics=RayServeMetrics())
 

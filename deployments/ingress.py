@@ -15,14 +15,19 @@ from typing import Any
 
 import torch
 from fastapi import FastAPI, Header, HTTPException, Request, WebSocket
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from app.auth.tokens import ApiKeys, TokenError, TokenSigner, bearer
+from app.logs import route_to
 from app.serving.config import IngressConfig
 from app.streaming.settings import StreamSettings
+from app.transport.limits import MessageLimits
+from app.transport.origins import origin_allowed
+from app.transport.protocol import CLOSE_POLICY_VIOLATION
 from app.transport.sessions import StreamServices
 from app.transport.webrtc import RtcCall, RtcServices, restrict_ice_host_addresses
 from app.transport.websocket import StreamConnection
@@ -35,6 +40,7 @@ log = logging.getLogger(__name__)
 WEB_CLIENT = Path(__file__).resolve().parent.parent / "client" / "web"
 API_KEYS_ENV = "SEEDVC_API_KEYS"  # "id=key,id2=key2"
 TOKEN_SECRET_ENV = "SEEDVC_TOKEN_SECRET"  # shared by every ingress replica, so that any of them accepts a token
+SERVE_LOGGER = "ray.serve"  # the replica's logger: Serve's logging_config (JSON, level, log files) applies to it
 TURN_SECRET_ENV = "SEEDVC_TURN_SECRET"  # coturn's static-auth-secret; keeps the secret out of config files
 
 api = FastAPI(title="Seed-VC real-time voice conversion", version="1")
@@ -71,6 +77,7 @@ class Ingress:
     def __init__(self, converter: DeploymentHandle, config: dict[str, Any]) -> None:
         # Per-chunk resampling and Opus work is tiny: more torch threads only fight the converters for the cores.
         torch.set_num_threads(1)
+        route_to(logging.getLogger(SERVE_LOGGER))  # app/ and deployments/ records, with their session fields
         self.config = with_turn_secret(IngressConfig(**config))
         self.converter = converter
         self.keys = api_keys(self.config)
@@ -85,8 +92,16 @@ class Ingress:
             retry_after_s=self.config.retry_after_s,
             opus_bitrate=self.config.opus_bitrate,
             metrics=RayServeMetrics(),
+            limits=MessageLimits.from_config(self.config),
         )
         self.rtc = RtcServices.from_config(self.services, self.config)
+        if self.config.allowed_origins:  # pages of the service's own origin need no CORS
+            api.add_middleware(
+                CORSMiddleware,
+                allow_origins=self.config.allowed_origins,
+                allow_methods=["*"],
+                allow_headers=["Authorization", "Content-Type"],
+            )
         if self.config.ice_host_addresses is not None:
             # This replica's process owns the peer connections, so this is where ICE must learn its addresses.
             restrict_ice_host_addresses(self.config.ice_host_addresses)
@@ -102,12 +117,25 @@ class Ingress:
         except TokenError as error:
             raise HTTPException(status_code=401, detail=f"invalid session token: {error}") from error
 
+    async def _refused_origin(self, websocket: WebSocket) -> bool:
+        """Refuses a handshake from a page that may not connect (HTTP 403, before accept); returns whether it did."""
+        origin = websocket.headers.get("origin")
+        if origin_allowed(origin, websocket.headers.get("host"), self.config.allowed_origins):
+            return False
+        log.info("refused a WebSocket on %s from origin %.200r", websocket.url.path, origin)
+        await websocket.close(code=CLOSE_POLICY_VIOLATION)
+        return True
+
     @api.websocket("/v1/stream")
     async def stream(self, websocket: WebSocket) -> None:
+        if await self._refused_origin(websocket):
+            return
         await StreamConnection(websocket, self.services).run()
 
     @api.websocket("/v1/rtc")
     async def rtc(self, websocket: WebSocket) -> None:
+        if await self._refused_origin(websocket):
+            return
         await RtcCall(websocket, self.rtc).run()
 
     @api.get("/v1/ice")

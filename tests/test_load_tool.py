@@ -32,6 +32,7 @@ from bench.load import (
     kbit_per_s,
     ws_frame_bytes,
 )
+from bench.serving_overhead import CpuSnapshot
 from client.stream_client import encode_packets
 from tests.test_stream_client_unit import BLOCK_FRAMES, EchoConverter, serving, sine
 
@@ -233,9 +234,9 @@ def test_the_soak_verdict_judges_p50_latency_and_the_ingress_and_converter_rss()
 
 def test_descendants_follow_the_process_tree_down_only() -> None:
     parents = {10: 1, 11: 10, 12: 11, 13: 10, 20: 1, 21: 20}
-    assert soak.descendants(parents, 10) == {11, 12, 13}
-    assert soak.descendants(parents, 12) == set()
-    assert soak.descendants(parents, 1) == {10, 11, 12, 13, 20, 21}
+    assert load.descendants(parents, 10) == {11, 12, 13}
+    assert load.descendants(parents, 12) == set()
+    assert load.descendants(parents, 1) == {10, 11, 12, 13, 20, 21}
 
 
 def test_replica_rss_reads_this_machine(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -246,3 +247,15 @@ def test_replica_rss_reads_this_machine(monkeypatch: pytest.MonkeyPatch) -> None
     everywhere = soak.replica_rss_mib(only_under=None)
     assert everywhere[soak.CONVERTER] is not None and everywhere[soak.CONVERTER] > 10  # MiB: torch is loaded
     assert soak.replica_rss_mib(only_under=me)[soak.CONVERTER] is None  # a process is not its own descendant
+
+
+def test_cpu_is_split_into_this_tools_processes_and_everyone_elses() -> None:
+    before = CpuSnapshot(wall=100.0, machine_busy_s=50.0, processes={1: ("bench", 10.0), 2: ("other", 5.0)}, threads={})
+    after = CpuSnapshot(
+        wall=110.0,
+        machine_busy_s=65.0,  # 15 CPU seconds in 10 s: 150 % of one core
+        processes={1: ("bench", 14.0), 2: ("other", 9.0), 3: ("ingress", 2.0)},  # 3 started meanwhile
+        threads={},
+    )
+    cpu = load.neighbour_cpu(before, after, ours={1, 3})
+    assert cpu == {"machine": pytest.approx(150.0), "this_tool": pytest.approx(60.0), "others": pytest.approx(90.0)}
