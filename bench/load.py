@@ -448,13 +448,17 @@ class StreamProbe:
 
 async def run_one_stream(target: Target, stream: int, packets: Sequence[bytes], ledger: Ledger) -> float | None:
     """One stream from connect to end; returns the retry_after_s of a refusal, else None."""
-    probe = StreamProbe(stream, packets, ledger, target.lookahead_48k)
     ledger.current.streams_started += 1
     try:
         start = start_message(await target.tokens.get(), target.voice_id, realtime=True, seed=stream)
-        probe.traffic.sent(json.dumps(start))  # the client sends it exactly so
+    except ClientError as error:
+        ledger.current.errors.append(f"stream {stream}: no token: {error}")
+        return None
+    probe = StreamProbe(stream, packets, ledger, target.lookahead_48k)  # its clock of the session opening starts here
+    probe.traffic.sent(json.dumps(start))  # the client sends it exactly so
+    try:
         await run_stream(target.base_url, start, probe.outgoing(), on_event=probe.on_event, on_message=probe.on_message)
-    except (*STREAM_FAILURES, ClientError) as error:
+    except STREAM_FAILURES as error:
         ledger.current.errors.append(f"stream {stream}: {type(error).__name__}: {error}")
     finally:
         probe.finish()
