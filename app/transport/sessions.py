@@ -15,7 +15,7 @@ from app.auth.tokens import TokenError, TokenSigner
 from app.serving.live import BlockReport, ConverterClient, LateReport, LiveSession
 from app.serving.metrics import Metrics, NoMetrics
 from app.serving.wire import CapacityExceeded, UnknownVoice
-from app.streaming.settings import StreamSettings
+from app.streaming.settings import SettingsError, StreamSettings
 from app.transport.limits import MessageLimits
 from app.transport.protocol import (
     BlockEvent,
@@ -100,6 +100,11 @@ class StreamServices:
             raise ProtocolError(ErrorCode.overloaded, "every converter is full; try again shortly") from error
         except UnknownVoice as error:
             raise ProtocolError(ErrorCode.unknown_voice, f"unknown voice {start.voice_id}") from error
+        except SettingsError as error:
+            # Within the live ranges, yet not streamable by the converter's model: with no DiT context (dit_context 0)
+            # the vocoder can fall a few samples short of a block. Through Ray, `cause` is the converter's own error
+            # (the error itself prints as a traceback).
+            raise ProtocolError(ErrorCode.bad_settings, str(getattr(error, "cause", error))) from error
         block_ms = round(1000 * opened.block / opened.sample_rate)
         ready = ReadyEvent(session_id=session.session_id, resume_token="", block_ms=block_ms, settings=settings)
         return session, ready
