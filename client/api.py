@@ -1,4 +1,4 @@
-"""Typed helpers for the server's HTTP API: session tokens and reference voices.
+"""Typed helpers for the server's HTTP API: session tokens, reference voices, usage, and the admin API's keys.
 
 Standard library only (urllib), so that a client machine needs nothing beyond what the streaming client already
 imports. Every failure, from a refused connection to a 4xx answer, raises `ClientError` carrying the server's
@@ -60,6 +60,64 @@ def delete_voice(base_url: str, token: str, voice_id: str, *, timeout: float = D
     _request("DELETE", base_url, f"/v1/voices/{urllib.parse.quote(voice_id, safe='')}", bearer=token, timeout=timeout)
 
 
+def my_usage(base_url: str, token: str, *, timeout: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
+    """This token's key's usage today: day, stream_seconds, live_sessions, quotas (GET /v1/usage)."""
+    return _request("GET", base_url, "/v1/usage", bearer=token, timeout=timeout)
+
+
+# The admin API (the server's SEEDVC_ADMIN_KEY). Quotas: None (the default) leaves a quota to the server's default.
+
+
+def create_key(
+    base_url: str,
+    admin_key: str,
+    key_id: str | None = None,
+    *,
+    name: str | None = None,
+    max_sessions: int | None = None,
+    max_stream_minutes_per_day: float | None = None,
+    timeout: float = DEFAULT_TIMEOUT_S,
+) -> dict[str, Any]:
+    """Creates an API key; the answer's `api_key` is its secret, which the server shows only this once."""
+    fields = {
+        "key_id": key_id,
+        "name": name,
+        "max_sessions": max_sessions,
+        "max_stream_minutes_per_day": max_stream_minutes_per_day,
+    }
+    body = {field: value for field, value in fields.items() if value is not None}
+    return _request("POST", base_url, "/v1/admin/keys", bearer=admin_key, json_body=body, timeout=timeout)
+
+
+def list_keys(base_url: str, admin_key: str, *, timeout: float = DEFAULT_TIMEOUT_S) -> list[dict[str, Any]]:
+    """Every key, static and stored (revoked ones too), without secrets."""
+    keys = _request("GET", base_url, "/v1/admin/keys", bearer=admin_key, timeout=timeout).get("keys")
+    if not isinstance(keys, list):
+        raise ClientError(200, "the key list answer has no 'keys' list")
+    return keys
+
+
+def rotate_key(
+    base_url: str, admin_key: str, key_id: str, grace_s: float | None = None, *, timeout: float = DEFAULT_TIMEOUT_S
+) -> dict[str, Any]:
+    """A new secret for the key (in `api_key`); the old one keeps working for `grace_s` (None: the server's default)."""
+    body = {} if grace_s is None else {"grace_s": grace_s}
+    path = f"/v1/admin/keys/{urllib.parse.quote(key_id, safe='')}/rotate"
+    return _request("POST", base_url, path, bearer=admin_key, json_body=body, timeout=timeout)
+
+
+def revoke_key(base_url: str, admin_key: str, key_id: str, *, timeout: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
+    """Revokes the key for good; returns its record (with `revoked_at`)."""
+    path = f"/v1/admin/keys/{urllib.parse.quote(key_id, safe='')}"
+    return _request("DELETE", base_url, path, bearer=admin_key, timeout=timeout)
+
+
+def key_usage(base_url: str, admin_key: str, key_id: str, *, timeout: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
+    """A key's usage today and its quotas."""
+    path = f"/v1/admin/keys/{urllib.parse.quote(key_id, safe='')}/usage"
+    return _request("GET", base_url, path, bearer=admin_key, timeout=timeout)
+
+
 def _request(
     method: str,
     base_url: str,
@@ -69,13 +127,17 @@ def _request(
     timeout: float,
     query: dict[str, str] | None = None,
     body: bytes | None = None,
+    json_body: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One call; returns the JSON object answered (empty for an empty body, as a 204 has)."""
     url = base_url.rstrip("/") + path
     if query:
         url += "?" + urllib.parse.urlencode(query)
     headers = {"Authorization": f"Bearer {bearer}", "Accept": "application/json"}
-    if body is not None:
+    if json_body is not None:
+        body = json.dumps(json_body).encode()
+        headers["Content-Type"] = "application/json"
+    elif body is not None:
         headers["Content-Type"] = "application/octet-stream"
     request = urllib.request.Request(url, data=body, headers=headers, method=method)
     try:

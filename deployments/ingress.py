@@ -21,6 +21,7 @@ from fastapi.staticfiles import StaticFiles
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from app.auth.admin import NewKeyRequest, RotateRequest, new_secret_answer, static_key_answer, usage_answer
 from app.auth.tokens import ApiKeys, TokenError, TokenSigner, bearer
 from app.logs import route_to
 from app.serving.config import IngressConfig
@@ -28,11 +29,13 @@ from app.streaming.settings import StreamSettings
 from app.transport.limits import MessageLimits
 from app.transport.origins import origin_allowed
 from app.transport.protocol import CLOSE_POLICY_VIOLATION
+from app.transport.quotas import SessionQuotas
 from app.transport.sessions import StreamServices
 from app.transport.webrtc import RtcCall, RtcServices, restrict_ice_host_addresses
 from app.transport.websocket import StreamConnection
 from app.voices.store import VoiceError, VoiceLimits, VoiceNotFound, VoiceStore
 from deployments.client import RayConverterClient
+from deployments.keys import admin_error, admin_key, key_store, usage_meter
 from deployments.metrics import RayServeMetrics
 
 log = logging.getLogger(__name__)
@@ -46,14 +49,13 @@ TURN_SECRET_ENV = "SEEDVC_TURN_SECRET"  # coturn's static-auth-secret; keeps the
 api = FastAPI(title="Seed-VC real-time voice conversion", version="1")
 
 
-def api_keys(config: IngressConfig) -> ApiKeys:
+def api_keys(config: IngressConfig) -> ApiKeys | None:
+    """The static keys (config and environment); None when there are none (keys are then made at run time)."""
     keys = dict(config.api_keys)
     for item in filter(None, os.environ.get(API_KEYS_ENV, "").split(",")):
         key_id, _, key = item.partition("=")
         keys[key_id.strip()] = key.strip()
-    if not keys:
-        raise ValueError(f"no API keys configured: set ingress.api_keys or the {API_KEYS_ENV} environment variable")
-    return ApiKeys(keys)
+    return ApiKeys(keys) if keys else None
 
 
 def with_turn_secret(config: IngressConfig) -> IngressConfig:
@@ -80,7 +82,9 @@ class Ingress:
         route_to(logging.getLogger(SERVE_LOGGER))  # app/ and deployments/ records, with their session fields
         self.config = with_turn_secret(IngressConfig(**config))
         self.converter = converter
-        self.keys = api_keys(self.config)
+        self.admin = admin_key()
+        self.keys = key_store(self.config, api_keys(self.config), self.admin)  # static keys, then runtime ones
+        self.usage = usage_meter(self.config, self.keys)
         self.tokens = TokenSigner(token_secret(), ttl_seconds=self.config.token_ttl_s)
         self.voices = VoiceStore(self.config.voice_store, VoiceLimits(max_bytes=self.config.max_upload_bytes))
         self.services = StreamServices(
@@ -93,6 +97,7 @@ class Ingress:
             opus_bitrate=self.config.opus_bitrate,
             metrics=RayServeMetrics(),
             limits=MessageLimits.from_config(self.config),
+            quotas=SessionQuotas(self.usage),
         )
         self.rtc = RtcServices.from_config(self.services, self.config)
         if self.config.allowed_origins:  # pages of the service's own origin need no CORS
@@ -113,9 +118,11 @@ class Ingress:
     def _caller(self, authorization: str | None) -> str:
         """The key id behind a session token in an Authorization header (401 otherwise)."""
         try:
-            return self.tokens.verify(bearer(authorization)).key_id
+            key_id = self.tokens.verify(bearer(authorization)).key_id
+            self.keys.check_active(key_id)  # a revoked key's tokens stop here (within key_cache_ttl_s)
         except TokenError as error:
             raise HTTPException(status_code=401, detail=f"invalid session token: {error}") from error
+        return key_id
 
     async def _refused_origin(self, websocket: WebSocket) -> bool:
         """Refuses a handshake from a page that may not connect (HTTP 403, before accept); returns whether it did."""
@@ -184,6 +191,74 @@ class Ingress:
         if record.owner != owner:
             raise HTTPException(status_code=404, detail="no such voice")
         self.voices.delete(voice_id)
+
+    # -- API keys: the admin API (SEEDVC_ADMIN_KEY) and a key's own usage -----------------------------------------
+
+    def _admin(self, authorization: str | None) -> None:
+        """Lets the admin key through (401 otherwise); 404 while the admin API is off, as for any unknown path."""
+        if self.admin is None:
+            raise HTTPException(status_code=404, detail="Not Found")
+        try:
+            self.admin.check(bearer(authorization))
+        except TokenError as error:
+            raise HTTPException(status_code=401, detail=f"invalid admin key: {error}") from error
+
+    @api.post("/v1/admin/keys", status_code=201)
+    async def create_key(self, request: Request, authorization: str | None = Header(None)) -> dict[str, Any]:
+        """A new API key; the answer carries its secret, which is shown this once."""
+        self._admin(authorization)
+        try:
+            body = NewKeyRequest.model_validate_json(await request.body() or b"{}")
+            new = self.keys.create(body.key_id, body.quotas(self.keys.default_quotas), body.name)
+        except (ValueError, LookupError) as error:
+            raise admin_error(error) from error
+        log.info("admin: created API key %s", new.record.key_id)
+        return new_secret_answer(new)
+
+    @api.get("/v1/admin/keys")
+    async def list_keys(self, authorization: str | None = Header(None)) -> dict[str, Any]:
+        self._admin(authorization)
+        static = [static_key_answer(key_id, self.keys.default_quotas) for key_id in self.keys.static_ids]
+        return {"keys": static + [record.public() for record in self.keys.list()]}
+
+    @api.post("/v1/admin/keys/{key_id}/rotate")
+    async def rotate_key(
+        self, key_id: str, request: Request, authorization: str | None = Header(None)
+    ) -> dict[str, Any]:
+        """A new secret for the key; the old one keeps working for `grace_s` (default: key_rotation_grace_s)."""
+        self._admin(authorization)
+        try:
+            body = RotateRequest.model_validate_json(await request.body() or b"{}")
+            grace_s = self.config.key_rotation_grace_s if body.grace_s is None else body.grace_s
+            new = self.keys.rotate(key_id, grace_s)
+        except (ValueError, LookupError) as error:
+            raise admin_error(error) from error
+        log.info("admin: rotated API key %s; the old secret works for %g s more", key_id, grace_s)
+        return new_secret_answer(new)
+
+    @api.delete("/v1/admin/keys/{key_id}")
+    async def revoke_key(self, key_id: str, authorization: str | None = Header(None)) -> dict[str, Any]:
+        """Revokes the key for good: no new tokens, and its tokens fail at their next use (within key_cache_ttl_s)."""
+        self._admin(authorization)
+        try:
+            record = self.keys.revoke(key_id)
+        except (ValueError, LookupError) as error:
+            raise admin_error(error) from error
+        log.info("admin: revoked API key %s", key_id)
+        return record.public()
+
+    @api.get("/v1/admin/keys/{key_id}/usage")
+    async def key_usage(self, key_id: str, authorization: str | None = Header(None)) -> dict[str, Any]:
+        self._admin(authorization)
+        try:
+            return usage_answer(await self.usage.usage(key_id))
+        except (ValueError, LookupError) as error:
+            raise admin_error(error) from error
+
+    @api.get("/v1/usage")
+    async def own_usage(self, authorization: str | None = Header(None)) -> dict[str, Any]:
+        """The caller's key's usage today and its quotas (session token)."""
+        return usage_answer(await self.usage.usage(self._caller(authorization)))
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:

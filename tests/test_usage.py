@@ -273,3 +273,13 @@ def test_revoked_and_unknown_keys_get_no_session(keys: KeyStore, clock: FakeCloc
 
 def keys_root(keys: KeyStore) -> Path:
     return Path(keys.root)
+
+
+def test_a_released_slot_is_free_at_once_on_the_same_replica(keys: KeyStore, clock: FakeClock) -> None:
+    async def scenario() -> None:
+        usage = meter(keys, clock)
+        for index in range(20):  # no flush in between: the lease files may still be on their way out
+            usage.release(await usage.acquire("one", f"session-{index}"))
+        await usage.close()
+
+    run(scenario())

@@ -130,6 +130,7 @@ class UsageMeter:
         self._seconds: dict[tuple[str, str], float] = {}  # (key id, day) -> this replica's total
         self._dirty: set[tuple[str, str]] = set()
         self._ended: list[Lease] = []  # closed sessions whose lease files are still to delete
+        self._gone: set[str] = set()  # ids of those leases until their files are deleted: never counted meanwhile
         self._others: dict[tuple[str, str], tuple[float, float]] = {}  # (key id, day) -> (read at, seconds)
         self._flush_lock = asyncio.Lock()
         self._flusher: asyncio.Task[None] | None = None
@@ -162,6 +163,7 @@ class UsageMeter:
             self._account(lease, self._clock())
             if not held:
                 self._ended.append(lease)
+                self._gone.add(lease.lease_id)
         self._flush_soon()
 
     # -- usage -----------------------------------------------------------------------------------------------------
@@ -268,8 +270,10 @@ class UsageMeter:
         if not KEY_ID.fullmatch(key_id):
             return []
         live = []
+        with self._lock:
+            gone = set(self._gone)
         for lease_id in self._files.names(f"leases/{key_id}"):
-            if not _HEX_ID.fullmatch(lease_id):
+            if not _HEX_ID.fullmatch(lease_id) or lease_id in gone:
                 continue
             document = self._files.read(f"leases/{key_id}/{lease_id}")
             if document is None:  # deleted since the listing
@@ -352,6 +356,8 @@ class UsageMeter:
                 self._write_lease(lease, expires_at)
         for lease in snapshot.delete:
             self._files.delete(self._lease_path(lease))
+            with self._lock:
+                self._gone.discard(lease.lease_id)
 
     def _write_lease(self, lease: Lease, expires_at: float) -> None:
         document = {

@@ -101,6 +101,32 @@ class IngressConfig(Strict):
     max_text_per_s: float = Field(5.0, gt=0, description="text messages a connection may send a second, sustained")
     text_burst: int = Field(20, ge=1, description="text messages a connection may send at once beyond that")
     max_session_s: float = Field(4 * 3600, gt=0, description="longest a stream or call lasts (session_too_long)")
+    key_store: str | None = Field(
+        None,
+        description="local directory or fsspec URL of the runtime API keys, their usage and session leases, shared "
+        "by every ingress replica; null = a '_keys' directory inside the voice store",
+    )
+    key_cache_ttl_s: float = Field(
+        5.0, ge=0, description="how long a replica trusts a key record it read: revocations elsewhere apply within it"
+    )
+    key_rotation_grace_s: float = Field(
+        0.0, ge=0, le=7 * 24 * 3600, description="how long an old secret works after a rotation that names no grace"
+    )
+    default_max_sessions: int | None = Field(
+        None, ge=1, description="live sessions at once per key, for static keys and new keys that set none; null = any"
+    )
+    default_max_stream_minutes_per_day: float | None = Field(
+        None, gt=0, description="stream minutes per key and UTC day, for static keys and new keys that set none"
+    )
+    session_lease_ttl_s: float = Field(
+        60.0,
+        gt=0,
+        description="a session's slot in its key's limit is freed this long after its replica last renewed it (a "
+        "crash, or a dropped client that did not resume); keep it above the converter's detached_session_ttl_s",
+    )
+    usage_flush_interval_s: float = Field(
+        15.0, gt=0, description="how often a replica writes its sessions' stream time (a crash loses at most this)"
+    )
 
     @field_validator("ice_host_addresses")
     @classmethod

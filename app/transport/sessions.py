@@ -27,6 +27,7 @@ from app.transport.protocol import (
     StartMessage,
     VoiceSetEvent,
 )
+from app.transport.quotas import RateLimited, SessionQuotas
 from app.voices.store import VoiceNotFound, VoiceStore
 
 
@@ -44,10 +45,15 @@ class StreamServices:
     metrics: Metrics = field(default_factory=NoMetrics)
     open_streams: Counter[str] = field(default_factory=Counter)  # by transport
     limits: MessageLimits = field(default_factory=MessageLimits.default)  # what each connection may send, how long
+    quotas: SessionQuotas = field(default_factory=SessionQuotas)  # per-key admission and usage; default: unmetered
 
     def stream_opened(self, transport: str) -> None:
         self.open_streams[transport] += 1
         self.metrics.record("seedvc_streams", self.open_streams[transport], transport=transport)
+
+    def session_ended(self, session: LiveSession, held: bool) -> None:
+        """A connection let go of its session (closed, or `held` on the converter for a resume): its key's lease."""
+        self.quotas.ended(session, held)
 
     def stream_closed(self, transport: str) -> None:
         self.open_streams[transport] -= 1
@@ -95,7 +101,7 @@ class StreamServices:
             max_backlog_blocks=self.max_backlog_blocks,
         )
         try:
-            opened = await session.open()
+            opened = await self.quotas.open(owner, session)  # within the key's quotas (rate_limited), then opened
         except CapacityExceeded as error:
             raise ProtocolError(ErrorCode.overloaded, "every converter is full; try again shortly") from error
         except UnknownVoice as error:
@@ -110,6 +116,8 @@ class StreamServices:
         return session, ready
 
     def error_event(self, error: ProtocolError) -> ErrorEvent:
+        if isinstance(error, RateLimited):
+            return ErrorEvent(code=error.code, message=error.message, retry_after_s=error.retry_after_s)
         retry_after_s = self.retry_after_s if error.code == ErrorCode.overloaded else None
         return ErrorEvent(code=error.code, message=error.message, retry_after_s=retry_after_s)
 

@@ -322,6 +322,7 @@ class RtcCall:
                     log.info("call %s: trimmed %d late output frames", self._session_id, self.output.trimmed_frames)
         finally:
             if self.session is not None:
+                self.services.stream.session_ended(self.session, held=False)  # its key's lease and stream time
                 with contextlib.suppress(Exception):  # a lost converter took the session with it
                     await self.session.close()
                 self.services.stream.stream_closed("webrtc")

@@ -64,6 +64,7 @@ class StreamConnection:
             await self._fail(ProtocolError(ErrorCode.internal, "internal server error; the session was closed"))
         finally:
             if self.session is not None:
+                self.services.session_ended(self.session, held=False)  # its key's lease and stream time
                 with contextlib.suppress(Exception):
                     await self.session.close()
                 self.services.stream_closed("websocket")

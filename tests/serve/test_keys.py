@@ -1,0 +1,150 @@
+"""Runtime API keys through the real Serve app: the admin API creates, rotates and revokes keys, revocation ends a
+key's tokens, a key limited to one session is refused a second one while the first goes on, and usage grows."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from client.api import (
+    ClientError,
+    create_key,
+    get_token,
+    key_usage,
+    list_keys,
+    list_voices,
+    my_usage,
+    revoke_key,
+    rotate_key,
+    upload_voice,
+)
+from client.stream_client import StreamResult, stream_audio
+from deployments.keys import ADMIN_KEY_ENV
+from tests.parity import ParitySet
+from tests.serve.harness import API_KEY, BASE_URL, ServeApp, local_ray, start_app
+
+pytestmark = pytest.mark.serve
+
+ADMIN_KEY = "admin-key-0123456789abcdef"
+CACHE_TTL_S = 0.5
+
+
+@pytest.fixture(scope="module")
+def app(parity: ParitySet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeApp]:
+    previous = os.environ.get(ADMIN_KEY_ENV)
+    os.environ[ADMIN_KEY_ENV] = ADMIN_KEY  # Ray's processes, and so the ingress replica, inherit it
+    try:
+        with local_ray():
+            ingress = {"key_cache_ttl_s": CACHE_TTL_S, "usage_flush_interval_s": 1.0, "session_lease_ttl_s": 10.0}
+            yield start_app(parity, tmp_path_factory.mktemp("voices"), converters=1, ingress=ingress)
+    finally:
+        if previous is None:
+            os.environ.pop(ADMIN_KEY_ENV, None)
+        else:
+            os.environ[ADMIN_KEY_ENV] = previous
+
+
+@dataclass
+class Tenant:
+    key_id: str
+    api_key: str
+    token: str
+    voice_id: str
+
+
+def new_tenant(app: ServeApp, key_id: str, **quotas: float) -> Tenant:
+    """A key made through the admin API, with a token and a voice of its own (voices belong to keys)."""
+    created = create_key(BASE_URL, ADMIN_KEY, key_id, **quotas)
+    token = get_token(BASE_URL, created["api_key"])
+    reference = app.parity.root / app.parity.bundle["files"]["reference_22k"]
+    voice = upload_voice(BASE_URL, token, reference)
+    return Tenant(key_id=key_id, api_key=created["api_key"], token=token, voice_id=voice["voice_id"])
+
+
+def stream(app: ServeApp, tenant: Tenant, seconds: float = 1.0, realtime: bool = False) -> StreamResult:
+    return asyncio.run(
+        stream_audio(BASE_URL, tenant.token, tenant.voice_id, app.source_48k(seconds), realtime=realtime)
+    )
+
+
+def status_of(call: object) -> int | None:
+    with pytest.raises(ClientError) as refused:
+        call()  # type: ignore[operator]
+    return refused.value.status
+
+
+def test_the_admin_api_needs_the_admin_key(app: ServeApp) -> None:
+    assert status_of(lambda: list_keys(BASE_URL, "not-the-admin-key-at-all")) == 401
+    assert status_of(lambda: list_keys(BASE_URL, API_KEY)) == 401  # an API key is not an admin key
+    assert status_of(lambda: create_key(BASE_URL, ADMIN_KEY, "../bad")) == 422
+
+
+def test_a_created_key_streams_and_its_usage_grows(app: ServeApp) -> None:
+    tenant = new_tenant(app, "tenant-usage")
+    assert my_usage(BASE_URL, tenant.token)["stream_seconds"] == 0
+    result = stream(app, tenant, seconds=2.0)
+    assert result.error is None and result.end is not None
+    usage = my_usage(BASE_URL, tenant.token)
+    assert usage["stream_seconds"] > 0 and usage["live_sessions"] == 0 and usage["period"] == "utc_day"
+    assert key_usage(BASE_URL, ADMIN_KEY, "tenant-usage")["stream_seconds"] == usage["stream_seconds"]
+    listed = {key["key_id"]: key for key in list_keys(BASE_URL, ADMIN_KEY)}
+    assert listed["test"]["static"] and not listed["tenant-usage"]["static"]
+    assert "api_key" not in listed["tenant-usage"] and "digest" not in listed["tenant-usage"]
+
+
+def test_a_revoked_key_gets_no_token_and_its_token_starts_no_stream(app: ServeApp) -> None:
+    tenant = new_tenant(app, "tenant-revoked")
+    assert stream(app, tenant).error is None
+    revoked = revoke_key(BASE_URL, ADMIN_KEY, "tenant-revoked")
+    assert revoked["revoked_at"] is not None
+    time.sleep(CACHE_TTL_S)  # one replica here; with several, revocation reaches the others within the TTL
+    assert status_of(lambda: get_token(BASE_URL, tenant.api_key)) == 401
+    refused = stream(app, tenant)
+    assert refused.error is not None and refused.error["code"] == "unauthorized" and refused.ready is None
+    assert status_of(lambda: list_voices(BASE_URL, tenant.token)) == 401
+    assert status_of(lambda: create_key(BASE_URL, ADMIN_KEY, "tenant-revoked")) == 409  # the id stays taken
+
+
+def test_static_keys_cannot_be_revoked_or_rotated_through_the_api(app: ServeApp) -> None:
+    for call in (lambda: revoke_key(BASE_URL, ADMIN_KEY, "test"), lambda: rotate_key(BASE_URL, ADMIN_KEY, "test")):
+        with pytest.raises(ClientError, match="static key") as refused:
+            call()
+        assert refused.value.status == 409
+    assert status_of(lambda: revoke_key(BASE_URL, ADMIN_KEY, "nobody")) == 404
+    get_token(BASE_URL, API_KEY)
+
+
+def test_rotation_keeps_the_old_secret_for_its_grace_only(app: ServeApp) -> None:
+    tenant = new_tenant(app, "tenant-rotated")
+    rotated = rotate_key(BASE_URL, ADMIN_KEY, "tenant-rotated", grace_s=2.0)
+    new_secret = rotated["api_key"]
+    assert new_secret != tenant.api_key and rotated["previous_valid_until"] is not None
+    get_token(BASE_URL, tenant.api_key)  # within the grace period
+    time.sleep(2.0)
+    assert status_of(lambda: get_token(BASE_URL, tenant.api_key)) == 401
+    token = get_token(BASE_URL, new_secret)
+    assert my_usage(BASE_URL, token)["key_id"] == "tenant-rotated"
+    assert stream(app, tenant).error is None  # tokens issued before the rotation stay valid until they expire
+
+
+def test_a_second_session_over_the_keys_limit_is_refused_while_the_first_goes_on(app: ServeApp) -> None:
+    tenant = new_tenant(app, "tenant-one-session", max_sessions=1)
+    audio = app.source_48k(3.0)
+
+    async def two() -> tuple[StreamResult, StreamResult]:
+        first = asyncio.create_task(stream_audio(BASE_URL, tenant.token, tenant.voice_id, audio, realtime=True))
+        await asyncio.sleep(1.0)  # the first session is open and streaming
+        second = await stream_audio(BASE_URL, tenant.token, tenant.voice_id, audio, realtime=True)
+        return await first, second
+
+    first, second = asyncio.run(two())
+    assert second.error is not None and second.error["code"] == "rate_limited" and second.ready is None
+    assert second.error["retry_after_s"] > 0
+    assert first.error is None and first.end is not None and len(first.output_48k) >= len(audio)
+    assert stream(app, tenant).error is None  # the first one ended: its slot is free again
+    assert my_usage(BASE_URL, tenant.token)["quotas"]["max_sessions"] == 1
