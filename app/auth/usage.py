@@ -20,9 +20,10 @@ What the limits guarantee:
 - `max_sessions`: admission writes the new lease first, then lists the key's leases, and keeps the session only if it
   ranks within the limit by (first lease's creation time, session id). Two replicas admitting at the same moment both
   see both leases and agree which one is refused, so the limit holds across replicas as long as their clocks agree to
-  within the time between those two admissions. Under such a race a session may be refused although the other one
-  was refused too (both clients are told to retry after `retry_after_s`); never more admitted than the limit, clocks
-  permitting. A session resumed while its lease lives keeps its slot without a new check.
+  within the time between those two admissions. Under such a race a start may be refused although it would just
+  have fit (its client is told to retry after `retry_after_s`); never more admitted than the limit, clocks
+  permitting. A session resumed while its lease lives keeps its slot without a new check. A replica never counts a
+  lease it has released itself, even before the lease's file is gone.
 - `max_stream_minutes_per_day`: checked when a session starts, against the time booked so far today (other replicas'
   files are cached for `cache_ttl_s`). A session that is running when the quota runs out is not cut: it ends when its
   client ends it, and the next one is refused until the next UTC day.
