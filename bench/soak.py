@@ -66,6 +66,7 @@ LATENCY_FLAT = 1.25  # last / first interval p50; the shared 2-core machines mov
 RSS_FLAT = 1.05  # of ~800 MiB (torch and Ray loaded): 40 MiB; allocator noise stays well under that
 RSS_GROUPS = (INGRESS, CONVERTER, PROXY)
 JUDGED_RSS = (INGRESS, CONVERTER)
+SATURATED = 0.95  # of all cores busy
 MIN_STREAM_S = 1.0  # a slot never restarts faster than this (a server that refuses at once must not spin it)
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 
@@ -101,8 +102,14 @@ def overall(checks: Sequence[Flatness]) -> bool | None:
     return all(known) if known else None
 
 
-def verdict(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Last interval against the first: latency (p50 judged, p99 shown) and RSS per replica kind."""
+def saturated(cpu: Mapping[str, float], cores: int) -> bool:
+    """Was the machine's CPU (nearly) all in use: then latency measures the neighbours as much as the service."""
+    return cpu["machine"] >= SATURATED * 100 * cores
+
+
+def verdict(rows: Sequence[Mapping[str, Any]], cores: int) -> dict[str, Any]:
+    """Last interval against the first: latency (p50 judged, p99 shown) and RSS per replica kind; whether the machine
+    was saturated in either (a latency verdict then says little about the service)."""
     if not rows:
         return {"flat": None}
     first, last = rows[0], rows[-1]
@@ -113,6 +120,8 @@ def verdict(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "latency_p99": flatness(first["server_p99_ms"], last["server_p99_ms"], LATENCY_FLAT),
         "rss": rss,
         "flat": overall([latency, *(rss[group] for group in JUDGED_RSS)]),
+        "saturated": [saturated(row["cpu_percent"], cores) for row in (first, last)],
+        "others_cpu_percent": [row["cpu_percent"]["others"] for row in (first, last)],
     }
 
 
@@ -221,6 +230,12 @@ def format_verdict(result: Mapping[str, Any]) -> str:
     ]
     for group in RSS_GROUPS:
         lines.append(_judged(f"RSS {group}", result["rss"][group], RSS_FLAT, "MiB", judged=group in JUDGED_RSS))
+    if any(result["saturated"]):
+        first, last = result["others_cpu_percent"]
+        lines.append(
+            f"warning: the machine's CPU was saturated in the first and/or last interval (other work used {first:.0f} "
+            f"-> {last:.0f} % of a core): the latency there measures the neighbours as much as the service"
+        )
     overall_state = {True: "FLAT", False: "NOT FLAT", None: "UNKNOWN (no figures to compare)"}[result["flat"]]
     lines.append(f"verdict: {overall_state} (last interval vs first)")
     return "\n".join(lines)
@@ -272,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     block_ms = total.blocks[0].block_ms if total.blocks else 0.0
     load = (load_before, load_after)
     meta = run_meta("Soak, all intervals", args, target, args.stream_seconds, block_ms, load, cpu)
-    report = {"meta": meta, "rows": rows, "verdict": verdict(rows), "total": total.summary()}
+    report = {"meta": meta, "rows": rows, "verdict": verdict(rows, os.cpu_count() or 1), "total": total.summary()}
     print()
     print(format_report(report["total"], meta))
     print()

@@ -218,18 +218,23 @@ def test_flatness_is_last_over_first_within_a_limit() -> None:
     assert soak.overall([Flatness(None, None, None, None)]) is None
 
 
-def row(p50: float, ingress: float, converter: float, proxy: float | None = 100.0) -> dict:
+def row(p50: float, ingress: float, converter: float, proxy: float | None = 100.0, machine: float = 100.0) -> dict:
     rss = {soak.INGRESS: ingress, soak.CONVERTER: converter, soak.PROXY: proxy}
-    return {"server_p50_ms": p50, "server_p99_ms": 2 * p50, "rss_mib": rss}
+    cpu = {"machine": machine, "this_tool": 50.0, "others": machine - 50.0}
+    return {"server_p50_ms": p50, "server_p99_ms": 2 * p50, "rss_mib": rss, "cpu_percent": cpu}
 
 
 def test_the_soak_verdict_judges_p50_latency_and_the_ingress_and_converter_rss() -> None:
-    assert soak.verdict([row(10, 800, 800), row(30, 1, 1), row(11, 810, 820)])["flat"] is True  # first vs last only
-    assert soak.verdict([row(10, 800, 800), row(14, 800, 800)])["flat"] is False  # latency x1.4
-    leaking = soak.verdict([row(10, 800, 800), row(10, 800, 1000)])
+    flat = soak.verdict([row(10, 800, 800), row(30, 1, 1), row(11, 810, 820)], cores=2)
+    assert flat["flat"] is True and flat["saturated"] == [False, False]  # first vs last only
+    assert soak.verdict([row(10, 800, 800), row(14, 800, 800)], cores=2)["flat"] is False  # latency x1.4
+    leaking = soak.verdict([row(10, 800, 800), row(10, 800, 1000)], cores=2)
     assert leaking["flat"] is False and leaking["rss"][soak.CONVERTER].ratio == pytest.approx(1.25)
-    assert soak.verdict([row(10, 800, 800, proxy=100), row(10, 800, 800, proxy=500)])["flat"] is True  # not judged
-    assert soak.verdict([])["flat"] is None
+    assert soak.verdict([row(10, 800, 800, proxy=100), row(10, 800, 800, proxy=500)], cores=2)["flat"] is True
+    assert soak.verdict([], cores=2)["flat"] is None
+    crowded = soak.verdict([row(10, 800, 800, machine=120), row(30, 800, 800, machine=199)], cores=2)
+    assert crowded["saturated"] == [False, True] and crowded["others_cpu_percent"] == [70.0, 149.0]
+    assert "saturated" in soak.format_verdict(crowded) and "saturated" not in soak.format_verdict(flat)
 
 
 def test_descendants_follow_the_process_tree_down_only() -> None:
