@@ -7,7 +7,7 @@ import contextlib
 from ray import exceptions as ray_exceptions
 from ray.serve.handle import DeploymentHandle
 
-from app.serving.wire import BlockIn, BlockOut, OpenReply, OpenRequest, SessionLost
+from app.serving.wire import AttachReply, BlockIn, BlockOut, OpenReply, OpenRequest, SessionLost
 from deployments.router import pin
 
 # What a call to a replica that died, is stopping or was removed looks like from the caller's side.
@@ -31,6 +31,14 @@ class RayConverterClient:
     async def open(self, request: OpenRequest) -> OpenReply:
         return await self._handle.open.remote(request)
 
+    async def attach(self, session_id: str, replica: str) -> AttachReply:
+        # A replica that is gone cannot be reached by a pin: the call lands on another one, which answers
+        # SessionLost itself. So does the replica when it dropped the session meanwhile.
+        try:
+            return await self._to(replica).attach.remote(session_id)
+        except REPLICA_GONE as error:
+            raise SessionLost(f"converter {replica} is gone") from error
+
     async def convert(self, block: BlockIn, replica: str) -> BlockOut:
         try:
             return await self._to(replica).convert.remote(block)
@@ -44,7 +52,7 @@ class RayConverterClient:
         except REPLICA_GONE as error:
             raise SessionLost(f"converter {replica} is gone") from error
 
-    async def close(self, session_id: str, replica: str) -> None:
+    async def close(self, session_id: str, replica: str, lease: int) -> None:
         # Closing is best effort: a replica that is gone has freed the session already.
         with contextlib.suppress(*REPLICA_GONE, SessionLost):
-            await self._to(replica).close.remote(session_id)
+            await self._to(replica).close.remote(session_id, lease)

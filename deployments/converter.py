@@ -16,7 +16,7 @@ from ray import serve
 from app.logs import route_to
 from app.serving.config import ConverterConfig
 from app.serving.converter import ConverterService
-from app.serving.wire import BlockIn, BlockOut, ConverterError, OpenReply, OpenRequest
+from app.serving.wire import AttachReply, BlockIn, BlockOut, ConverterError, OpenReply, OpenRequest
 from deployments.metrics import RayServeMetrics
 
 DEFAULT_MAX_BATCH_SIZE = 16
@@ -37,6 +37,9 @@ class Converter:
     async def open(self, request: OpenRequest) -> OpenReply:
         return await self.service.open(request)
 
+    async def attach(self, session_id: str) -> AttachReply:
+        return await self.service.attach(session_id)
+
     async def convert(self, block: BlockIn) -> BlockOut:
         result = await self._convert_batch(replace(block, received_at=time.time()))
         if isinstance(result, ConverterError):
@@ -50,8 +53,8 @@ class Converter:
     async def set_voice(self, session_id: str, voice_id: str) -> None:
         await self.service.set_voice(session_id, voice_id)
 
-    async def close(self, session_id: str) -> None:
-        await self.service.close(session_id)
+    async def close(self, session_id: str, lease: int | None = None) -> None:
+        await self.service.close(session_id, lease)
 
     async def stats(self) -> dict[str, Any]:
         return {**self.service.stats(), "replica": self.service.config.replica_tag}

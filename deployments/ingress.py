@@ -22,7 +22,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from app.auth.admin import NewKeyRequest, RotateRequest, new_secret_answer, static_key_answer, usage_answer
-from app.auth.tokens import ApiKeys, TokenError, TokenSigner, bearer
+from app.auth.tokens import ApiKeys, TokenError, TokenSigner, bearer, purpose_secret
 from app.logs import route_to
 from app.serving.config import IngressConfig
 from app.streaming.settings import StreamSettings
@@ -85,13 +85,15 @@ class Ingress:
         self.admin = admin_key()
         self.keys = key_store(self.config, api_keys(self.config), self.admin)  # static keys, then runtime ones
         self.usage = usage_meter(self.config, self.keys)
-        self.tokens = TokenSigner(token_secret(), ttl_seconds=self.config.token_ttl_s)
+        secret = token_secret()
+        self.tokens = TokenSigner(secret, ttl_seconds=self.config.token_ttl_s)
         self.voices = VoiceStore(self.config.voice_store, VoiceLimits(max_bytes=self.config.max_upload_bytes))
         self.services = StreamServices(
             client=RayConverterClient(converter),
             tokens=self.tokens,
             voices=self.voices,
             defaults=StreamSettings(),
+            resume_tokens=TokenSigner(purpose_secret(secret, "resume"), ttl_seconds=self.config.resume_token_ttl_s),
             max_backlog_blocks=self.config.max_backlog_blocks,
             retry_after_s=self.config.retry_after_s,
             opus_bitrate=self.config.opus_bitrate,

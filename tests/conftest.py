@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from app.model.seedvc import SeedVC
+from app.voices.store import VoiceStore
 from tests.parity import ParitySet, parity_sets
 
 # Browser tests need a loopback-only network namespace entered before Ray starts: scripts/test runs them as their own
@@ -26,3 +27,13 @@ def parity(request: pytest.FixtureRequest) -> ParitySet:
 def model(parity: ParitySet) -> SeedVC:
     """The fixture set's tiny model, loaded once per test run."""
     return SeedVC.load(parity.model_dir)
+
+
+@pytest.fixture(scope="module")
+def voice_ids(parity: ParitySet, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[str]]:
+    """A voice store directory with two voices of the key "k": the fixture's reference, and its source."""
+    root = str(tmp_path_factory.mktemp("voices"))
+    store = VoiceStore(root)
+    reference = (parity.root / parity.bundle["files"]["reference_22k"]).read_bytes()
+    source = (parity.root / parity.bundle["files"]["source_16k"]).read_bytes()
+    return root, [store.add(reference, owner="k").voice_id, store.add(source, owner="k").voice_id]

@@ -21,19 +21,9 @@ from app.serving.local import LocalConverterClient
 from app.serving.metrics import RecordedMetrics
 from app.serving.wire import CapacityExceeded
 from app.streaming.settings import StreamSettings
-from app.voices.store import VoiceStore
 from tests.parity import ParitySet
 
 SETTINGS = StreamSettings(diffusion_steps=3)
-
-
-@pytest.fixture(scope="module")
-def voice_ids(parity: ParitySet, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[str]]:
-    root = str(tmp_path_factory.mktemp("voices"))
-    store = VoiceStore(root)
-    reference = (parity.root / parity.bundle["files"]["reference_22k"]).read_bytes()
-    source = (parity.root / parity.bundle["files"]["source_16k"]).read_bytes()
-    return root, [store.add(reference, owner="k").voice_id, store.add(source, owner="k").voice_id]
 
 
 def make_client(model: SeedVC, store: str, replicas: int = 2, max_sessions: int = 8) -> LocalConverterClient:

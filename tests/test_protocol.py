@@ -250,6 +250,7 @@ def test_ready_event_wire_format() -> None:
         "frame_ms": 20,
         "block_ms": 240,
         "settings": dataclasses.asdict(settings),
+        "resumed_at_block": None,
     }
 
 

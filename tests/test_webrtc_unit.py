@@ -665,4 +665,6 @@ def test_the_callers_peer_connection_closing_ends_the_call(
 
     call, code = asyncio.run(run())
     assert call.events[-1]["type"] == "error" and call.events[-1]["code"] == "connection_failed", call.events[-1]
-    assert code == 1011 and len(converter.engine) == 0
+    # The media worked and then died: the network's fault, so the converter holds the session for a resume.
+    assert code == 1011 and len(converter.engine) == 1
+    converter.forget_all()

@@ -40,6 +40,13 @@ class IssuedToken:
 class TokenClaims:
     key_id: str
     expires_at: float  # unix seconds
+    extra: Mapping[str, str] = field(default_factory=dict)  # what the issuer bound to the token besides its key
+
+
+def purpose_secret(secret: bytes, purpose: str) -> bytes:
+    """A secret for one kind of token, derived from the service's secret: a token issued for one purpose (say a
+    resume token) then never verifies as another (a session token), although one secret is configured."""
+    return hmac.new(secret, f"seedvc token purpose: {purpose}".encode(), hashlib.sha256).digest()
 
 
 def _encode(data: bytes) -> str:
@@ -51,7 +58,7 @@ def _decode(text: str) -> bytes:
 
 
 class TokenSigner:
-    """Issues and verifies session tokens with one HMAC secret; `clock` is injectable so tests can move time."""
+    """Issues and verifies tokens with one HMAC secret; `clock` is injectable so tests can move time."""
 
     def __init__(self, secret: bytes, ttl_seconds: float = 900, clock: Callable[[], float] = time.time) -> None:
         if len(secret) < MIN_SECRET_BYTES:
@@ -68,9 +75,9 @@ class TokenSigner:
     def _sign(self, payload: str) -> str:
         return _encode(hmac.new(self._secret, payload.encode("ascii"), hashlib.sha256).digest())
 
-    def issue(self, key_id: str) -> IssuedToken:
+    def issue(self, key_id: str, extra: Mapping[str, str] | None = None) -> IssuedToken:
         expires_at = self._clock() + self._ttl
-        claims = json.dumps({"sub": key_id, "exp": expires_at}, separators=(",", ":"))
+        claims = json.dumps({**(extra or {}), "sub": key_id, "exp": expires_at}, separators=(",", ":"))
         payload = _encode(claims.encode())
         return IssuedToken(token=f"{payload}.{self._sign(payload)}", expires_at=expires_at)
 
@@ -92,7 +99,10 @@ class TokenSigner:
             raise TokenError("malformed token claims")
         if self._clock() >= expires_at:
             raise TokenError("token expired")
-        return TokenClaims(key_id=key_id, expires_at=float(expires_at))
+        extra = {name: value for name, value in claims.items() if name not in {"sub", "exp"}}
+        if not all(isinstance(value, str) for value in extra.values()):
+            raise TokenError("malformed token claims")
+        return TokenClaims(key_id=key_id, expires_at=float(expires_at), extra=extra)
 
 
 class ApiKeys:

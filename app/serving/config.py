@@ -34,6 +34,18 @@ class ConverterConfig(Strict):
     deadline_fraction: float = Field(0.9, gt=0, le=1, description="share of the block time a step may take")
     torch_threads: int | None = Field(None, ge=1, description="torch CPU threads; null = torch's default")
     identity: bool = Field(False, description="debug: return the input instead of converting (measures the path)")
+    voice_purge_interval_s: float | None = Field(
+        30.0,
+        gt=0,
+        description="how often cached voices are checked against the voice store: a deleted voice leaves every "
+        "replica's cache within this; null = never",
+    )
+    detached_session_ttl_s: float = Field(
+        30.0,
+        gt=0,
+        description="a session without a call for this long is closed: its client left and did not resume it "
+        "(keep it well above a block; it bounds how long a dropped client may take to resume)",
+    )
     replica_tag: str = Field("local", description="set by the deployment: the replica's id")
 
     def resolved_device(self) -> torch.device:
@@ -64,6 +76,9 @@ class IngressConfig(Strict):
         default_factory=dict, description="key id -> API key; more come from the SEEDVC_API_KEYS env var (id=key,...)"
     )
     token_ttl_s: float = Field(900, gt=0, description="lifetime of a session token")
+    resume_token_ttl_s: float = Field(
+        24 * 3600, gt=0, description="lifetime of a resume token (it also needs the session held and a session token)"
+    )
     max_backlog_blocks: int = Field(3, ge=1, description="pending input blocks per session before the oldest drops")
     retry_after_s: float = Field(5.0, gt=0, description="what a refused client is told to wait")
     opus_bitrate: int = Field(32000, ge=6000, le=256000, description="bit rate of the converted audio")

@@ -12,12 +12,13 @@ one with `resume` and continues exactly.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import numpy as np
@@ -31,6 +32,7 @@ from app.model.seedvc import SeedVC
 from app.serving.config import ConverterConfig
 from app.serving.metrics import Metrics, NoMetrics
 from app.serving.wire import (
+    AttachReply,
     BlockIn,
     BlockOut,
     CapacityExceeded,
@@ -39,6 +41,7 @@ from app.serving.wire import (
     OpenRequest,
     ResumeState,
     SessionLost,
+    SessionTakenOver,
     UnknownVoice,
 )
 from app.streaming.settings import CONTENT_RATE, StreamSettings
@@ -49,6 +52,18 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RECENT_SESSIONS = 1000  # sessions whose block counts the stats keep
+
+
+@dataclass
+class HeldSession:
+    """What the replica knows of a session besides its stream: enough to hand it to a client that resumes."""
+
+    voice_id: str
+    settings: StreamSettings
+    seed: int
+    lease: int  # the attachment allowed to send blocks (a resume takes the session over with a new one)
+    next_index: int  # the block number expected next
+    last_call: float  # monotonic time of the last call for this session
 
 
 @dataclass(frozen=True)
@@ -81,7 +96,9 @@ class ConverterService:
         self.voices = VoiceCache(self.model, capacity=config.voice_cache_size)
         self.store = VoiceStore(config.voice_store)
         self._gate = SilenceGate(config.silence_gate_dbfs) if config.silence_gate_dbfs is not None else None
-        self._settings: dict[str, StreamSettings] = {}
+        self._held: dict[str, HeldSession] = {}
+        self._leases = itertools.count(1)
+        self._purger: asyncio.Task[None] | None = None
         self.batch_sizes: Counter[int] = Counter()
         # Blocks converted per session, for the most recent sessions (stickiness is checked against this).
         self.blocks_by_session: OrderedDict[str, int] = OrderedDict()
@@ -119,6 +136,7 @@ class ConverterService:
     # -- sessions ----------------------------------------------------------------------------------------------
 
     async def open(self, request: OpenRequest) -> OpenReply:
+        self._keep_purging_deleted_voices()
         if request.session_id not in self.engine and len(self.engine) >= self.config.max_sessions:
             self.metrics.record("seedvc_admission_refusals")
             raise CapacityExceeded(f"this replica holds its maximum of {self.config.max_sessions} sessions")
@@ -130,15 +148,21 @@ class ConverterService:
         return await self._on_engine_thread(lambda: self._open(request, reference, settings))
 
     def _open(self, request: OpenRequest, reference: Audio, settings: StreamSettings) -> OpenReply:
-        voice = self.voices.get(reference, settings.max_prompt)
+        self._close_idle()
+        voice = self.voices.get(reference, settings.max_prompt, label=request.voice_id)
         self.engine.close(request.session_id)  # a re-open after a lost reply replaces the stale copy
         resume = request.resume.to_stream_state() if request.resume is not None else None
-        session = self.engine.open(request.session_id, voice, settings, request.seed, self._gate, resume)
-        self._settings[request.session_id] = settings
+        self.engine.open(request.session_id, voice, settings, request.seed, self._gate, resume)
+        next_index = request.resume.next_index if request.resume is not None else 0
+        held = HeldSession(request.voice_id, settings, request.seed, next(self._leases), next_index, time.monotonic())
+        self._held[request.session_id] = held
         self.metrics.record("seedvc_sessions", len(self.engine))
-        geometry = session.stream.geometry
+        return self._reply(request.session_id, held)
+
+    def _reply(self, session_id: str, held: HeldSession) -> OpenReply:
+        geometry = self.engine.session(session_id).stream.geometry
         return OpenReply(
-            session_id=request.session_id,
+            session_id=session_id,
             replica=self.config.replica_tag,
             sample_rate=self.model.sample_rate,
             block_16k=geometry.block_16k,
@@ -146,33 +170,95 @@ class ConverterService:
             window_16k=geometry.window_16k,
             flush_blocks=geometry.flush_blocks,
             delay=geometry.delay,
+            lease=held.lease,
         )
+
+    async def attach(self, session_id: str) -> AttachReply:
+        """Hand a held session to a client that resumes it; from now on only the new lease may send blocks."""
+        return await self._on_engine_thread(lambda: self._attach(session_id))
+
+    def _attach(self, session_id: str) -> AttachReply:
+        self._close_idle()
+        held = self._held.get(session_id)
+        if held is None:
+            raise SessionLost(session_id)
+        held.lease, held.last_call = next(self._leases), time.monotonic()
+        stream = self.engine.session(session_id).stream
+        state = replace(ResumeState.of(stream, held.next_index), window=stream.window.cpu().numpy().copy())
+        return AttachReply(self._reply(session_id, held), state, held.voice_id, held.settings, held.seed)
+
+    def _close_idle(self) -> None:
+        """Close sessions nobody called for `detached_session_ttl_s`: their client left and did not resume.
+
+        Runs on the engine thread before every open, attach and step, so an abandoned session holds its slot at
+        most that long once traffic comes.
+        """
+        oldest = time.monotonic() - self.config.detached_session_ttl_s
+        for session_id in [sid for sid, held in self._held.items() if held.last_call < oldest]:
+            log.info("session %s: closed after %.0f s without a call", session_id, self.config.detached_session_ttl_s)
+            self._close(session_id)
+
+    def _keep_purging_deleted_voices(self) -> None:
+        """Started with the first session, on the replica's event loop (there is none at construction)."""
+        if self._purger is None and self.config.voice_purge_interval_s is not None:
+            self._purger = asyncio.get_running_loop().create_task(self._purge_periodically())
+
+    async def _purge_periodically(self) -> None:
+        assert self.config.voice_purge_interval_s is not None
+        while True:
+            await asyncio.sleep(self.config.voice_purge_interval_s)
+            try:
+                await self.purge_deleted_voices()
+            except Exception:  # a store that is briefly unreachable must not end the purging for good
+                log.exception("could not check cached voices against the voice store")
+
+    async def purge_deleted_voices(self) -> list[str]:
+        """Forget the prepared voices (prompt mel, content, speaker style) of voices deleted from the store.
+
+        Sessions using such a voice keep it until they end or switch: the owner deleted the recording, not the call.
+        """
+        cached = await self._on_engine_thread(self.voices.labels)
+        deleted = await asyncio.to_thread(lambda: [voice_id for voice_id in cached if not self.store.exists(voice_id)])
+        if deleted:
+            await self._on_engine_thread(lambda: [self.voices.forget(voice_id) for voice_id in deleted])
+            log.info("forgot %d deleted voice(s): %s", len(deleted), ", ".join(sorted(deleted)))
+        return deleted
 
     async def set_voice(self, session_id: str, voice_id: str) -> None:
         try:
             reference = self.store.audio(voice_id)
         except VoiceNotFound as error:
             raise UnknownVoice(f"unknown voice {voice_id}") from error
-        settings = self._settings.get(session_id)
-        if settings is None or session_id not in self.engine:
+        held = self._held.get(session_id)
+        if held is None:
             raise SessionLost(session_id)
 
         def switch() -> None:
-            self.engine.session(session_id).stream.voice = self.voices.get(reference, settings.max_prompt)
+            voice = self.voices.get(reference, held.settings.max_prompt, label=voice_id)
+            self.engine.session(session_id).stream.voice = voice
+            held.voice_id = voice_id
 
         await self._on_engine_thread(switch)
 
-    async def close(self, session_id: str) -> None:
-        await self._on_engine_thread(lambda: self._close(session_id))
+    async def close(self, session_id: str, lease: int | None = None) -> None:
+        """Close a session; with `lease`, only if that attachment still holds it (a resumed client must not lose
+        its session to the old connection's cleanup)."""
+
+        def close_if_held() -> None:
+            held = self._held.get(session_id)
+            if held is not None and lease in (None, held.lease):
+                self._close(session_id)
+
+        await self._on_engine_thread(close_if_held)
 
     def _close(self, session_id: str) -> None:
         self.engine.close(session_id)
-        self._settings.pop(session_id, None)
+        self._held.pop(session_id, None)
         self.metrics.record("seedvc_sessions", len(self.engine))
 
     def forget_all(self) -> None:
         """Drop every session at once, as a replica that crashed or was replaced loses them."""
-        for session_id in list(self._settings):
+        for session_id in list(self._held):
             self._close(session_id)
 
     # -- blocks ------------------------------------------------------------------------------------------------
@@ -183,10 +269,13 @@ class ConverterService:
 
     def _convert(self, blocks: Sequence[BlockIn]) -> list[BlockOut | ConverterError]:
         started = time.time()
-        replies: dict[str, BlockOut | ConverterError] = {
-            block.session_id: SessionLost(block.session_id) for block in blocks if block.session_id not in self.engine
-        }
-        known = [block for block in blocks if block.session_id in self.engine]
+        self._close_idle()
+        refusals = {block.session_id: self._refusal(block) for block in blocks}
+        replies: dict[str, BlockOut | ConverterError] = {sid: r for sid, r in refusals.items() if r is not None}
+        known = [block for block in blocks if refusals[block.session_id] is None]
+        for block in known:
+            held = self._held[block.session_id]
+            held.next_index, held.last_call = block.index + 1, time.monotonic()
         if known:
             rows = self._identity_rows(known) if self.config.identity else self._engine_rows(known)
             computed = time.time() - started
@@ -205,9 +294,17 @@ class ConverterService:
                     batch_size=len(known),
                     queue_seconds=max(0.0, started - block.received_at) if block.received_at else 0.0,
                     compute_seconds=computed,
-                    state=ResumeState.of(stream),
+                    state=ResumeState.of(stream, block.index + 1),
                 )
         return [replies[block.session_id] for block in blocks]
+
+    def _refusal(self, block: BlockIn) -> ConverterError | None:
+        held = self._held.get(block.session_id)
+        if held is None:
+            return SessionLost(block.session_id)
+        if block.lease != held.lease:
+            return SessionTakenOver(f"session {block.session_id} was resumed by another connection")
+        return None
 
     def _record_step(
         self, blocks: Sequence[BlockIn], rows: Sequence[tuple[np.ndarray, int, bool]], seconds: float
@@ -225,7 +322,7 @@ class ConverterService:
 
     def _budget(self, blocks: Sequence[BlockIn]) -> float:
         """The time one step may take: a share of the shortest block among the rows."""
-        return self.config.deadline_fraction * min(self._settings[b.session_id].block_time for b in blocks)
+        return self.config.deadline_fraction * min(self._held[b.session_id].settings.block_time for b in blocks)
 
     def _count_block(self, session_id: str) -> None:
         self.blocks_by_session[session_id] = self.blocks_by_session.get(session_id, 0) + 1

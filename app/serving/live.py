@@ -28,7 +28,7 @@ import torch
 from app.audio.framing import Chunker
 from app.audio.opus import FRAME_SAMPLES, SAMPLE_RATE
 from app.audio.stream_resample import StreamingResampler
-from app.serving.wire import BlockIn, BlockOut, OpenReply, OpenRequest, ResumeState, SessionLost
+from app.serving.wire import AttachReply, BlockIn, BlockOut, OpenReply, OpenRequest, ResumeState, SessionLost
 from app.streaming.settings import CONTENT_RATE, StreamSettings
 
 log = logging.getLogger(__name__)
@@ -42,11 +42,13 @@ class ConverterClient(Protocol):
 
     async def open(self, request: OpenRequest) -> OpenReply: ...
 
+    async def attach(self, session_id: str, replica: str) -> AttachReply: ...
+
     async def convert(self, block: BlockIn, replica: str) -> BlockOut: ...
 
     async def set_voice(self, session_id: str, voice_id: str, replica: str) -> None: ...
 
-    async def close(self, session_id: str, replica: str) -> None: ...
+    async def close(self, session_id: str, replica: str, lease: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -126,11 +128,36 @@ class LiveSession:
         return len(self._queue)
 
     async def open(self) -> OpenReply:
-        self.opened = await self.client.open(self._open_request(resume=None))
-        self._blocks = Chunker(self.opened.block_16k)
-        self._output = StreamingResampler(self.opened.sample_rate, SAMPLE_RATE)
-        self._window = np.zeros(self.opened.window_16k, dtype=np.float32)
-        return self.opened
+        opened = await self.client.open(self._open_request(resume=None))
+        self._take(opened, np.zeros(opened.window_16k, dtype=np.float32))
+        return opened
+
+    @classmethod
+    async def resume(
+        cls, client: ConverterClient, session_id: str, replica: str, max_backlog_blocks: int = 3
+    ) -> LiveSession:
+        """Take over a session a converter still holds (its client's connection dropped): blocks continue from
+        where the converter stands. Raises SessionLost when no converter holds it any more."""
+        attached = await client.attach(session_id, replica)
+        session = cls(
+            client,
+            session_id,
+            attached.voice_id,
+            attached.settings,
+            attached.seed,
+            max_backlog_blocks=max_backlog_blocks,
+        )
+        assert attached.state.window is not None, "an attach reply carries the window"
+        session._take(attached.opened, attached.state.window.copy())
+        session._state = attached.state
+        session._next_index = attached.state.next_index
+        return session
+
+    def _take(self, opened: OpenReply, window: np.ndarray) -> None:
+        self.opened = opened
+        self._blocks = Chunker(opened.block_16k)
+        self._output = StreamingResampler(opened.sample_rate, SAMPLE_RATE)
+        self._window = window
 
     def _open_request(self, resume: ResumeState | None) -> OpenRequest:
         return OpenRequest(self.session_id, self.voice_id, self.settings, self.seed, resume)
@@ -252,9 +279,11 @@ class LiveSession:
         self._window = np.concatenate([self._window[len(block) :], block])
 
     async def _convert(self, pending: _PendingBlock) -> tuple[BlockOut, bool]:
-        block = BlockIn(self.session_id, pending.index, pending.samples_16k)
         rehomed = False
         for _ in range(MAX_REOPENS_PER_BLOCK + 1):
+            assert self.opened is not None
+            # Built on every try: a re-open gives the session a new lease, which the block must carry.
+            block = BlockIn(self.session_id, pending.index, pending.samples_16k, lease=self.opened.lease)
             try:
                 return await self.client.convert(block, self.replica), rehomed
             except SessionLost:
@@ -264,8 +293,7 @@ class LiveSession:
         raise SessionLost(f"session {self.session_id} could not be re-opened after {MAX_REOPENS_PER_BLOCK} tries")
 
     async def _reopen(self) -> None:
-        resume = None if self._state is None else replace(self._state, window=self._window)
-        self.opened = await self.client.open(self._open_request(resume))
+        self.opened = await self.client.open(self._open_request(self.resume_state))
         self.rehomes += 1
 
     # -- control -------------------------------------------------------------------------------------------------
@@ -274,9 +302,28 @@ class LiveSession:
         """Switch voice before the next block is converted (between blocks: never two calls in flight)."""
         self._voice_request = voice_id
 
+    @property
+    def resume_state(self) -> ResumeState | None:
+        """What re-opens this session elsewhere: the converter's state after the last reply, with the mirrored
+        window (None before the first reply)."""
+        return None if self._state is None else replace(self._state, window=self._window)
+
+    @property
+    def input_ended(self) -> bool:
+        return self._ended
+
+    @property
+    def next_index(self) -> int:
+        """The number the next input block will get."""
+        return self._next_index
+
     async def close(self) -> None:
+        """Free the session on its converter (unless a resumed connection has taken it over meanwhile).
+
+        A connection that merely dropped does not call this: the converter keeps the session for a while, so that
+        its client can resume it."""
         if self.opened is not None:
-            await self.client.close(self.session_id, self.replica)
+            await self.client.close(self.session_id, self.replica, self.opened.lease)
 
 
 async def pump(

@@ -10,7 +10,16 @@ import time
 from dataclasses import replace
 
 from app.serving.converter import ConverterService
-from app.serving.wire import BlockIn, BlockOut, CapacityExceeded, ConverterError, OpenReply, OpenRequest, SessionLost
+from app.serving.wire import (
+    AttachReply,
+    BlockIn,
+    BlockOut,
+    CapacityExceeded,
+    ConverterError,
+    OpenReply,
+    OpenRequest,
+    SessionLost,
+)
 
 
 class LocalConverterClient:
@@ -36,6 +45,11 @@ class LocalConverterClient:
                 continue
         raise CapacityExceeded("every converter is full")
 
+    async def attach(self, session_id: str, replica: str) -> AttachReply:
+        if replica in self.lost:
+            raise SessionLost(f"converter {replica} is gone")
+        return await self.services[replica].attach(session_id)
+
     async def convert(self, block: BlockIn, replica: str) -> BlockOut:
         if replica in self.lost:
             raise SessionLost(f"converter {replica} is gone")
@@ -50,6 +64,6 @@ class LocalConverterClient:
             raise SessionLost(f"converter {replica} is gone")
         await self.services[replica].set_voice(session_id, voice_id)
 
-    async def close(self, session_id: str, replica: str) -> None:
+    async def close(self, session_id: str, replica: str, lease: int) -> None:
         if replica not in self.lost:
-            await self.services[replica].close(session_id)
+            await self.services[replica].close(session_id, lease)

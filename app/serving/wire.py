@@ -31,22 +31,28 @@ class UnknownVoice(ConverterError):
     """No voice with this id in the voice store."""
 
 
+class SessionTakenOver(ConverterError):
+    """Another connection attached to this session (a client that resumed): this one must stop, not re-open."""
+
+
 @dataclass(frozen=True)
 class ResumeState:
     """A stream's resumable state in wire form (numpy and bytes, no torch objects)."""
 
     tail: np.ndarray  # (crossfade,) float32
     generator_state: bytes
-    blocks_done: int
+    blocks_done: int  # blocks the stream converted
+    next_index: int  # the session's next block number (ahead of blocks_done when the transport dropped input)
     window: np.ndarray | None = None  # (window_16k,) float32; the transport keeps its own and fills it in
 
     @classmethod
-    def of(cls, stream: Stream) -> ResumeState:
+    def of(cls, stream: Stream, next_index: int) -> ResumeState:
         """A stream's state after its last block, without the window (the transport mirrors that itself)."""
         return cls(
             tail=stream.tail.cpu().numpy().copy(),
             generator_state=stream.generator.get_state().numpy().tobytes(),
             blocks_done=stream.blocks_done,
+            next_index=next_index,
         )
 
     def to_stream_state(self) -> StreamState:
@@ -79,6 +85,18 @@ class OpenReply:
     window_16k: int  # the rolling window the transport mirrors for resumes
     flush_blocks: int  # silent blocks that flush the lookahead at the end
     delay: int  # samples (at `sample_rate`) by which the output lags the input
+    lease: int  # names this attachment: calls with an older lease are refused with SessionTakenOver
+
+
+@dataclass(frozen=True)
+class AttachReply:
+    """A session a client resumes: how to talk to it and everything the transport needs to continue it."""
+
+    opened: OpenReply
+    state: ResumeState  # with the window, so the new transport's mirror starts equal to the converter's
+    voice_id: str
+    settings: StreamSettings
+    seed: int
 
 
 @dataclass(frozen=True)
@@ -86,6 +104,7 @@ class BlockIn:
     session_id: str
     index: int  # the session's block number
     samples_16k: np.ndarray  # (block_16k,) float32
+    lease: int = 0  # of the attachment sending it (OpenReply.lease)
     received_at: float = 0.0  # set by the converter when the request arrives (its own clock)
 
 

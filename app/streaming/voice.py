@@ -71,12 +71,17 @@ def prepare_voice(model: SeedVC, reference: Audio, max_prompt: float) -> Voice:
 
 
 class VoiceCache:
-    """Prepared voices by content hash of the reference (samples and rate) and the prompt length; LRU-bounded."""
+    """Prepared voices by content hash of the reference (samples and rate) and the prompt length; LRU-bounded.
+
+    Entries can carry labels (the voice ids they were prepared for), so that a voice deleted from the store can be
+    forgotten by id; an entry goes when its last label does (two uploads of one recording share it).
+    """
 
     def __init__(self, model: SeedVC, capacity: int = 64) -> None:
         self._model = model
         self._capacity = capacity
         self._voices: OrderedDict[str, Voice] = OrderedDict()
+        self._labels: dict[str, set[str]] = {}  # entry key -> labels
 
     def __len__(self) -> int:
         return len(self._voices)
@@ -87,14 +92,28 @@ class VoiceCache:
         digest.update(f"{reference.rate}:{max_prompt}".encode())
         return digest.hexdigest()
 
-    def get(self, reference: Audio, max_prompt: float) -> Voice:
+    def get(self, reference: Audio, max_prompt: float, label: str | None = None) -> Voice:
         key = self.key(reference, max_prompt)
         voice = self._voices.get(key)
         if voice is None:
             voice = prepare_voice(self._model, reference, max_prompt)
             self._voices[key] = voice
             if len(self._voices) > self._capacity:
-                self._voices.popitem(last=False)
+                evicted, _ = self._voices.popitem(last=False)
+                self._labels.pop(evicted, None)
         else:
             self._voices.move_to_end(key)
+        if label is not None:
+            self._labels.setdefault(key, set()).add(label)
         return voice
+
+    def labels(self) -> set[str]:
+        return set().union(*self._labels.values())
+
+    def forget(self, label: str) -> None:
+        """Drop `label` from every entry, and every entry left without a label."""
+        for key, labels in list(self._labels.items()):
+            labels.discard(label)
+            if not labels:
+                del self._labels[key]
+                self._voices.pop(key, None)

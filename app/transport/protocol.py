@@ -18,10 +18,17 @@
 6. At any time the client may send `SetVoiceMessage` (`{"type": "set_voice", "voice_id": "..."}`); the server
    confirms with a `VoiceSetEvent` that names the first block converted with the new voice.
 7. To finish, the client sends `EndMessage` (`{"type": "end"}`). The server converts the remaining input, sends an
-   `EndEvent` with totals, and closes with code 1000. A client whose connection dropped can open a new socket and
-   send a start message with `resume` (the session id and resume token of its last `ReadyEvent`): if the server
-   still holds the session, the new `ReadyEvent` keeps the session id, brings a fresh resume token, and block
-   indexes continue; otherwise the answer is `session_expired`. The token in the start message is checked again.
+   `EndEvent` with totals, and closes with code 1000.
+   Resuming: a connection that closes without `end` or `error` (the network, or an ingress replica that went away)
+   leaves its session on its converter for `detached_session_ttl_s` (30 s by default). The client opens a new socket
+   (any ingress replica) and sends its start message again with `resume`: the session id and the latest resume
+   token (from `ReadyEvent`, replaced by a `ResumeTokenEvent` whenever the session moved to another converter).
+   The token in the start message is checked again. Settings, when sent, must be the session's own; a different
+   `voice_id` switches the voice. The new `ReadyEvent` keeps the session id, brings a new resume token, and says
+   in `resumed_at_block` which block index comes next: input from that block on was not converted, so a client
+   that can sends it again. If the session is gone, the answer is `session_expired` and the client starts anew.
+   WebRTC calls resume the same way on a new signalling socket, with a new offer; a call whose media connection
+   failed after it had worked (`connection_failed`) can be resumed too.
 8. Errors: the server sends an `ErrorEvent` with a stable `ErrorCode` and closes the socket with `close_code(code)`.
    The one exception is `unknown_voice` in answer to `set_voice`: the stream goes on with the previous voice.
 
@@ -298,6 +305,14 @@ class ReadyEvent(_Message):
     frame_ms: int = FRAME_MS  # audio per Opus packet, both ways
     block_ms: int  # input per block: the effective block_time rounded to whole 20 ms frames
     settings: StreamSettings  # the effective settings: server defaults with the client's overrides
+    resumed_at_block: int | None = None  # set when this answers a resume: the index the next block will have
+
+
+class ResumeTokenEvent(_Message):
+    """The session moved to another converter: resume with this token from now on (the old one names the old)."""
+
+    type: Literal["resume_token"] = "resume_token"
+    resume_token: str
 
 
 class BlockEvent(_Message):
@@ -349,10 +364,18 @@ class AnswerEvent(_Message):
 
 
 ServerEvent = Annotated[
-    ReadyEvent | BlockEvent | VoiceSetEvent | LateEvent | WarningEvent | ErrorEvent | EndEvent,
+    ReadyEvent | ResumeTokenEvent | BlockEvent | VoiceSetEvent | LateEvent | WarningEvent | ErrorEvent | EndEvent,
     Field(discriminator="type"),
 ]
 RtcServerEvent = Annotated[
-    ReadyEvent | AnswerEvent | BlockEvent | VoiceSetEvent | LateEvent | WarningEvent | ErrorEvent | EndEvent,
+    ReadyEvent
+    | ResumeTokenEvent
+    | AnswerEvent
+    | BlockEvent
+    | VoiceSetEvent
+    | LateEvent
+    | WarningEvent
+    | ErrorEvent
+    | EndEvent,
     Field(discriminator="type"),
 ]

@@ -7,14 +7,16 @@ drift apart in what a client sees.
 
 from __future__ import annotations
 
+import secrets
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from app.auth.tokens import TokenError, TokenSigner
 from app.serving.live import BlockReport, ConverterClient, LateReport, LiveSession
 from app.serving.metrics import Metrics, NoMetrics
-from app.serving.wire import CapacityExceeded, UnknownVoice
+from app.serving.wire import CapacityExceeded, SessionLost, UnknownVoice
 from app.streaming.settings import SettingsError, StreamSettings
 from app.transport.limits import MessageLimits
 from app.transport.protocol import (
@@ -24,11 +26,21 @@ from app.transport.protocol import (
     LateEvent,
     ProtocolError,
     ReadyEvent,
+    ResumeTokenEvent,
     StartMessage,
     VoiceSetEvent,
 )
 from app.transport.quotas import RateLimited, SessionQuotas
 from app.voices.store import VoiceNotFound, VoiceStore
+
+# A resume token is worth nothing without its session still being held (converter: detached_session_ttl_s) and a
+# valid session token next to it, so it may live as long as the longest session.
+DEFAULT_RESUME_TOKEN_TTL_S = 24 * 3600
+
+
+def _process_resume_tokens() -> TokenSigner:
+    """Resume tokens only this process accepts: for tests and single-process use (the ingress passes a shared one)."""
+    return TokenSigner(secrets.token_bytes(32), ttl_seconds=DEFAULT_RESUME_TOKEN_TTL_S)
 
 
 @dataclass(frozen=True)
@@ -39,6 +51,7 @@ class StreamServices:
     tokens: TokenSigner
     voices: VoiceStore
     defaults: StreamSettings
+    resume_tokens: TokenSigner = field(default_factory=_process_resume_tokens)
     max_backlog_blocks: int = 3
     retry_after_s: float = 5.0
     opus_bitrate: int = 32000
@@ -72,8 +85,6 @@ class StreamServices:
 
     def check_start(self, start: StartMessage) -> str:
         """The API key id the start message's token was issued to (the owner of the voices it may use)."""
-        if start.resume is not None:
-            raise ProtocolError(ErrorCode.session_expired, "this server holds no session to resume; start a new one")
         try:
             return self.tokens.verify(start.token).key_id
         except TokenError as error:
@@ -88,9 +99,15 @@ class StreamServices:
         if record.owner != owner:
             raise ProtocolError(ErrorCode.unknown_voice, f"unknown voice {voice_id}")
 
+    async def start_session(self, start: StartMessage, owner: str) -> tuple[LiveSession, ReadyEvent]:
+        """The session a checked start message asks for, new or resumed, with the `ready` event to send."""
+        if start.resume is not None:
+            return await self.resume_session(start, owner)
+        return await self.open_session(start, owner)
+
     async def open_session(self, start: StartMessage, owner: str) -> tuple[LiveSession, ReadyEvent]:
         """Open a converter session for a checked start message; returns it with the `ready` event to send."""
-        settings = start.settings.apply(self.defaults) if start.settings else self.defaults
+        settings = self._settings(start)
         self.check_voice(start.voice_id, owner)
         session = LiveSession(
             self.client,
@@ -101,7 +118,7 @@ class StreamServices:
             max_backlog_blocks=self.max_backlog_blocks,
         )
         try:
-            opened = await self.quotas.open(owner, session)  # within the key's quotas (rate_limited), then opened
+            await self.quotas.open(owner, session)  # within the key's quotas (rate_limited), then on a converter
         except CapacityExceeded as error:
             raise ProtocolError(ErrorCode.overloaded, "every converter is full; try again shortly") from error
         except UnknownVoice as error:
@@ -111,9 +128,53 @@ class StreamServices:
             # the vocoder can fall a few samples short of a block. Through Ray, `cause` is the converter's own error
             # (the error itself prints as a traceback).
             raise ProtocolError(ErrorCode.bad_settings, str(getattr(error, "cause", error))) from error
-        block_ms = round(1000 * opened.block / opened.sample_rate)
-        ready = ReadyEvent(session_id=session.session_id, resume_token="", block_ms=block_ms, settings=settings)
-        return session, ready
+        return session, self._ready(session, owner, resumed=False)
+
+    async def resume_session(self, start: StartMessage, owner: str) -> tuple[LiveSession, ReadyEvent]:
+        """Take over the session a dropped connection left on its converter; `session_expired` when that is no
+        longer possible (or the resume token is not this caller's for this session)."""
+        assert start.resume is not None
+        session_id = start.resume.session_id
+        try:
+            claims = self.resume_tokens.verify(start.resume.resume_token)
+        except TokenError as error:
+            raise ProtocolError(ErrorCode.session_expired, f"cannot resume with this resume token: {error}") from error
+        if claims.key_id != owner or claims.extra.get("sid") != session_id:
+            raise ProtocolError(ErrorCode.session_expired, "the resume token is for another session")
+        try:
+            session = await LiveSession.resume(
+                self.client, session_id, claims.extra["rep"], max_backlog_blocks=self.max_backlog_blocks
+            )
+        except SessionLost as error:
+            raise ProtocolError(ErrorCode.session_expired, "the session is no longer held; start a new one") from error
+        if start.settings is not None and self._settings(start) != session.settings:
+            await session.close()  # the client sees an error and cannot use the session any more: free it
+            raise ProtocolError(ErrorCode.bad_settings, "a resumed session keeps its settings: send none, or the same")
+        if start.voice_id != session.voice_id:
+            self.check_voice(start.voice_id, owner)
+            session.request_voice(start.voice_id)
+        await self.quotas.resumed(owner, session)  # keeps its key's slot, or is refused (and closed)
+        return session, self._ready(session, owner, resumed=True)
+
+    def _settings(self, start: StartMessage) -> StreamSettings:
+        return start.settings.apply(self.defaults) if start.settings else self.defaults
+
+    def _ready(self, session: LiveSession, owner: str, resumed: bool) -> ReadyEvent:
+        assert session.opened is not None
+        return ReadyEvent(
+            session_id=session.session_id,
+            resume_token=self.resume_token(session, owner),
+            block_ms=round(1000 * session.opened.block / session.opened.sample_rate),
+            settings=session.settings,
+            resumed_at_block=session.next_index if resumed else None,
+        )
+
+    def resume_token(self, session: LiveSession, owner: str) -> str:
+        """Binds the session to its caller and names the converter holding it (re-homing makes a new one)."""
+        return self.resume_tokens.issue(owner, {"sid": session.session_id, "rep": session.replica}).token
+
+    def block_events(self, session: LiveSession, owner: str) -> BlockEvents:
+        return BlockEvents(session.voice_id, lambda: self.resume_token(session, owner))
 
     def error_event(self, error: ProtocolError) -> ErrorEvent:
         if isinstance(error, RateLimited):
@@ -123,14 +184,18 @@ class StreamServices:
 
 
 class BlockEvents:
-    """Block reports -> the events a client sees: `voice_set` when the voice changed, then `block`."""
+    """Block reports -> the events a client sees: `resume_token` when the session moved to another converter (the
+    old token names the old one), `voice_set` when the voice changed, then `block`."""
 
-    def __init__(self, voice_id: str) -> None:
+    def __init__(self, voice_id: str, resume_token: Callable[[], str] | None = None) -> None:
         self.voice_id = voice_id
         self.blocks = 0
+        self._resume_token = resume_token
 
     def of(self, report: BlockReport) -> list[str]:
         events = []
+        if report.rehomed and self._resume_token is not None:
+            events.append(ResumeTokenEvent(resume_token=self._resume_token()).model_dump_json())
         if report.voice_id != self.voice_id:
             self.voice_id = report.voice_id
             events.append(VoiceSetEvent(voice_id=report.voice_id, from_block=report.index).model_dump_json())

@@ -66,7 +66,7 @@ from app.audio.pacing import Pacer
 from app.logs import note, session_logged
 from app.serving.config import IceServer, IngressConfig
 from app.serving.live import BlockReport, LiveSession, pump
-from app.serving.wire import SessionLost
+from app.serving.wire import SessionLost, SessionTakenOver
 from app.transport.limits import ConnectionLimits
 from app.transport.protocol import (
     CLOSE_NORMAL,
@@ -262,6 +262,8 @@ class RtcCall:
         self.events = BlockEvents("")
         self.owner = ""  # the API key id of the caller, known once the start message is checked
         self.dropped_ms = 0.0
+        self.resumable = False  # the call dropped mid-stream: leave the session for the client to resume
+        self._media_connected = False
         self._connection_changed = asyncio.Event()
         self.limits = ConnectionLimits(services.stream.limits)
 
@@ -271,9 +273,17 @@ class RtcCall:
         try:
             await self._serve()
         except ProtocolError as error:
+            # A media path that worked and then died is the network's fault: the caller may re-negotiate and resume.
+            # One that never connected would most likely fail again the same way: that session is freed.
+            self.resumable = error.code == ErrorCode.connection_failed and self._mid_stream and self._media_connected
             await self._fail(error)
         except WebSocketDisconnect:
-            log.info("call %s: signalling closed; hanging up", self._session_id)
+            self.resumable = self._mid_stream
+            log.info(
+                "call %s: signalling closed; hanging up%s", self._session_id, " (resumable)" if self.resumable else ""
+            )
+        except SessionTakenOver:
+            log.info("call %s: resumed on another connection; this one stops", self._session_id)
         except Exception:
             log.exception("call %s: internal error", self._session_id)
             await self._fail(ProtocolError(ErrorCode.internal, "internal server error; the call was closed"))
@@ -283,6 +293,10 @@ class RtcCall:
     @property
     def _session_id(self) -> str:
         return self.session.session_id if self.session else "-"
+
+    @property
+    def _mid_stream(self) -> bool:
+        return self.session is not None and not self.session.input_ended
 
     async def _serve(self) -> None:
         start = await self._receive_start()
@@ -322,9 +336,10 @@ class RtcCall:
                     log.info("call %s: trimmed %d late output frames", self._session_id, self.output.trimmed_frames)
         finally:
             if self.session is not None:
-                self.services.stream.session_ended(self.session, held=False)  # its key's lease and stream time
-                with contextlib.suppress(Exception):  # a lost converter took the session with it
-                    await self.session.close()
+                self.services.stream.session_ended(self.session, held=self.resumable)  # its key's lease and stream time
+                if not self.resumable:
+                    with contextlib.suppress(Exception):  # a lost converter took the session with it
+                        await self.session.close()
                 self.services.stream.stream_closed("webrtc")
 
     # -- signalling ----------------------------------------------------------------------------------------------
@@ -391,13 +406,14 @@ class RtcCall:
     # -- session -------------------------------------------------------------------------------------------------
 
     async def _open(self, start: StartMessage) -> LiveSession:
-        session, ready = await self.services.stream.open_session(start, self.owner)
+        session, ready = await self.services.stream.start_session(start, self.owner)
         self.session = session  # from here on, `run` closes it whatever happens
         note(session_id=session.session_id)
-        self.events = BlockEvents(start.voice_id)
+        self.events = self.services.stream.block_events(session, self.owner)
         self.services.stream.stream_opened("webrtc")
         await self._send(ready.model_dump_json())
-        log.info("call %s: session open on converter %s", session.session_id, session.replica)
+        how = "open" if ready.resumed_at_block is None else f"resumed at block {ready.resumed_at_block}"
+        log.info("call %s: session %s on converter %s", session.session_id, how, session.replica)
         return session
 
     @staticmethod
@@ -444,6 +460,7 @@ class RtcCall:
         except TimeoutError:
             raise ProtocolError(ErrorCode.connection_failed, f"no media connection within {timeout:g} s") from None
         if peer.connectionState == "connected":
+            self._media_connected = True
             log.info("call %s: media connected", self._session_id)
             await self._connection_in(peer, {"failed", "closed"})
         raise ProtocolError(ErrorCode.connection_failed, f"the media connection {peer.connectionState}")

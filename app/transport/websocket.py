@@ -2,7 +2,8 @@
 
 One `StreamConnection` per socket owns everything of that connection: the Opus codecs, the live session, the
 reader and writer tasks, and the cleanup in `finally`. A bad message ends only its own connection, with an
-`ErrorEvent` carrying a stable code; other sessions never notice.
+`ErrorEvent` carrying a stable code; other sessions never notice. A socket that merely drops leaves its session on
+the converter, so that the client can resume it on a new socket (to any ingress replica).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from app.audio.opus import OpusDecoder, OpusEncoder, OpusError
 from app.audio.pacing import Pacer
 from app.logs import note, session_logged
 from app.serving.live import BlockReport, LiveSession, pump
-from app.serving.wire import SessionLost
+from app.serving.wire import SessionLost, SessionTakenOver
 from app.transport.limits import ConnectionLimits
 from app.transport.protocol import (
     FRAME_MS,
@@ -49,6 +50,7 @@ class StreamConnection:
         self.events = BlockEvents("")
         self.owner = ""  # the API key id of the caller, known once the start message is checked
         self.limits = ConnectionLimits(services.limits)
+        self.resumable = False  # the socket dropped mid-stream: leave the session for the client to resume
 
     @session_logged("websocket")
     async def run(self) -> None:
@@ -58,15 +60,19 @@ class StreamConnection:
         except ProtocolError as error:
             await self._fail(error)
         except WebSocketDisconnect:
-            log.info("stream %s: client disconnected", self._session_id)
+            self.resumable = self.session is not None and not self.session.input_ended
+            log.info("stream %s: client disconnected%s", self._session_id, " (resumable)" if self.resumable else "")
+        except SessionTakenOver:
+            log.info("stream %s: resumed on another connection; this one stops", self._session_id)
         except Exception:
             log.exception("stream %s: internal error", self._session_id)
             await self._fail(ProtocolError(ErrorCode.internal, "internal server error; the session was closed"))
         finally:
             if self.session is not None:
-                self.services.session_ended(self.session, held=False)  # its key's lease and stream time
-                with contextlib.suppress(Exception):
-                    await self.session.close()
+                self.services.session_ended(self.session, held=self.resumable)  # its key's lease and stream time
+                if not self.resumable:
+                    with contextlib.suppress(Exception):
+                        await self.session.close()
                 self.services.stream_closed("websocket")
 
     @property
@@ -103,14 +109,15 @@ class StreamConnection:
         return parsed
 
     async def _open(self, start: StartMessage) -> LiveSession:
-        session, ready = await self.services.open_session(start, self.owner)
+        session, ready = await self.services.start_session(start, self.owner)
         self.realtime = start.realtime
         self.session = session  # from here on, `run` closes it whatever happens
         note(session_id=session.session_id)
-        self.events = BlockEvents(start.voice_id)
+        self.events = self.services.block_events(session, self.owner)
         self.services.stream_opened("websocket")
         await self._send(ready.model_dump_json())
-        log.info("stream %s: started on converter %s", session.session_id, session.replica)
+        how = "started" if ready.resumed_at_block is None else f"resumed at block {ready.resumed_at_block}"
+        log.info("stream %s: %s on converter %s", session.session_id, how, session.replica)
         return session
 
     async def _read(self, session: LiveSession) -> None:

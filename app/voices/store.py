@@ -141,6 +141,12 @@ class VoiceStore:
         except FileNotFoundError:
             raise VoiceNotFound(f"no voice {voice_id}") from None
 
+    def exists(self, voice_id: str) -> bool:
+        try:
+            return bool(self._fs.exists(self._path(voice_id, ".json")))
+        except VoiceNotFound:  # a malformed id names no voice
+            return False
+
     def audio(self, voice_id: str) -> Audio:
         """The voice's recording, decoded to mono float32 at its own rate."""
         self.get(voice_id)  # the record decides whether the voice exists (see the module docstring)

@@ -135,23 +135,38 @@ def test_ice_servers_need_a_session_token_and_default_to_none(served: ServeApp) 
     assert refused.value.code == 401
 
 
-def test_losing_the_signalling_socket_ends_the_call(served: ServeApp) -> None:
-    async def run() -> tuple[float, str]:
-        async with rtc_call(RTC_URL, start_message(served), served.source_48k()) as call:
+def test_a_call_whose_signalling_dropped_is_resumed_with_a_new_offer(served: ServeApp) -> None:
+    """The socket goes without `end`: the server hangs up its peer connection but keeps the session, and a new
+    signalling socket with `resume` and a new offer continues the same session, block numbers going on."""
+    audio = served.source_48k()
+
+    async def run() -> tuple[Event, str, int, list[Event], Event, float]:
+        async with rtc_call(RTC_URL, start_message(served), audio) as call:
             await call.connect()
             for _ in range(3):
                 await call.event("block")  # the call is well under way
+            ready = call.events[0]
             call.socket.transport.abort()  # no close frame, no `end`: the connection is just gone
-            dropped = time.monotonic()
-            teardown_s = await sessions_closed_after(dropped)
             # The server closed its peer connection too, which this (still open) peer sees as DTLS closing.
             async with asyncio.timeout(TEARDOWN_TIMEOUT_S):
                 while call.peer.connectionState not in {"closed", "failed"}:
                     await asyncio.sleep(0.05)
-            return teardown_s, call.peer.connectionState
+            held = await asyncio.to_thread(open_sessions)
+        resume = {"session_id": ready["session_id"], "resume_token": ready["resume_token"]}
+        async with rtc_call(RTC_URL, {**start_message(served), "resume": resume}, audio) as again:
+            await again.connect()
+            end = await again.hang_up()
+            teardown_s = await sessions_closed_after(time.monotonic())
+        return ready, call.peer.connectionState, held, again.events, end, teardown_s
 
-    teardown_s, peer_state = asyncio.run(run())
-    assert teardown_s < TEARDOWN_TIMEOUT_S and peer_state == "closed"
+    ready, peer_state, held, events, end, teardown_s = asyncio.run(run())
+    assert peer_state == "closed" and held == 1, "the media went, the session stayed for a resume"
+    resumed = events[0]
+    assert resumed["type"] == "ready" and resumed["session_id"] == ready["session_id"]
+    assert resumed["resumed_at_block"] >= 3 and resumed["resume_token"] != ready["resume_token"]
+    indexes = [event["index"] for event in events if event["type"] == "block"]
+    assert indexes[0] == resumed["resumed_at_block"] and indexes == list(range(indexes[0], indexes[-1] + 1))
+    assert end["type"] == "end" and teardown_s < TEARDOWN_TIMEOUT_S
 
 
 def test_identity_call_through_serve_returns_the_input(identity_served: ServeApp) -> None:
