@@ -34,7 +34,8 @@ import signal
 import sys
 import time
 import urllib.parse
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections import deque
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,11 @@ STREAM_PATH = "/v1/stream"
 FRAME_SECONDS = FRAME_MS / 1000
 # Opening a session may wait for a converter replica and embed the voice; a server silent for this long is stuck.
 READY_TIMEOUT_S = 30.0
+# A dropped connection is resumed at once, then after 0.5 s, 1 s, ... while the server cannot be reached: 10.5 s in
+# all, well within the converter's detached_session_ttl_s (30 s by default), for which it holds the session.
+RESUME_ATTEMPTS = 6
+RESUME_BACKOFF_S = 0.5
+RESEND_HISTORY_PACKETS = 1500  # 30 s of sent input kept to send again after a resume (the server holds 30 s too)
 API_KEY_ENV = "SEEDVC_API_KEY"
 
 Event = dict[str, Any]
@@ -127,6 +133,8 @@ class StreamResult:
     end: Event | None  # None when the stream did not end normally
     error: Event | None  # the first error event
     first_audio_ms: float | None  # client clock, from the first packet sent to the first packet received
+    resumes: int = 0  # connections that dropped, after which the session was resumed
+    restarts: int = 0  # connections that dropped when the server no longer held the session: a new one took over
 
     @property
     def dropped_ms(self) -> int:
@@ -249,25 +257,50 @@ class Microphone:
             raise MicrophoneError(f"the microphone failed: {error}") from None
 
 
+class ConnectionDropped(StreamError):
+    """The connection closed mid-stream without an end or error event: the session may be resumed."""
+
+
+@dataclass
+class _Resume:
+    """What resumes the session on a new connection: the latest resume token the server sent."""
+
+    session_id: str
+    resume_token: str
+
+
 class _Stream:
-    """One connection: a sender task for the input, and a receive loop that keeps events and decodes the output."""
+    """One stream over one or more connections: a sender task for the input and a receive loop that keeps events
+    and decodes the output, on each connection in turn; a connection that drops is followed by one that resumes."""
 
     def __init__(self, on_event: EventHandler | None, on_message: MessageHandler | None = None) -> None:
         self._on_event = on_event
         self._on_message = on_message
         self._decoder = OpusDecoder()
         self._ready = asyncio.Event()
+        self._ready_event: Event | None = None  # this connection's
         self.output: list[np.ndarray] = []
         self.events: list[Event] = []
         self.ready: Event | None = None
         self.end: Event | None = None
         self.error: Event | None = None
+        self.resume: _Resume | None = None
+        self.resumes = 0
+        self.restarts = 0
+        self.voice_id: str | None = None  # the latest set_voice sent: a resume must not switch back
+        self._sent: deque[bytes] = deque(maxlen=RESEND_HISTORY_PACKETS)
+        self._packets_sent = 0
+        self._session_first_packet = 0  # the session's block 0 starts here (later than 0 after a restart)
+        self._answered_packets = 0  # input packets whose converted block arrived
         self._first_sent_at: float | None = None
         self.first_audio_ms: float | None = None
 
-    async def run(self, websocket: ClientConnection, start: Event, messages: AsyncGenerator[Outgoing, None]) -> None:
+    async def run(self, websocket: ClientConnection, start: Event, outgoing: asyncio.Queue[Outgoing | None]) -> None:
+        self._ready.clear()
+        self._ready_event = None
+        self._decoder = OpusDecoder()  # the server's encoder of a new connection starts afresh
         await websocket.send(json.dumps(start))
-        sender = asyncio.create_task(self._send(websocket, messages))
+        sender = asyncio.create_task(self._send(websocket, outgoing))
         receiver = asyncio.create_task(self._receive(websocket))
         try:
             await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
@@ -280,6 +313,23 @@ class _Stream:
                 task.cancel()
             await asyncio.gather(sender, receiver, return_exceptions=True)
 
+    def start_for(self, start: Event) -> Event:
+        """The start message of the next connection: the first one's with the voice last switched to, plus `resume`
+        once there is a session."""
+        message = {**start, "voice_id": self.voice_id or start["voice_id"]}
+        if self.resume is not None:
+            message["resume"] = {"session_id": self.resume.session_id, "resume_token": self.resume.resume_token}
+        return message
+
+    def take_expired_resume(self) -> bool:
+        """Whether the connection just ended because a resume found the session gone (both its ingress and its
+        converter were replaced at once); then the next connection starts a new session, and the input goes on."""
+        if self.error is None or self.error.get("code") != ErrorCode.session_expired or self.resume is None:
+            return False
+        self.error, self.resume = None, None
+        self.restarts += 1
+        return True
+
     def result(self) -> StreamResult:
         return StreamResult(
             output_48k=np.concatenate(self.output) if self.output else np.zeros(0, dtype=np.float32),
@@ -288,27 +338,49 @@ class _Stream:
             end=self.end,
             error=self.error,
             first_audio_ms=self.first_audio_ms,
+            resumes=self.resumes,
+            restarts=self.restarts,
         )
 
-    async def _send(self, websocket: ClientConnection, messages: AsyncGenerator[Outgoing, None]) -> None:
+    async def _send(self, websocket: ClientConnection, outgoing: asyncio.Queue[Outgoing | None]) -> None:
         try:
             async with asyncio.timeout(READY_TIMEOUT_S):
                 await self._ready.wait()
         except TimeoutError:
             raise StreamError(f"the server sent no ready event within {READY_TIMEOUT_S:.0f} s") from None
         try:
-            # aclosing: a cancelled sender still closes its source (and with it the microphone).
-            async with contextlib.aclosing(messages):
-                async for message in messages:
-                    if isinstance(message, bytes):
-                        if self._first_sent_at is None:
-                            self._first_sent_at = time.monotonic()
-                        await websocket.send(message)  # returns once the write buffer drains: no unbounded backlog
-                    else:
-                        await websocket.send(json.dumps(message))
+            for packet in self._unconverted():
+                await websocket.send(packet)
+            while (message := await outgoing.get()) is not None:
+                if isinstance(message, bytes):
+                    if self._first_sent_at is None:
+                        self._first_sent_at = time.monotonic()
+                    self._sent.append(message)
+                    self._packets_sent += 1
+                    await websocket.send(message)  # returns once the write buffer drains: no unbounded backlog
+                else:
+                    if message.get("type") == "set_voice":
+                        self.voice_id = message["voice_id"]
+                    await websocket.send(json.dumps(message))
+            outgoing.put_nowait(None)  # a connection that drops now resumes straight into `end`
             await websocket.send(json.dumps({"type": "end"}))
         except ConnectionClosed:
-            return  # the receiver saw the same close and reports why
+            return  # the receiver saw the same close and reports why; the message in hand is lost with it
+
+    def _unconverted(self) -> list[bytes]:
+        """After a drop: the packets to send again, which were in flight or waiting at the old ingress when the
+        connection dropped, so that no input is lost. A resumed session says where its converter stands; a new
+        session that replaced a lost one gets everything whose output never arrived."""
+        assert self._ready_event is not None
+        resumed_at = self._ready_event.get("resumed_at_block")
+        if resumed_at is not None:
+            first = self._session_first_packet + resumed_at * self._ready_event["block_ms"] // FRAME_MS
+        elif self.restarts:
+            first = self._session_first_packet = self._answered_packets
+        else:
+            return []
+        kept_from = self._packets_sent - len(self._sent)
+        return list(self._sent)[max(0, first - kept_from) :]
 
     async def _receive(self, websocket: ClientConnection) -> None:
         while True:
@@ -317,7 +389,8 @@ class _Stream:
             except ConnectionClosed as closed:
                 if self.error is not None:
                     return  # the server closes the socket after an error event
-                raise StreamError(f"the server closed the stream before its end event ({_why(closed)})") from None
+                kind = ConnectionDropped if self._ready.is_set() else StreamError
+                raise kind(f"the server closed the stream before its end event ({_why(closed)})") from None
             if self._on_message is not None:
                 self._on_message(message)
             if isinstance(message, bytes):
@@ -346,8 +419,16 @@ class _Stream:
             raise StreamError(f"the server sent a message without a type: {text[:80]!r}")
         self.events.append(event)
         if event["type"] == "ready":
-            self.ready = event
+            self.ready = self.ready or event  # the first: a resumed session keeps its id, settings and format
+            self._ready_event = event
+            self.resumes += event.get("resumed_at_block") is not None
+            self.resume = _Resume(event["session_id"], event["resume_token"])
             self._ready.set()
+        elif event["type"] == "block" and self._ready_event is not None:
+            block_packets = self._ready_event["block_ms"] // FRAME_MS
+            self._answered_packets = self._session_first_packet + (event["index"] + 1) * block_packets
+        elif event["type"] == "resume_token" and self.resume is not None:
+            self.resume.resume_token = event["resume_token"]
         elif event["type"] == "end":
             self.end = event
         elif event["type"] == "error" and self.error is None:
@@ -368,6 +449,14 @@ def _why(closed: ConnectionClosed) -> str:
     return f"close code {received.code}" + (f", {received.reason}" if received.reason else "")
 
 
+async def _feed(messages: AsyncGenerator[Outgoing, None], outgoing: asyncio.Queue[Outgoing | None]) -> None:
+    """Moves the input into the queue the current connection sends from, so that a dropped connection does not
+    end the input: the next connection goes on where the last one stopped. A queue of one keeps the backpressure."""
+    async for message in messages:
+        await outgoing.put(message)
+    await outgoing.put(None)
+
+
 async def run_stream(
     url: str,
     start: Event,
@@ -375,20 +464,64 @@ async def run_stream(
     *,
     on_event: EventHandler | None = None,
     on_message: MessageHandler | None = None,
+    resume_attempts: int = RESUME_ATTEMPTS,
 ) -> StreamResult:
     """Runs one stream: `start` (see `start_message`), then `messages` once the server is ready, then end.
 
     `on_event` sees each JSON event once parsed; `on_message` sees each raw message first (byte counts, arrival
-    times of the audio: what a load test measures).
+    times of the audio: what a load test measures). A connection that drops mid-stream is replaced by one that
+    resumes the session (up to `resume_attempts` times in a row, `RESUME_BACKOFF_S` apart); the input produced
+    meanwhile is sent when it is back, and the server drops what it cannot catch up on (`late` events).
 
     Raises OSError or websockets' InvalidURI / InvalidHandshake when no connection opens, and StreamError when it
-    breaks; an error event is returned in the result instead.
+    breaks for good; an error event is returned in the result instead.
     """
     stream = _Stream(on_event, on_message)
-    # No permessage-deflate: Opus packets do not compress, and each stream would pay for a deflate context.
-    async with connect(stream_url(url), compression=None) as websocket:
-        await stream.run(websocket, start, messages)
+    outgoing: asyncio.Queue[Outgoing | None] = asyncio.Queue(maxsize=1)
+    # aclosing: however the stream ends, its source is closed (and with it the microphone).
+    async with contextlib.aclosing(messages):
+        feeder = asyncio.create_task(_feed(messages, outgoing))
+        try:
+            await _connect_and_resume(url, start, stream, outgoing, feeder, resume_attempts)
+        finally:
+            feeder.cancel()
+            await asyncio.gather(feeder, return_exceptions=True)
     return stream.result()
+
+
+async def _connect_and_resume(
+    url: str,
+    start: Event,
+    stream: _Stream,
+    outgoing: asyncio.Queue[Outgoing | None],
+    feeder: asyncio.Task[None],
+    resume_attempts: int,
+) -> None:
+    failures = 0
+    while True:
+        try:
+            # No permessage-deflate: Opus packets do not compress, and each stream would pay for a deflate context.
+            async with connect(stream_url(url), compression=None) as websocket:
+                await _watched(stream.run(websocket, stream.start_for(start), outgoing), feeder)
+            if not stream.take_expired_resume():
+                return
+        except (ConnectionDropped, OSError, InvalidHandshake) as error:
+            if stream.resume is None or failures >= resume_attempts:
+                raise
+            # A connection that worked until it dropped starts the count afresh; one that could not even open counts.
+            failures = 0 if isinstance(error, ConnectionDropped) else failures + 1
+            await asyncio.sleep(RESUME_BACKOFF_S * failures)
+
+
+async def _watched(connection: Awaitable[None], feeder: asyncio.Task[None]) -> None:
+    """Runs one connection, ending it early if the input source fails (its error is the stream's error)."""
+    running = asyncio.ensure_future(connection)
+    await asyncio.wait({running, feeder}, return_when=asyncio.FIRST_COMPLETED)
+    if feeder.done() and not feeder.cancelled() and feeder.exception() is not None:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        feeder.result()
+    await running
 
 
 async def stream_audio(

@@ -32,6 +32,7 @@ from app.transport.protocol import (
     ErrorEvent,
     LateEvent,
     ReadyEvent,
+    ResumeTokenEvent,
     SettingsOverrides,
     SetVoiceMessage,
     StartMessage,
@@ -63,8 +64,12 @@ class EchoConverter:
     packets received. Records every client message (parsed) and packet arrival time; a failed check in the handler
     is kept in `failures`, so that the test reports it rather than a confusing client-side error."""
 
-    def __init__(self, fail_after_packets: int | None = None) -> None:
+    def __init__(
+        self, fail_after_packets: int | None = None, drop_after_packets: int | None = None, forget: bool = False
+    ) -> None:
         self.fail_after_packets = fail_after_packets
+        self.drop_after_packets = drop_after_packets  # the first connection drops there (with a new resume token)
+        self.forget = forget  # answer resumes with session_expired, as when ingress and converter were both replaced
         self.messages: list[StartMessage | SetVoiceMessage | EndMessage | bytes] = []
         self.packet_times: list[float] = []
         self.failures: list[BaseException] = []
@@ -91,9 +96,22 @@ class EchoConverter:
         if start.voice_id == UNKNOWN_VOICE:
             await self._fail(websocket, ErrorCode.unknown_voice)
             return
-        ready = ReadyEvent(session_id="s-1", resume_token="r-1", block_ms=20 * BLOCK_FRAMES, settings=StreamSettings())
+        resumed_at = None
+        if start.resume is not None and self.forget:
+            await self._fail(websocket, ErrorCode.session_expired)
+            return
+        if start.resume is not None:
+            assert (start.resume.session_id, start.resume.resume_token) == ("s-1", "r-2"), "the latest resume token"
+            resumed_at = len(self.packets) // BLOCK_FRAMES
+        ready = ReadyEvent(
+            session_id="s-1",
+            resume_token="r-1",
+            block_ms=20 * BLOCK_FRAMES,
+            settings=StreamSettings(),
+            resumed_at_block=resumed_at,
+        )
         await websocket.send(ready.model_dump_json())
-        decoder, block, index = OpusDecoder(), [], 0
+        decoder, block, index = OpusDecoder(), [], resumed_at or 0
         async for message in websocket:
             if isinstance(message, bytes):
                 check_audio_frame(message)
@@ -102,6 +120,10 @@ class EchoConverter:
                 self.packet_times.append(time.monotonic())
                 if len(self.packets) == self.fail_after_packets:
                     await self._fail(websocket, ErrorCode.internal)
+                    return
+                if len(self.packets) == self.drop_after_packets and len(self.starts) == 1:
+                    await websocket.send(ResumeTokenEvent(resume_token="r-2").model_dump_json())
+                    await websocket.close(1012)  # "service restart", as an ingress going away
                     return
                 block.append(message)
                 if len(block) == BLOCK_FRAMES:
@@ -568,3 +590,54 @@ def test_cli_reports_a_refused_api_key(api: FakeApiServer, tmp_path: Path, capsy
     assert stream_client.main([*argv, "--voice", "v-1"]) == 1
     error = capsys.readouterr().err
     assert error == "error: the server refused the API key (HTTP 401): invalid API key\n"
+
+
+def test_a_dropped_connection_resumes_the_session_and_the_input_goes_on() -> None:
+    converter = EchoConverter(drop_after_packets=12)
+    audio = sine(0.6)
+    with serving(converter) as url:
+        result = asyncio.run(stream_audio(url, "token-1", "voice-a", audio, realtime=False))
+    assert result.error is None and result.end is not None and result.resumes == 1
+    assert [start.resume is not None for start in converter.starts] == [False, True]
+    assert [e["type"] for e in result.events].count("ready") == 2
+    assert result.ready is not None and result.ready["resumed_at_block"] is None, "the first ready is the stream's"
+    # Nothing is lost: after the resume the client sends again every packet from the first block the server had not
+    # answered, then goes on, so the server holds the whole input once, in order, block by block.
+    sent = packets_for(len(audio))
+    first_connection = 12
+    resumed_at = first_connection // BLOCK_FRAMES
+    again = converter.packets[first_connection:]
+    assert len(again) == sent - resumed_at * BLOCK_FRAMES
+    assert converter.packets[:first_connection] + again[first_connection - resumed_at * BLOCK_FRAMES :] == (
+        stream_client.encode_packets(audio)
+    )
+    indexes = [e["index"] for e in result.events if e["type"] == "block"]
+    assert indexes == list(range(len(indexes))), "block numbers go on across the resume"
+
+
+def test_a_drop_before_ready_is_not_resumed() -> None:
+    async def refuse(websocket: ServerConnection) -> None:
+        await websocket.recv()
+        await websocket.close(1012)
+
+    async def run() -> None:
+        async with serve(refuse, "127.0.0.1", 0) as server:
+            url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+            await stream_audio(url, "token-1", "voice-a", sine(0.1), realtime=False)
+
+    with pytest.raises(stream_client.StreamError, match=r"ready|closed"):
+        asyncio.run(run())
+
+
+def test_a_session_gone_on_resume_is_replaced_by_a_new_one_and_the_input_goes_on() -> None:
+    converter = EchoConverter(drop_after_packets=12, forget=True)
+    audio = sine(0.6)
+    with serving(converter) as url:
+        result = asyncio.run(stream_audio(url, "token-1", "voice-a", audio, realtime=False))
+    assert result.error is None and result.end is not None
+    assert (result.resumes, result.restarts) == (0, 1)
+    assert [start.resume is not None for start in converter.starts] == [False, True, False]
+    assert [e.get("code") for e in result.events if e["type"] == "error"] == ["session_expired"], "it is reported"
+    # The new session gets the input again from the first packet whose output never arrived: nothing is lost.
+    answered = 12 // BLOCK_FRAMES * BLOCK_FRAMES
+    assert converter.packets[:12] + converter.packets[12 + 12 - answered :] == stream_client.encode_packets(audio)
