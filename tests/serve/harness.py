@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from app.serving.config import ConverterConfig, IngressConfig
 from client.api import get_token, upload_voice
 from client.stream_client import StreamResult, stream_audio
 from deployments.app import AppArgs, build_app
+from deployments.ingress import TOKEN_SECRET_ENV
 from deployments.router import pin
 from tests.parity import ParitySet
 
@@ -50,7 +52,12 @@ class ServeApp:
 
 @contextlib.contextmanager
 def local_ray() -> Iterator[None]:
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=METRICS_PORT)
+    # One token secret for every ingress replica, as production's env file gives them: a client that resumes on a
+    # replacement ingress replica presents a token the old one issued.
+    shared = {"env_vars": {TOKEN_SECRET_ENV: secrets.token_hex(32)}}
+    ray.init(
+        num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=METRICS_PORT, runtime_env=shared
+    )
     try:
         yield
     finally:
@@ -68,8 +75,41 @@ def start_app(
     options: dict[str, dict[str, Any]] | None = None,
     **converter: Any,
 ) -> ServeApp:
-    """Deploy the app; `options` adds Serve deployment options by deployment name ("Converter", "Ingress")."""
-    args = AppArgs(
+    """Deploy the app and upload the fixture voice; `options` adds Serve deployment options by deployment name
+    ("Converter", "Ingress")."""
+    deploy(parity, voices, converters, max_sessions, ingress, options, **converter)
+    token = get_token(base_url, API_KEY)
+    voice = upload_voice(base_url, token, parity.root / parity.bundle["files"]["reference_22k"], name="fixture")
+    return ServeApp(parity=parity, token=token, voice_id=voice["voice_id"], base_url=base_url)
+
+
+def deploy(
+    parity: ParitySet,
+    voices: Path,
+    converters: int = 2,
+    max_sessions: int = 8,
+    ingress: dict[str, Any] | None = None,
+    options: dict[str, dict[str, Any]] | None = None,
+    **converter: Any,
+) -> None:
+    """`serve.run` the app: a first deployment, or a redeploy of the running one with what changed."""
+    options = options or {}
+    app = build_app(
+        app_args(parity, voices, max_sessions, ingress, **converter),
+        converter_options={"num_replicas": converters, **options.get("Converter", {}), **NO_CPU},
+        ingress_options={**options.get("Ingress", {}), **NO_CPU},
+    )
+    serve.run(app, name=APP, route_prefix="/")
+
+
+NO_CPU = {"ray_actor_options": {"num_cpus": 0}}
+
+
+def app_args(
+    parity: ParitySet, voices: Path, max_sessions: int = 8, ingress: dict[str, Any] | None = None, **converter: Any
+) -> AppArgs:
+    """The application's arguments: the tiny fixture model, one torch thread, the test API keys."""
+    return AppArgs(
         converter=ConverterConfig(
             model=str(parity.model_dir),
             voice_store=str(voices),
@@ -82,17 +122,6 @@ def start_app(
             voice_store=str(voices), api_keys={"test": API_KEY, "other": OTHER_API_KEY}, **(ingress or {})
         ),
     )
-    no_cpu = {"ray_actor_options": {"num_cpus": 0}}
-    options = options or {}
-    app = build_app(
-        args,
-        converter_options={"num_replicas": converters, **options.get("Converter", {}), **no_cpu},
-        ingress_options={**options.get("Ingress", {}), **no_cpu},
-    )
-    serve.run(app, name=APP, route_prefix="/")
-    token = get_token(base_url, API_KEY)
-    voice = upload_voice(base_url, token, parity.root / parity.bundle["files"]["reference_22k"], name="fixture")
-    return ServeApp(parity=parity, token=token, voice_id=voice["voice_id"], base_url=base_url)
 
 
 def converter_replicas() -> dict[str, str]:
