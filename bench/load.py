@@ -12,7 +12,8 @@ Usage (from the repo root):
     # On a machine other Ray users share: a private network namespace, so that port 8000 is this tool's own
     unshare -n sh -c 'ip link set lo up && .venv/bin/python -m bench.load --local --streams 4'
 
-Options: --streams N (4), --seconds of input per stream (10), --ramp S (stream i starts i * S / N seconds after the
+Options: --streams N (4), --seconds of input per stream (10), --capacity C (with --local: sessions the converter
+holds; below N it is an overload test), --ramp S (stream i starts i * S / N seconds after the
 first; 0.18, one default block; 0 starts all at once), --input FILE (any audio; default the fixture's source,
 looped), --json OUT.
 
@@ -570,10 +571,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     add_target_args(parser)
     parser.add_argument("--seconds", type=float, default=10.0, help="input per stream, in seconds (%(default)s)")
+    parser.add_argument(
+        "--capacity",
+        type=int,
+        help="with --local: sessions the converter holds (default 2N + 1); fewer than --streams is an overload test: "
+        "the excess is refused at once with a retry-after while the admitted streams go on",
+    )
     args = parser.parse_args(argv)
     check_target_args(parser, args)
     if args.seconds < 1:
         parser.error("--seconds must be at least 1")
+    if args.capacity is not None and (args.capacity < 1 or not args.local):
+        parser.error("--capacity needs --local and at least 1")
     return args
 
 
@@ -666,7 +675,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     audio = read_input(args.input, args.seconds)
     packets = encode_packets(audio)
     ledger = Ledger()
-    with open_target(args, max_sessions=2 * args.streams + 1) as target:
+    # The warm-up stream needs a slot of its own, and ends before the load starts.
+    with open_target(args, max_sessions=args.capacity or 2 * args.streams + 1) as target:
         warm_up(target, audio)
         load_before, cpu_before = os.getloadavg()[0], cpu_snapshot()
         asyncio.run(load_run(target, packets, args.streams, args.ramp, ledger))
