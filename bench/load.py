@@ -214,10 +214,13 @@ RATE_KEYS = ("opus_up_kbps", "ws_up_kbps", "opus_down_kbps", "ws_down_kbps")
 
 
 def bandwidth(traffic: Sequence[Traffic]) -> dict[str, dict[str, float | bool | None]]:
-    """Per rate, the median and worst stream, and whether the worst is within the goal."""
+    """Per rate, the median and worst stream, and whether the worst is within the goal. Over the streams that got
+    audio back: a refused one sent its start message and at most the packet its client had in hand, whose rate over
+    20 ms of audio says nothing about a stream."""
+    served = [t for t in traffic if t.packets_down]
     result: dict[str, dict[str, float | bool | None]] = {}
     for key in RATE_KEYS:
-        values = [rate for t in traffic if (rate := t.rates()[key]) is not None]
+        values = [rate for t in served if (rate := t.rates()[key]) is not None]
         worst = max(values) if values else None
         result[key] = {
             "median": float(np.median(values)) if values else None,

@@ -74,17 +74,22 @@ def test_traffic_counts_payload_and_framed_bytes_each_way() -> None:
     assert rates["ws_down_kbps"] == pytest.approx(8 * (50 * 102 + 204) / 1000)
 
 
-def test_bandwidth_takes_the_median_and_the_worst_stream_against_the_goal() -> None:
+def test_bandwidth_takes_the_median_and_the_worst_served_stream_against_the_goal() -> None:
     streams = []
     for stream, size in enumerate((80, 120, 200)):  # 32, 48 and 80 kbit/s up
         traffic = Traffic(stream)
         for _ in range(50):
             traffic.sent(bytes(size))
+            traffic.received(bytes(80))
         streams.append(traffic)
-    result = load.bandwidth(streams)
+    refused = Traffic(3)
+    refused.sent('{"type": "start"}')
+    refused.sent(bytes(80))  # the packet its client had in hand: 20 ms of "audio" with a start message on top
+    result = load.bandwidth([*streams, refused])
     assert result["opus_up_kbps"] == {"median": pytest.approx(48.0), "max": pytest.approx(80.0), "within_goal": False}
     assert load.bandwidth(streams[:2])["opus_up_kbps"]["within_goal"] is True
-    assert result["opus_down_kbps"] == {"median": None, "max": None, "within_goal": None}
+    assert result["opus_down_kbps"]["median"] == pytest.approx(32.0)
+    assert load.bandwidth([refused])["ws_up_kbps"] == {"median": None, "max": None, "within_goal": None}
 
 
 def test_the_completing_packet_is_the_one_the_servers_input_path_completes_the_block_on() -> None:
