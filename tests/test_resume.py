@@ -19,6 +19,7 @@ from app.serving.config import ConverterConfig
 from app.serving.converter import ConverterService
 from app.serving.live import BlockReport, LiveSession
 from app.serving.local import LocalConverterClient
+from app.serving.metrics import RecordedMetrics
 from app.serving.wire import ResumeState, SessionLost, SessionTakenOver
 from app.streaming.settings import StreamSettings
 from app.transport.protocol import ErrorCode, ProtocolError, ResumeRequest, SettingsOverrides, StartMessage
@@ -131,7 +132,13 @@ def test_a_session_nobody_resumes_is_closed_after_the_ttl(model: SeedVC, voice_i
 
 
 def services_for(client: LocalConverterClient, store: str) -> StreamServices:
-    return StreamServices(client=client, tokens=TokenSigner(b"s" * 32), voices=VoiceStore(store), defaults=SETTINGS)
+    return StreamServices(
+        client=client,
+        tokens=TokenSigner(b"s" * 32),
+        voices=VoiceStore(store),
+        defaults=SETTINGS,
+        metrics=RecordedMetrics(),
+    )
 
 
 def start(services: StreamServices, voice: str, **fields: object) -> StartMessage:
@@ -206,3 +213,5 @@ def test_settings_of_the_resumed_session_are_its_own(model: SeedVC, voice_ids) -
         return again.settings
 
     assert asyncio.run(scenario()).diffusion_steps == 4
+    assert isinstance(services.metrics, RecordedMetrics)
+    assert services.metrics.values("seedvc_sessions_resumed") == [1.0]

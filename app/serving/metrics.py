@@ -40,6 +40,8 @@ METRICS: dict[str, MetricSpec] = {
         "histogram", "last input sample of a block in -> its output ready, at the ingress", SECONDS_BUCKETS
     ),
     "seedvc_sessions_rehomed": MetricSpec("counter", "sessions re-opened on another converter"),
+    "seedvc_sessions_resumed": MetricSpec("counter", "sessions a client resumed after its connection dropped"),
+    "seedvc_sessions_detached": MetricSpec("counter", "connections that dropped mid-stream, leaving their session"),
     "seedvc_dropped_input_seconds": MetricSpec("counter", "input dropped because a session fell behind"),
 }
 

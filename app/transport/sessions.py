@@ -66,6 +66,8 @@ class StreamServices:
 
     def session_ended(self, session: LiveSession, held: bool) -> None:
         """A connection let go of its session (closed, or `held` on the converter for a resume): its key's lease."""
+        if held:
+            self.metrics.record("seedvc_sessions_detached")
         self.quotas.ended(session, held)
 
     def stream_closed(self, transport: str) -> None:
@@ -154,6 +156,7 @@ class StreamServices:
             self.check_voice(start.voice_id, owner)
             session.request_voice(start.voice_id)
         await self.quotas.resumed(owner, session)  # keeps its key's slot, or is refused (and closed)
+        self.metrics.record("seedvc_sessions_resumed")
         return session, self._ready(session, owner, resumed=True)
 
     def _settings(self, start: StartMessage) -> StreamSettings:
