@@ -133,3 +133,19 @@ def test_limits_come_from_the_config() -> None:
     assert MessageLimits.from_config(config) == MessageLimits(2.5, 3, 1, 7, 99)
     assert MessageLimits.default() == MessageLimits.from_config(IngressConfig())
     assert MessageLimits.default().max_session_s == 4 * 3600
+
+
+def test_a_resumed_sessions_earlier_time_counts_towards_its_maximum_length() -> None:
+    async def reader() -> str:
+        await asyncio.sleep(0.01)
+        return "read"
+
+    fresh, resumed = (
+        ConnectionLimits(limits(max_session_s=10), FakeClock()),
+        ConnectionLimits(limits(max_session_s=10), FakeClock()),
+    )
+    resumed.count_earlier(11)  # its first connection ran 11 s before it dropped
+    assert asyncio.run(fresh.bounded(reader())) == "read"
+    with pytest.raises(ProtocolError) as ended:
+        asyncio.run(resumed.bounded(reader()))
+    assert ended.value.code == ErrorCode.session_too_long

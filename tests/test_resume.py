@@ -206,9 +206,11 @@ def test_settings_of_the_resumed_session_are_its_own(model: SeedVC, voice_ids) -
     overrides = SettingsOverrides(diffusion_steps=4)
 
     async def scenario() -> StreamSettings:
-        session, ready = await services.start_session(start(services, voice, settings=overrides), "k")
-        resume = ResumeRequest(session_id=session.session_id, resume_token=ready.resume_token)
+        session, _ = await services.start_session(start(services, voice, settings=overrides), "k")
+        session.started_at -= 100  # it has been going for a while
+        resume = ResumeRequest(session_id=session.session_id, resume_token=services.resume_token(session, "k"))
         resumed, again = await services.start_session(start(services, voice, settings=overrides, resume=resume), "k")
+        assert resumed.started_at == session.started_at, "its maximum length counts from its first connection"
         await resumed.close()
         return again.settings
 

@@ -99,6 +99,7 @@ class LiveSession:
         self.max_backlog_blocks = max_backlog_blocks
         self.clock = clock
         self.opened: OpenReply | None = None
+        self.started_at = time.time()  # wall clock, as it travels in resume tokens; a resume sets the original
         self.rehomes = 0
         self.total_dropped_blocks = 0
         self._input = StreamingResampler(SAMPLE_RATE, CONTENT_RATE)

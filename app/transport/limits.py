@@ -87,6 +87,10 @@ class ConnectionLimits:
         self._deadline = clock() + limits.max_session_s
         self._clock = clock
 
+    def count_earlier(self, seconds: float) -> None:
+        """A resumed session's time on its earlier connections counts towards its maximum length too."""
+        self._deadline -= max(0.0, seconds)
+
     def audio(self, seconds: float) -> None:
         """Counts `seconds` of received real-time audio; too_fast beyond the allowance."""
         if not self._audio.take(seconds):

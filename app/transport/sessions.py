@@ -149,6 +149,7 @@ class StreamServices:
             )
         except SessionLost as error:
             raise ProtocolError(ErrorCode.session_expired, "the session is no longer held; start a new one") from error
+        session.started_at = float(claims.extra.get("started", session.started_at))
         if start.settings is not None and self._settings(start) != session.settings:
             await session.close()  # the client sees an error and cannot use the session any more: free it
             raise ProtocolError(ErrorCode.bad_settings, "a resumed session keeps its settings: send none, or the same")
@@ -174,7 +175,9 @@ class StreamServices:
 
     def resume_token(self, session: LiveSession, owner: str) -> str:
         """Binds the session to its caller and names the converter holding it (re-homing makes a new one)."""
-        return self.resume_tokens.issue(owner, {"sid": session.session_id, "rep": session.replica}).token
+        # `started` (unix seconds) is signed in, so that a session's maximum length spans its resumes.
+        claims = {"sid": session.session_id, "rep": session.replica, "started": repr(session.started_at)}
+        return self.resume_tokens.issue(owner, claims).token
 
     def block_events(self, session: LiveSession, owner: str) -> BlockEvents:
         return BlockEvents(session.voice_id, lambda: self.resume_token(session, owner))

@@ -41,6 +41,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
@@ -411,6 +412,7 @@ class RtcCall:
         note(session_id=session.session_id)
         self.events = self.services.stream.block_events(session, self.owner)
         self.services.stream.stream_opened("webrtc")
+        self.limits.count_earlier(time.time() - session.started_at)
         await self._send(ready.model_dump_json())
         how = "open" if ready.resumed_at_block is None else f"resumed at block {ready.resumed_at_block}"
         log.info("call %s: session %s on converter %s", session.session_id, how, session.replica)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 import numpy as np
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
@@ -115,6 +116,7 @@ class StreamConnection:
         note(session_id=session.session_id)
         self.events = self.services.block_events(session, self.owner)
         self.services.stream_opened("websocket")
+        self.limits.count_earlier(time.time() - session.started_at)
         await self._send(ready.model_dump_json())
         how = "started" if ready.resumed_at_block is None else f"resumed at block {ready.resumed_at_block}"
         log.info("stream %s: %s on converter %s", session.session_id, how, session.replica)
