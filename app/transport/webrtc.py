@@ -398,7 +398,9 @@ class RtcCall:
         if error.code == ErrorCode.internal:
             log.error("call %s: %s", self._session_id, error.message)
         else:
-            log.info("call %s: ended (%s): %s", self._session_id, error.code, error.message)
+            # A bad offer's message may quote the offer (and its ICE password): the code says enough in a log.
+            message = "" if error.code == ErrorCode.bad_offer else error.message
+            log.info("call %s: ended (%s): %s", self._session_id, error.code, message)
         event = self.services.stream.error_event(error)
         with contextlib.suppress(Exception):  # the socket may be gone already; the call ends either way
             await self._send(event.model_dump_json())
@@ -441,7 +443,8 @@ class RtcCall:
         except Exception as error:
             # aiortc's SDP parser trusts its input: on some malformed offers it fails with whatever it trips over (an
             # assert, None for a missing attribute, a StopIteration turned RuntimeError). The offer is the only input.
-            log.info("call %s: aiortc failed on the offer: %r", self._session_id, error)
+            # Its type only: the message may quote the offer, whose ICE password is a credential.
+            log.info("call %s: aiortc failed on the offer: %s", self._session_id, type(error).__name__)
             raise ProtocolError(ErrorCode.bad_offer, "unusable SDP offer: malformed or incomplete") from error
         microphone = transceiver.receiver.track
         if microphone is None or peer.getTransceivers() != [transceiver]:
