@@ -74,6 +74,21 @@ def token_secret() -> bytes:
     return secrets.token_bytes(32)
 
 
+async def read_upload(request: Request, limit: int) -> bytes:
+    """The request body, refused as soon as it is known to be over `limit` bytes: by its Content-Length, or while it
+    streams in, so that no client can make a replica hold more than that in memory."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise VoiceError("too_large", f"the recording is {declared} bytes; the limit is {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise VoiceError("too_large", f"the recording is over {limit} bytes, the limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 @serve.ingress(api)
 class Ingress:
     def __init__(self, converter: DeploymentHandle, config: dict[str, Any]) -> None:
@@ -167,8 +182,8 @@ class Ingress:
         self, request: Request, name: str | None = None, authorization: str | None = Header(None)
     ) -> JSONResponse:
         owner = self._caller(authorization)
-        data = await request.body()
         try:
+            data = await read_upload(request, self.config.max_upload_bytes)
             record = self.voices.add(data, owner=owner, name=name)
         except VoiceError as error:
             status = 413 if error.reason == "too_large" else 422

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import io
 import json
 import urllib.error
@@ -210,6 +211,28 @@ def test_uploads_over_the_limits_are_refused(
     with pytest.raises(ClientError) as refused:
         upload_voice(BASE_URL, limited.token, path)
     assert refused.value.status == status and why in refused.value.detail
+
+
+def test_a_chunked_upload_is_refused_once_it_streams_past_the_limit(limited: ServeApp) -> None:
+    """No Content-Length to refuse it by: the ingress counts while the body streams in, and stops there."""
+    sent = 0
+
+    def chunks() -> Iterator[bytes]:
+        nonlocal sent
+        for _ in range(4 * MAX_UPLOAD_BYTES // 65536):
+            sent += 65536
+            yield b"\0" * 65536
+
+    connection = http.client.HTTPConnection("127.0.0.1", 8000, timeout=60)
+    try:
+        headers = {"Authorization": f"Bearer {limited.token}", "Content-Type": "application/octet-stream"}
+        with contextlib.suppress(ConnectionError):  # the server may answer and close before the body is all sent
+            connection.request("POST", "/v1/voices", body=chunks(), headers=headers, encode_chunked=True)
+        response = connection.getresponse()
+        assert response.status == 413, response.read()
+        assert f"over {MAX_UPLOAD_BYTES} bytes" in json.loads(response.read())["detail"]
+    finally:
+        connection.close()
 
 
 # -- logs ----------------------------------------------------------------------------------------------------------
