@@ -679,6 +679,9 @@ def _report(labels: list[str], outputs: list[Path], attempts: list[StreamResult 
             write_audio(output, attempt.output_48k, SAMPLE_RATE)
             print(f"{label}: wrote {output} ({len(attempt.output_48k) / SAMPLE_RATE:.2f} s)")
             print(f"  {attempt.stats.describe()}")
+            if attempt.resumes or attempt.restarts:
+                # Said out loud: a restart means the model's context started afresh mid-stream.
+                print(f"  the connection dropped; resumed {attempt.resumes}x, new session {attempt.restarts}x")
             results.append(attempt)
     if len(outputs) > 1 and results:
         pooled = LatencyStats.from_results(results)
