@@ -8,6 +8,11 @@
 //   protocol v1 over the WebSocket /v1/stream with WebCodecs Opus (needs AudioEncoder/AudioDecoder). When WebRTC
 //   fails (no answer within 8 s, signalling refused, ICE or connection failed) the page falls back to the
 //   WebSocket transport once and shows "websocket (fallback)".
+// - Reconnecting: when an established call's connection drops (the socket closes without an end or error event; for
+//   WebRTC also the media path failing), the page resumes the session on a new connection of the same transport
+//   (protocol step 7): at once, then after 0.5 s, 1 s, 1.5 s, ... up to 6 tries, well within the 30 s the server
+//   holds a dropped session. The session id stays; the page says "reconnecting…", then "resumed". When the server
+//   no longer holds the session (session_expired), the call goes on in a new session ("new session").
 // - Tested in headless Chromium only. Firefox is not tested here; the page uses standard APIs only (AudioWorklet,
 //   WebCodecs audio, RTCPeerConnection, HTMLMediaElement.setSinkId when AudioContext.setSinkId is missing).
 // - Latency: #latency is the browser-visible round trip of the last block — from the capture of the block's first
@@ -19,7 +24,7 @@
 
 import { ApiError, getIceServers, getToken, listVoices, uploadVoice } from "./api.js";
 import { analyserRms, closeAudio, openAudio, outputRouteSupported, setOutputDevice } from "./audio.js";
-import { describeError, errorInfo, SessionError, socketUrl, startMessage } from "./protocol.js";
+import { describeError, errorInfo, isFatal, SessionError, socketUrl, startMessage } from "./protocol.js";
 import { RtcSession } from "./transport-rtc.js";
 import { WebSocketSession } from "./transport-ws.js";
 
@@ -27,6 +32,13 @@ const READY_TIMEOUT_MS = 10000; // start message sent -> ready event
 const METER_INTERVAL_MS = 50;
 const TOKEN_MARGIN_S = 60; // fetch a new session token when the cached one expires within this
 const LOG_LIMIT = 300;
+// Resuming a dropped session: try at once, then after 0.5 s, 1 s, 1.5 s, ...: 6 tries span 7.5 s, well within the
+// 30 s for which the server holds a dropped session (the converter's detached_session_ttl_s).
+const RESUME_ATTEMPTS = 6;
+const RESUME_BACKOFF_MS = 500;
+// Refusals that a later try may not meet: counted as failed tries, like a connection that would not open. Any other
+// error event in answer to a resume (unknown_voice, bad_settings, ...) would come again, so it ends the call.
+const TRANSIENT_ERRORS = new Set(["overloaded", "rate_limited", "internal"]);
 const STORAGE = {
   apiKey: "seedvc.apiKey",
   voice: "seedvc.voiceId",
@@ -37,7 +49,7 @@ const STORAGE = {
 
 /** The live figures, for people (rendered below) and tests (window.vcState). Updated in place. */
 const vcState = {
-  connection: "idle", // idle | connecting | connected | closing | closed | failed
+  connection: "idle", // idle | connecting | connected | reconnecting | closing | closed | failed
   transport: null, // null | "webrtc" | "websocket" | "websocket (fallback)"
   latencyMs: null, // browser-visible round trip of the last block (ms), null until measured
   serverLatencyMs: null, // the last block event's latency_ms
@@ -48,7 +60,12 @@ const vcState = {
   lastError: null, // {code, message, retryAfterS} of the last error, null when none since Start
   outputRms: 0, // linear RMS (0..1) of what is being played
   inputRms: 0, // linear RMS (0..1) of the microphone
-  sessionId: null, // from the ready event
+  sessionId: null, // from the ready event; kept when a dropped connection is resumed
+  sessionNote: null, // null | "resumed" | "new session": how the call came back after its last drop
+  resumes: 0, // dropped connections after which the session was resumed (same id, block indexes go on)
+  restarts: 0, // dropped connections after which the server no longer held the session: a new one took over
+  resumedAtBlock: null, // the index of the first block after the last resume
+  lastBlockIndex: null, // the index of the last block event
   fallbackReason: null, // why WebRTC was abandoned, when it was
   ice: null, // WebRTC only: iceConnectionState
   iceGathering: null,
@@ -71,8 +88,8 @@ function init() {
   for (const id of ["api-key", "voice-select", "refresh-voices", "voice-file", "voice-name", "upload-voice",
     "transport", "input-device", "output-device", "setting-block-time", "setting-diffusion-steps", "start", "stop",
     "status", "connection-state", "rtc-states", "ice-state", "ice-gathering-state", "signaling-state", "peer-state",
-    "transport-used", "latency", "server-latency", "block-count", "late-count", "input-level", "output-level",
-    "input-db", "output-db", "log", "remote-audio", "output-audio"]) {
+    "session-id", "session-note", "transport-used", "latency", "server-latency", "block-count", "late-count",
+    "input-level", "output-level", "input-db", "output-db", "log", "remote-audio", "output-audio"]) {
     ui[id.replace(/-(\w)/g, (_, c) => c.toUpperCase())] = $(id);
   }
 
@@ -162,6 +179,8 @@ function render() {
   setText(ui.connectionState, vcState.connection);
   ui.connectionState.dataset.state = vcState.connection;
   setText(ui.transportUsed, vcState.transport || "none");
+  setText(ui.sessionId, vcState.sessionId || "–");
+  setText(ui.sessionNote, vcState.sessionNote ? `(${vcState.sessionNote})` : "");
   setText(ui.latency, vcState.latencyMs === null ? "–" : `${Math.round(vcState.latencyMs)} ms`);
   ui.latency.title = vcState.transport === "webrtc"
     ? "estimated: block event arrival + receive jitter buffer + output latency, from the capture of the block's input"
@@ -388,6 +407,11 @@ function resetFigures(kind) {
     lateBlocks: 0,
     lastError: null,
     sessionId: null,
+    sessionNote: null,
+    resumes: 0,
+    restarts: 0,
+    resumedAtBlock: null,
+    lastBlockIndex: null,
     fallbackReason: null,
     ice: null,
     iceGathering: null,
@@ -411,6 +435,10 @@ async function start() {
     readyTimer: null,
     voiceId: ui.voiceSelect.value, // the voice asked for last
     activeVoice: ui.voiceSelect.value, // the voice the server converts with (start, then voice_set events)
+    settings: readSettings(), // what a new session of this call asks for (the fields are locked during a call)
+    resume: null, // {session_id, resume_token} once the server is ready: what resumes the session after a drop
+    reconnect: null, // while the call is being resumed: {attempts, tokenRetried, timer, outcome}
+    iceServers: null, // the last ICE servers fetched (a reconnect reuses them when GET /v1/ice fails)
   };
   call = thisCall;
   resetFigures(kind);
@@ -448,9 +476,17 @@ async function start() {
 }
 
 async function beginWebRtc(thisCall, token) {
-  const { iceServers, error } = await getIceServers(token);
-  if (error) log(`GET /v1/ice failed (${error.code}); no ICE servers, host candidates only`, "warning");
-  else log(`ICE servers: ${iceServers.length}`);
+  let { iceServers, error } = await getIceServers(token);
+  if (error && thisCall.iceServers) {
+    // Mid-outage the API may not answer yet: the servers of the last connection are likely still good.
+    log(`GET /v1/ice failed (${error.code}); using the ICE servers of the last connection`, "warning");
+    iceServers = thisCall.iceServers;
+  } else if (error) {
+    log(`GET /v1/ice failed (${error.code}); no ICE servers, host candidates only`, "warning");
+  } else {
+    log(`ICE servers: ${iceServers.length}`);
+    thisCall.iceServers = iceServers;
+  }
   if (thisCall.stopping) {
     abandon(thisCall);
     return;
@@ -458,7 +494,7 @@ async function beginWebRtc(thisCall, token) {
   thisCall.generation += 1;
   thisCall.session = new RtcSession({
     url: socketUrl("/v1/rtc"),
-    start: startMessage({ token, voiceId: thisCall.voiceId, settings: readSettings() }),
+    start: callStart(thisCall, token),
     iceServers,
     engine: thisCall.engine,
     remoteAudio: ui.remoteAudio,
@@ -470,10 +506,24 @@ function beginWebSocket(thisCall, token) {
   thisCall.generation += 1;
   thisCall.session = new WebSocketSession({
     url: socketUrl("/v1/stream"),
-    start: startMessage({ token, voiceId: thisCall.voiceId, settings: readSettings() }),
+    start: callStart(thisCall, token),
     engine: thisCall.engine,
     hooks: sessionHooks(thisCall, thisCall.generation),
   }).begin();
+}
+
+/**
+ * The start message of the call's next session: a resume of the session the call holds, or a new session. A resume
+ * names the voice the server converts with and no settings (the session keeps its own; settings sent again would
+ * only risk bad_settings against a redeployed server's defaults); a voice asked for but not yet confirmed is asked
+ * for again once the call is back (reconnected()).
+ */
+function callStart(thisCall, token) {
+  if (thisCall.resume) {
+    thisCall.voiceId = thisCall.activeVoice;
+    return startMessage({ token, voiceId: thisCall.activeVoice, resume: thisCall.resume });
+  }
+  return startMessage({ token, voiceId: thisCall.voiceId, settings: thisCall.settings });
 }
 
 /** What a transport session reports; anything from a session that is no longer the current one is ignored. */
@@ -481,7 +531,7 @@ function sessionHooks(thisCall, generation) {
   const current = () => call === thisCall && thisCall.generation === generation;
   return {
     log: (text) => current() && log(text),
-    onState: (state) => current() && !(thisCall.stopping && state === "connected") && setConnection(state),
+    onState: (state) => current() && sessionState(thisCall, state),
     onStartSent: () => current() && armReadyTimer(thisCall),
     onEvent: (event) => current() && handleEvent(thisCall, event),
     onRoundTrip: (ms) => current() && update({ latencyMs: Math.max(0, Math.round(ms)) }),
@@ -490,12 +540,23 @@ function sessionHooks(thisCall, generation) {
   };
 }
 
-/** A start that gets no ready within 10 s is an error, never a silent hang. */
+function sessionState(thisCall, state) {
+  if (thisCall.stopping && state === "connected") return;
+  if (thisCall.reconnect) {
+    // The page says "reconnecting" until a new connection carries audio both ways, whatever each try goes through.
+    if (state !== "connected") return;
+    reconnected(thisCall);
+  }
+  setConnection(state);
+}
+
+/** A start that gets no ready within 10 s is an error, never a silent hang; while reconnecting, a failed try. */
 function armReadyTimer(thisCall) {
   clearTimeout(thisCall.readyTimer);
   thisCall.readyTimer = setTimeout(() => {
     if (call === thisCall && thisCall.session) {
-      thisCall.session.abort({ code: "timeout", message: `no ready from the server within ${READY_TIMEOUT_MS / 1000} s` });
+      const message = `no ready from the server within ${READY_TIMEOUT_MS / 1000} s`;
+      thisCall.session.abort({ code: "timeout", message }, { dropped: true });
     }
   }, READY_TIMEOUT_MS);
 }
@@ -504,15 +565,29 @@ function handleEvent(thisCall, event) {
   switch (event.type) {
     case "ready":
       clearTimeout(thisCall.readyTimer);
+      thisCall.resume = { session_id: event.session_id, resume_token: event.resume_token };
       update({ sessionId: event.session_id, blockMs: event.block_ms });
+      if (thisCall.reconnect) {
+        const resumed = event.resumed_at_block !== null && event.resumed_at_block !== undefined;
+        thisCall.reconnect.outcome = resumed ? "resumed" : "new session";
+        if (resumed) update({ resumedAtBlock: event.resumed_at_block });
+        log(resumed ? `ready: session ${event.session_id} resumed at block ${event.resumed_at_block}`
+          : `ready: new session ${event.session_id}, ${event.block_ms} ms blocks`);
+        break; // the status changes once audio flows again (reconnected)
+      }
       log(`ready: session ${event.session_id}, ${event.block_ms} ms blocks`);
       setStatus(vcState.fallbackReason
         ? `Converting over WebSocket + WebCodecs (fallback: WebRTC failed, ${vcState.fallbackReason}).`
         : `Converting (${vcState.transport}, ${event.block_ms} ms blocks).`, vcState.fallbackReason ? "warning" : "ok");
       break;
+    case "resume_token":
+      // The session moved to another converter: from now on only this token resumes it.
+      if (thisCall.resume) thisCall.resume.resume_token = event.resume_token;
+      log("resume_token: the session moved to another converter");
+      break;
     case "block":
       if (vcState.blocks === 0) log(`first block: server latency ${Math.round(event.latency_ms)} ms`);
-      update({ blocks: vcState.blocks + 1, serverLatencyMs: event.latency_ms });
+      update({ blocks: vcState.blocks + 1, serverLatencyMs: event.latency_ms, lastBlockIndex: event.index });
       break;
     case "late": {
       const lateMs = vcState.lateMs + event.dropped_ms;
@@ -529,9 +604,17 @@ function handleEvent(thisCall, event) {
       log(`warning ${event.code}: ${event.message}`, "warning");
       setStatus(`Warning: ${event.code}: ${event.message}`, "warning");
       break;
-    case "error":
+    case "error": {
+      const fatal = !thisCall.session || isFatal(event, thisCall.session.ready);
+      const mediaDied = event.code === "connection_failed" && thisCall.session && thisCall.session.established;
+      if (fatal && (thisCall.reconnect || mediaDied)) {
+        // The answer to a try to resume, or the media path of an established call dying (the server keeps the
+        // session): sessionClosed decides whether the call goes on, and shows the error only if it does not.
+        log(`error ${event.code}: ${event.message}`, "warning");
+        break;
+      }
       showError(event);
-      if (event.code === "unknown_voice" && thisCall.session && thisCall.session.ready) {
+      if (!fatal && event.code === "unknown_voice") {
         // The answer to set_voice: the stream goes on with the previous voice, and so does the selection.
         thisCall.voiceId = thisCall.activeVoice;
         if ([...ui.voiceSelect.options].some((option) => option.value === thisCall.activeVoice)) {
@@ -539,6 +622,7 @@ function handleEvent(thisCall, event) {
         }
       }
       break;
+    }
     case "end":
       log(`end: ${event.blocks} blocks, ${event.dropped_ms} ms of input dropped`);
       break;
@@ -552,8 +636,18 @@ function voiceName(voiceId) {
   return option ? option.text : voiceId;
 }
 
-function sessionClosed(thisCall, { error, fallback }) {
+function sessionClosed(thisCall, { error, fallback, dropped }) {
   clearTimeout(thisCall.readyTimer);
+  if (error && !thisCall.stopping) {
+    if (thisCall.reconnect) {
+      afterFailedTry(thisCall, error, dropped);
+      return;
+    }
+    if (dropped && thisCall.session && thisCall.session.established) {
+      beginReconnect(thisCall, error);
+      return;
+    }
+  }
   if (error && fallback && thisCall.kind === "webrtc" && !thisCall.fellBack && !thisCall.stopping) {
     fallBack(thisCall, error);
     return;
@@ -571,9 +665,120 @@ function sessionClosed(thisCall, { error, fallback }) {
   endCall(thisCall);
 }
 
+// ---------------------------------------------------------------- reconnecting
+
+/** An established call's connection dropped: resume its session on a new connection of the same transport. */
+function beginReconnect(thisCall, error) {
+  // The old session stopped its capture (or its peer connection) when it closed: what the microphone hears from
+  // here until a new connection is up is dropped, not queued. This is a live call: input minutes old is worth
+  // nothing to the listener, and the server would drop most of it as late anyway.
+  thisCall.session = null;
+  thisCall.reconnect = { attempts: 0, tokenRetried: false, timer: null, outcome: null };
+  log(`connection lost (${describeError(error)}); reconnecting`, "warning");
+  update({ sessionNote: null });
+  setConnection("reconnecting");
+  setStatus("Connection lost: reconnecting…", "warning");
+  scheduleTry(thisCall, 0);
+}
+
+function scheduleTry(thisCall, delayMs) {
+  clearTimeout(thisCall.reconnect.timer);
+  thisCall.reconnect.timer = setTimeout(() => tryAgain(thisCall), delayMs);
+}
+
+async function tryAgain(thisCall) {
+  const again = thisCall.reconnect;
+  if (call !== thisCall || !again) return;
+  if (thisCall.stopping) {
+    abandon(thisCall);
+    return;
+  }
+  again.attempts += 1;
+  log(thisCall.resume
+    ? `resuming session ${thisCall.resume.session_id} (try ${again.attempts} of ${RESUME_ATTEMPTS})`
+    : `starting a new session (try ${again.attempts} of ${RESUME_ATTEMPTS})`);
+  let token;
+  try {
+    token = await sessionToken();
+  } catch (failure) {
+    // The API cannot be reached (network, or the proxy has no ingress yet): a failed try, as a socket that would not
+    // open. An API key that was refused is not.
+    if (call === thisCall && !thisCall.stopping) {
+      afterFailedTry(thisCall, errorInfo(failure), failure.code === "network" || failure.status >= 500);
+    } else {
+      abandon(thisCall);
+    }
+    return;
+  }
+  if (call !== thisCall) return;
+  if (thisCall.stopping) {
+    abandon(thisCall);
+    return;
+  }
+  if (thisCall.kind === "webrtc" && !thisCall.fellBack) await beginWebRtc(thisCall, token);
+  else beginWebSocket(thisCall, token);
+}
+
+/** A try to get the call back failed: try again, start a new session, or give up. */
+function afterFailedTry(thisCall, error, dropped) {
+  const again = thisCall.reconnect;
+  thisCall.session = null;
+  if (error.code === "session_expired" && thisCall.resume) {
+    // Both the ingress and the converter of the session were replaced meanwhile: go on in a new session.
+    log("the server no longer holds the session; starting a new one", "warning");
+    thisCall.resume = null;
+    scheduleTry(thisCall, 0);
+  } else if (error.code === "unauthorized" && !again.tokenRetried) {
+    // The session token expired during the call: a new one, got as the first was, and once more at once.
+    log("the session token was refused; getting a new one", "warning");
+    again.tokenRetried = true;
+    tokenCache = null;
+    scheduleTry(thisCall, 0);
+  } else if (!dropped && !TRANSIENT_ERRORS.has(error.code)) {
+    giveUp(thisCall, error);
+  } else if (again.attempts >= RESUME_ATTEMPTS) {
+    giveUp(thisCall, {
+      code: "resume_failed",
+      message: `the connection dropped and ${RESUME_ATTEMPTS} tries to get it back failed `
+        + `(last: ${describeError(error)}); press Start for a new call`,
+    });
+  } else {
+    log(`try ${again.attempts} failed (${describeError(error)})`, "warning");
+    scheduleTry(thisCall, again.attempts * RESUME_BACKOFF_MS);
+  }
+}
+
+/** A new connection carries audio both ways: say how the call came back. */
+function reconnected(thisCall) {
+  const { outcome } = thisCall.reconnect;
+  thisCall.reconnect = null;
+  if (outcome === "resumed") {
+    update({ sessionNote: "resumed", resumes: vcState.resumes + 1 });
+    log(`resumed: session ${vcState.sessionId} from block ${vcState.resumedAtBlock}`);
+    setStatus(`Reconnected: session resumed at block ${vcState.resumedAtBlock} (${vcState.transport}).`, "ok");
+  } else {
+    update({ sessionNote: "new session", restarts: vcState.restarts + 1 });
+    log(`new session ${vcState.sessionId}: the server no longer held the old one`, "warning");
+    setStatus("Reconnected in a new session: the server no longer held the old one, so the conversion "
+      + "started afresh (the voice's context was lost).", "warning");
+  }
+  onVoiceChange(); // a voice chosen while the call was away
+}
+
+function giveUp(thisCall, error) {
+  thisCall.reconnect = null;
+  showError(error);
+  setConnection("failed");
+  endCall(thisCall);
+}
+
+// ---------------------------------------------------------------- fallback, failures, stop
+
 /** WebRTC failed: once per call, go on over the WebSocket transport with the same mic and output. */
 async function fallBack(thisCall, error) {
   thisCall.fellBack = true;
+  // A new session: if the server held one for the failed call, it lets it expire.
+  thisCall.resume = null;
   const reason = describeError(error);
   log(`WebRTC failed (${reason}); falling back to WebSocket + WebCodecs`, "warning");
   setStatus(`WebRTC failed (${reason}). Fell back to WebSocket + WebCodecs.`, "warning");
@@ -606,7 +811,7 @@ function failCall(thisCall, failure) {
   endCall(thisCall);
 }
 
-/** Stop was pressed before a session existed. */
+/** Stop was pressed before a session existed, or between two tries to reconnect. */
 function abandon(thisCall) {
   if (call !== thisCall) return;
   setConnection("closed");
@@ -618,6 +823,7 @@ function endCall(thisCall) {
   if (call !== thisCall) return;
   call = null;
   clearTimeout(thisCall.readyTimer);
+  if (thisCall.reconnect) clearTimeout(thisCall.reconnect.timer);
   if (thisCall.engine) closeAudio(thisCall.engine);
   setControls(false);
   updateMeters();
@@ -630,8 +836,10 @@ async function stop() {
   ui.stop.disabled = true;
   setConnection("closing");
   setStatus("Stopping…");
-  // With a session, its onClosed ends the call; without one, start() or fallBack() notices `stopping`.
+  // With a session, its onClosed ends the call; without one, start(), fallBack() or tryAgain() notices `stopping`,
+  // and between two tries to reconnect nothing runs that would.
   if (thisCall.session) await thisCall.session.stop();
+  else if (thisCall.reconnect) abandon(thisCall);
 }
 
 init();

@@ -4,18 +4,24 @@
 export const PROTOCOL_VERSION = 1;
 export const FRAME_MS = 20;
 
-/** A failure with a stable code; `fallback` marks a WebRTC failure that the WebSocket transport may get around. */
+/**
+ * A failure with a stable code. `fallback` marks a WebRTC failure that the WebSocket transport may get around;
+ * `dropped` one of the connection rather than a refusal by the server, after which the session may be resumed.
+ */
 export class SessionError extends Error {
-  constructor(code, message, { fallback = false } = {}) {
+  constructor(code, message, { fallback = false, dropped = false } = {}) {
     super(message);
     this.code = code;
     this.fallback = fallback;
+    this.dropped = dropped;
   }
 }
 
-export function startMessage({ token, voiceId, settings }) {
+/** `resume` ({session_id, resume_token}) reattaches to a session whose connection dropped (protocol step 7). */
+export function startMessage({ token, voiceId, settings, resume }) {
   const message = { type: "start", version: PROTOCOL_VERSION, token, voice_id: voiceId, realtime: true };
   if (settings && Object.keys(settings).length > 0) message.settings = settings;
+  if (resume) message.resume = resume;
   return message;
 }
 

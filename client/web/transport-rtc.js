@@ -15,10 +15,17 @@
 // bad_offer / connection_failed errors) end the session with fallback: true, so that the page can retry over the
 // WebSocket transport. Other server errors (unauthorized, unknown_voice, overloaded, ...) do not.
 //
+// Resume: failures of the connection rather than refusals by the server end the session with dropped: true, among
+// them the server's connection_failed once the media had connected (it then keeps the session). When the call was
+// established, the page resumes it (app.js) with a new session: a new signalling socket whose start message carries
+// `resume`, and a new peer connection whose offer re-negotiates the media exactly as a first call does. The old
+// peer connection is closed with its session, so the microphone is not sent anywhere, nor queued, in between.
+//
 // Round trip (an estimate: RTP audio cannot be tied to a block exactly): the server's input starts with the first
 // RTP packet, sent when the peer connection becomes connected; block i's audio leaves the server with its block
 // event and plays after the receive jitter buffer (getStats) and the output latency:
-//   (block event arrival + jitter buffer + output latency) - (connected time + input_start_ms).
+//   (block event arrival + jitter buffer + output latency) - (connected time + input_start_ms),
+// less the input_start_ms of block resumed_at_block for a resumed session, whose input starts again there.
 
 import { connectRemoteStream, outputLatency } from "./audio.js";
 import { deferred, describeClose, errorInfo, isFatal, parseEvent, SessionError, sleep, withTimeout } from "./protocol.js";
@@ -69,7 +76,7 @@ function openSocket(url, timeoutMs) {
     const timer = setTimeout(() => {
       ws.close();
       reject(new SessionError("signalling_timeout", `no signalling connection to ${url} within ${timeoutMs / 1000} s`,
-        { fallback: true }));
+        { fallback: true, dropped: true }));
     }, timeoutMs);
     ws.onopen = () => {
       clearTimeout(timer);
@@ -79,7 +86,7 @@ function openSocket(url, timeoutMs) {
     ws.onclose = (event) => {
       clearTimeout(timer);
       reject(new SessionError("signalling_refused", `the signalling socket ${url} closed (${describeClose(event)})`,
-        { fallback: true }));
+        { fallback: true, dropped: true }));
     };
   });
 }
@@ -92,7 +99,8 @@ export async function negotiate(session) {
   ws.send(JSON.stringify({ type: "offer", sdp: pc.localDescription.sdp }));
   hooks.log("signalling: start and offer sent; waiting for the answer");
   const answer = await withTimeout(session.answer.promise, ANSWER_TIMEOUT_MS,
-    () => new SessionError("no_answer", `no WebRTC answer within ${ANSWER_TIMEOUT_MS / 1000} s`, { fallback: true }));
+    () => new SessionError("no_answer", `no WebRTC answer within ${ANSWER_TIMEOUT_MS / 1000} s`,
+      { fallback: true, dropped: true }));
   await pc.setRemoteDescription({ type: "answer", sdp: answer.sdp });
   hooks.log("signalling: answer applied");
 }
@@ -114,6 +122,7 @@ export class RtcSession {
     this.ready = false;
     this.peerConnected = false;
     this.connectedAt = null; // performance.now() when media started to flow
+    this.inputOffsetMs = 0; // input_start_ms of this connection's first block: > 0 once resumed
     this.ended = deferred();
     this.endReceived = false;
     this.stopping = false;
@@ -127,9 +136,12 @@ export class RtcSession {
 
   begin() {
     this.run().catch((error) => {
-      if (error instanceof SessionError) this.finish({ error: errorInfo(error), fallback: error.fallback });
+      if (error instanceof SessionError) {
+        this.finish({ error: errorInfo(error), fallback: error.fallback, dropped: error.dropped });
+        return;
+      }
       // Anything else is the browser refusing WebRTC (no codec, bad SDP): the WebSocket transport may still work.
-      else this.finish({ error: { code: "webrtc_failed", message: errorInfo(error).message }, fallback: true });
+      this.finish({ error: { code: "webrtc_failed", message: errorInfo(error).message }, fallback: true });
     });
     return this;
   }
@@ -166,6 +178,7 @@ export class RtcSession {
         this.finish({
           error: { code: "ice_timeout", message: `the WebRTC connection did not connect within ${CONNECT_TIMEOUT_MS / 1000} s` },
           fallback: true,
+          dropped: true,
         });
       }
     }, CONNECT_TIMEOUT_MS));
@@ -186,12 +199,13 @@ export class RtcSession {
         this.disconnectTimer = setTimeout(() => this.finish({
           error: { code: "webrtc_failed", message: `the WebRTC connection was interrupted for ${DISCONNECTED_MS / 1000} s` },
           fallback: true,
+          dropped: true,
         }), DISCONNECTED_MS);
       }
     }
     if ((name === "peer" || name === "ice") && value === "failed" && !this.stopping) {
       const what = name === "ice" ? "ICE connectivity" : "the WebRTC connection";
-      this.finish({ error: { code: "webrtc_failed", message: `${what} failed` }, fallback: true });
+      this.finish({ error: { code: "webrtc_failed", message: `${what} failed` }, fallback: true, dropped: true });
     }
   }
 
@@ -229,6 +243,7 @@ export class RtcSession {
     switch (event.type) {
       case "ready":
         this.ready = true;
+        this.inputOffsetMs = (event.resumed_at_block ?? 0) * event.block_ms;
         this.maybeConnected();
         break;
       case "block":
@@ -239,7 +254,11 @@ export class RtcSession {
         this.ended.resolve();
         break;
       case "error":
-        if (isFatal(event, this.ready)) this.finish({ error: event, fallback: WEBRTC_ERRORS.has(event.code) });
+        if (isFatal(event, this.ready)) {
+          // The media path of a call that worked died: the server keeps the session for a resume.
+          const dropped = event.code === "connection_failed" && this.peerConnected;
+          this.finish({ error: event, fallback: WEBRTC_ERRORS.has(event.code), dropped });
+        }
         break;
       default:
         break;
@@ -250,7 +269,12 @@ export class RtcSession {
     if (this.connectedAt === null) return;
     const jitterMs = this.lastStats.jitterBufferMs || 0;
     const playsAt = performance.now() + jitterMs + outputLatency(this.engine) * 1000;
-    this.hooks.onRoundTrip(playsAt - (this.connectedAt + event.input_start_ms), event.index);
+    this.hooks.onRoundTrip(playsAt - (this.connectedAt + event.input_start_ms - this.inputOffsetMs), event.index);
+  }
+
+  /** Audio flows both ways: a drop from here on is worth resuming. */
+  get established() {
+    return this.ready && this.peerConnected;
   }
 
   async pollStats() {
@@ -301,9 +325,11 @@ export class RtcSession {
       this.finish({
         error: { code: "signalling_closed", message: `the signalling socket closed before an answer (${describeClose(event)})` },
         fallback: true,
+        dropped: true,
       });
     } else {
-      this.finish({ error: { code: "connection_lost", message: `the signalling socket closed (${describeClose(event)})` } });
+      const error = { code: "connection_lost", message: `the signalling socket closed (${describeClose(event)})` };
+      this.finish({ error, dropped: true });
     }
   }
 
@@ -320,8 +346,8 @@ export class RtcSession {
     this.finish({});
   }
 
-  abort(error) {
-    this.finish({ error });
+  abort(error, { dropped = false } = {}) {
+    this.finish({ error, dropped });
   }
 
   stats() {
@@ -329,7 +355,7 @@ export class RtcSession {
   }
 
   /** Transceivers, then tracks, then the peer connection and the socket; the outcome goes to hooks.onClosed. */
-  finish({ error = null, fallback = false }) {
+  finish({ error = null, fallback = false, dropped = false }) {
     if (this.closed) return;
     this.closed = true;
     for (const timer of this.timers) clearTimeout(timer);
@@ -358,6 +384,6 @@ export class RtcSession {
       this.hooks.onRtcState("signaling", this.pc.signalingState);
       this.hooks.onRtcState("peer", this.pc.connectionState);
     }
-    this.hooks.onClosed({ error, fallback });
+    this.hooks.onClosed({ error, fallback, dropped });
   }
 }

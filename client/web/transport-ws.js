@@ -7,10 +7,18 @@
 // knows when each decoded frame starts on the same clock. Block i answers the input that started
 // input_start_ms after the first packet sent, so its round trip is
 //   (start of its first output frame + output latency) - (capture time of the first packet + input_start_ms).
+// A resumed session's input starts again at block resumed_at_block, so that block's input_start_ms is subtracted.
+//
+// One session is one connection. A connection that drops is not repaired here: the page starts a new session whose
+// start message resumes the old one (app.js). Capture starts with each session's ready event and stops with the
+// session, so what the microphone hears while no connection is up is dropped, never queued: this is a live call,
+// and minutes of stale input sent after an outage would only be dropped by the server as late.
 //
 // Session interface (shared with transport-rtc.js): stop() ends gracefully (end message, wait for the end event),
-// abort(error) tears down at once, setVoice(id), stats(). Hooks: log, onState, onStartSent, onEvent, onRoundTrip,
-// onClosed({error, fallback}) — called exactly once.
+// abort(error, {dropped}) tears down at once, setVoice(id), stats(), and `established` (audio flows both ways).
+// Hooks: log, onState, onStartSent, onEvent, onRoundTrip, onClosed({error, fallback, dropped}) — called exactly
+// once; `dropped` says the connection failed without the server's end or error event, so the server may still hold
+// the session for a resume.
 
 import { createPlayer, outputLatency, SAMPLE_RATE, FRAME_SAMPLES, startCapture } from "./audio.js";
 import { deferred, describeClose, errorInfo, isFatal, parseEvent, SessionError, sleep } from "./protocol.js";
@@ -66,6 +74,7 @@ export class WebSocketSession {
     this.framesReceived = 0;
     this.framesDecoded = 0;
     this.pendingBlock = null; // the last block event: its audio is the next binary message
+    this.inputOffsetMs = 0; // input_start_ms of this connection's first block: > 0 once resumed
     this.blockAtFrame = new Map(); // received-frame ordinal -> block event whose first frame it is
     this.connectTimer = null;
   }
@@ -97,7 +106,8 @@ export class WebSocketSession {
     ws.binaryType = "arraybuffer";
     this.ws = ws;
     this.connectTimer = setTimeout(() => {
-      this.finish({ error: { code: "connect_timeout", message: `no connection to ${this.url} within 10 s` } });
+      const error = { code: "connect_timeout", message: `no connection to ${this.url} within 10 s` };
+      this.finish({ error, dropped: true });
     }, CONNECT_TIMEOUT_MS);
     ws.onopen = () => {
       clearTimeout(this.connectTimer);
@@ -125,6 +135,7 @@ export class WebSocketSession {
     switch (event.type) {
       case "ready":
         this.ready = true;
+        this.inputOffsetMs = (event.resumed_at_block ?? 0) * event.block_ms;
         this.hooks.onState("connected");
         this.beginCapture().catch((error) => this.finish({ error: errorInfo(error) }));
         break;
@@ -200,7 +211,7 @@ export class WebSocketSession {
       this.blockAtFrame.delete(ordinal);
       if (this.captureStart !== null) {
         const playedMs = (startsAt + outputLatency(this.engine) - this.captureStart) * 1000;
-        this.hooks.onRoundTrip(playedMs - block.input_start_ms, block.index);
+        this.hooks.onRoundTrip(playedMs - (block.input_start_ms - this.inputOffsetMs), block.index);
       }
     }
   }
@@ -216,8 +227,13 @@ export class WebSocketSession {
       const message = this.ready
         ? `the connection closed unexpectedly (${describeClose(event)})`
         : `the server closed the connection before the stream was ready (${describeClose(event)})`;
-      this.finish({ error: { code: "connection_lost", message } });
+      this.finish({ error: { code: "connection_lost", message }, dropped: true });
     }
+  }
+
+  /** Audio flows both ways: a drop from here on is worth resuming. */
+  get established() {
+    return this.ready;
   }
 
   setVoice(voiceId) {
@@ -245,8 +261,8 @@ export class WebSocketSession {
     this.finish({});
   }
 
-  abort(error) {
-    this.finish({ error });
+  abort(error, { dropped = false } = {}) {
+    this.finish({ error, dropped });
   }
 
   stats() {
@@ -260,7 +276,7 @@ export class WebSocketSession {
   }
 
   /** Tears everything down once; the outcome goes to hooks.onClosed. */
-  finish({ error = null, fallback = false }) {
+  finish({ error = null, fallback = false, dropped = false }) {
     if (this.closed) return;
     this.closed = true;
     clearTimeout(this.connectTimer);
@@ -271,7 +287,7 @@ export class WebSocketSession {
     if (this.player) this.player.stop();
     if (this.ws && this.ws.readyState <= WebSocket.OPEN) this.ws.close(1000);
     this.ended.resolve();
-    this.hooks.onClosed({ error, fallback });
+    this.hooks.onClosed({ error, fallback, dropped });
   }
 }
 

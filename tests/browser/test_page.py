@@ -32,8 +32,9 @@ CALL_TIMEOUT_MS = 60_000
 DIFFUSION_STEPS = 3  # keeps the tiny model well ahead of real time on 2 shared cores
 
 
-def chromium_flags(microphone: Path) -> list[str]:
-    """/work/shared/notes/browser-e2e.md: without these Chromium reaches for the internet or hangs on ICE."""
+def chromium_flags(microphone: Path, loop: bool = False) -> list[str]:
+    """/work/shared/notes/browser-e2e.md: without these Chromium reaches for the internet or hangs on ICE. The fake
+    microphone plays the file once, or over and over with `loop`."""
     return [
         "--disable-gpu",
         "--disable-quic",
@@ -43,7 +44,7 @@ def chromium_flags(microphone: Path) -> list[str]:
         "--disable-sync",
         "--use-fake-ui-for-media-stream",
         "--use-fake-device-for-media-stream",
-        f"--use-file-for-fake-audio-capture={microphone}%noloop",
+        f"--use-file-for-fake-audio-capture={microphone}{'' if loop else '%noloop'}",
         "--autoplay-policy=no-user-gesture-required",
         "--allow-loopback-in-peer-connection",
         "--disable-features=WebRtcHideLocalIpsWithMdns,NetworkTimeServiceQuerying,OptimizationHints,MediaRouter",
