@@ -2,7 +2,8 @@
 
 The signalling WebSocket stays open for the whole call. Serve never sees the peer connection (its media is UDP
 straight to this process, past the HTTP proxy); the open socket is what makes the call an ongoing request, so that
-autoscaling counts it and a draining replica keeps it, and losing the socket ends the call.
+autoscaling counts it and a draining replica keeps it; losing the socket ends the call's media, but the session
+stays on its converter for a resume.
 
 Protocol: the messages and events of protocol v1 (app/transport/protocol.py) plus an SDP offer and answer.
 
@@ -10,7 +11,8 @@ Protocol: the messages and events of protocol v1 (app/transport/protocol.py) plu
    `{"iceServers": [...]}`, the STUN/TURN servers for the browser's `RTCPeerConnection`, including TURN credentials
    that expire (TURN REST API) when the server has a TURN secret. An empty list means host candidates only.
 1. Open a WebSocket on `/v1/rtc` and send the `StartMessage` of `/v1/stream` (its step 2). `realtime` is ignored
-   (a call is always real time); `resume` is refused with `session_expired` (a dropped call starts over).
+   (a call is always real time). With `resume` (step 7 of `/v1/stream`) it continues a call whose socket or media
+   connection dropped: after the `ReadyEvent`, the client sends a new offer from a new peer connection.
 2. The server checks the token and the voice, opens the session, and answers a `ReadyEvent` (step 3), or an
    `ErrorEvent` and closes the socket (step 8).
 3. The client sends `OfferMessage` `{"type": "offer", "sdp": "..."}`: a complete offer with its gathered ICE
@@ -26,9 +28,10 @@ Protocol: the messages and events of protocol v1 (app/transport/protocol.py) plu
 7. To hang up, the client sends `EndMessage`. The server converts the input that has arrived, plays it out on the
    track, sends an `EndEvent`, closes the socket with 1000 and then the peer connection. Audio still on its way when
    `end` arrives is not converted: send `end` a few tens of milliseconds after the last audio that matters.
-   Closing the socket without `end` ends the call at once, with no end event.
+   Closing the socket without `end` ends the call's media at once, with no end event; the session waits for a
+   resume (`detached_session_ttl_s`).
 8. Errors as in step 8, plus `bad_offer` and `connection_failed`: no offer or no media connection in time, or the
-   peer connection failed or closed during the call.
+   peer connection failed or closed during the call (then, when the media had worked, the call can be resumed).
 """
 
 from __future__ import annotations
