@@ -11,6 +11,8 @@ most one converter call at a time, so that id never has two pending calls.
 
 from __future__ import annotations
 
+import random
+
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 PIN_PREFIX = "pin:"
@@ -40,5 +42,7 @@ class SessionPinningRouter(RequestRouter):
             owner = [r for r in candidate_replicas if r.replica_id.unique_id == wanted]
             if owner:
                 return [owner]
-        # Least loaded first; each rank is tried in turn, so a full replica's queue does not block the others.
-        return [[replica] for replica in sorted(candidate_replicas, key=load)]
+        # Least loaded first; each rank is tried in turn, so a full replica's queue does not block the others. Ties
+        # in random order: a burst of opens between two routing-stats polls must not all land on one replica.
+        shuffled = random.sample(candidate_replicas, len(candidate_replicas))
+        return [[replica] for replica in sorted(shuffled, key=load)]

@@ -40,6 +40,12 @@ def test_new_sessions_go_least_loaded_first() -> None:
     assert choose(replicas, "") == [["b"], ["c"], ["a"]]
 
 
+def test_equally_loaded_replicas_share_a_burst_of_new_sessions() -> None:
+    """Between two routing-stats polls every replica looks as loaded as before: ties must not always pick one."""
+    firsts = {choose([replica("a", 0), replica("b", 0), replica("c", 4)], "")[0][0] for _ in range(50)}
+    assert firsts == {"a", "b"}
+
+
 def test_a_lost_pin_falls_back_to_any_replica() -> None:
     assert choose([replica("a", 3), replica("b", 1)], pin("gone")) == [["b"], ["a"]]
 

@@ -270,6 +270,7 @@ class RtcCall:
         self._media_connected = False
         self._connection_changed = asyncio.Event()
         self.limits = ConnectionLimits(services.stream.limits)
+        self.connected_at = time.time()  # wall clock, comparable with a resumed session's start
 
     @session_logged("webrtc")
     async def run(self) -> None:
@@ -417,7 +418,8 @@ class RtcCall:
         note(session_id=session.session_id)
         self.events = self.services.stream.block_events(session, self.owner)
         self.services.stream.stream_opened("webrtc")
-        self.limits.count_earlier(time.time() - session.started_at)
+        # Only the time before this connection: its own is on the limits' clock already.
+        self.limits.count_earlier(self.connected_at - session.started_at)
         await self._send(ready.model_dump_json())
         how = "open" if ready.resumed_at_block is None else f"resumed at block {ready.resumed_at_block}"
         log.info("call %s: session %s on converter %s", session.session_id, how, session.replica)

@@ -51,6 +51,7 @@ class StreamConnection:
         self.events = BlockEvents("")
         self.owner = ""  # the API key id of the caller, known once the start message is checked
         self.limits = ConnectionLimits(services.limits)
+        self.connected_at = time.time()  # wall clock, comparable with a resumed session's start
         self.resumable = False  # the socket dropped mid-stream: leave the session for the client to resume
 
     @session_logged("websocket")
@@ -116,7 +117,8 @@ class StreamConnection:
         note(session_id=session.session_id)
         self.events = self.services.block_events(session, self.owner)
         self.services.stream_opened("websocket")
-        self.limits.count_earlier(time.time() - session.started_at)
+        # Only the time before this connection: its own is on the limits' clock already.
+        self.limits.count_earlier(self.connected_at - session.started_at)
         await self._send(ready.model_dump_json())
         how = "started" if ready.resumed_at_block is None else f"resumed at block {ready.resumed_at_block}"
         log.info("stream %s: %s on converter %s", session.session_id, how, session.replica)

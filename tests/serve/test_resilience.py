@@ -48,6 +48,7 @@ pytestmark = pytest.mark.serve
 
 STREAMS = 8
 TAIL_S = 3.0
+RAMP_S = 0.2
 DEPLOY_TIMEOUT_S = 300
 BLOCKS_BEFORE_FAULT = 8  # every session is well under way before the fault
 # A hang, or a session that waited for a timeout, would show as many seconds; a re-home or a resume takes a fraction.
@@ -121,6 +122,8 @@ class LiveLoad:
     async def _run(self, app: ServeApp, packets: list[bytes]) -> None:
         async def one(call: LiveCall, seed: int) -> None:
             start = start_message(app.token, app.voice_id, realtime=True, seed=seed)
+            # Staggered over more than a routing-stats period, so that least-loaded placement sees earlier sessions.
+            await asyncio.sleep(seed * RAMP_S)
             try:
                 call.result = await run_stream(
                     app.base_url,
