@@ -189,7 +189,8 @@ def serving(converter: EchoConverter) -> Iterator[str]:
             server.close()
             await server.wait_closed()
 
-        asyncio.run_coroutine_threadsafe(shut_down(), loop).result(timeout=5)
+        # websockets waits up to its close_timeout (10 s) for a peer's close handshake: allow that on a busy machine.
+        asyncio.run_coroutine_threadsafe(shut_down(), loop).result(timeout=15)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=5)
         loop.close()
