@@ -9,16 +9,9 @@ import pytest
 from app.serving.config import IngressConfig
 from app.transport.limits import ConnectionLimits, MessageLimits, TokenBucket
 from app.transport.protocol import CLOSE_POLICY_VIOLATION, ErrorCode, ProtocolError, close_code
+from tests.fakes import FakeClock
 
 FRAME_S = 0.02
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def limits(**changes: float) -> MessageLimits:

@@ -18,12 +18,12 @@ import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from starlette.websockets import WebSocketState
 
 from app.streaming.settings import StreamSettings
 from app.transport.protocol import MAX_SDP_BYTES, AnswerEvent, ErrorCode, OfferMessage, ProtocolError
 from app.transport.sessions import StreamServices
 from app.transport.webrtc import ConvertedAudioTrack, RtcCall, RtcServices, restrict_ice_host_addresses
+from tests.test_webrtc_unit import SignallingSocket
 
 FUZZ = settings(
     max_examples=300,
@@ -47,18 +47,6 @@ def loopback_ice() -> Iterator[None]:
         yield
     finally:
         aioice.ice.get_host_addresses = original
-
-
-class SignallingSocket:
-    """The part of a starlette WebSocket that `_answer` uses: it sends the answer event."""
-
-    application_state = WebSocketState.CONNECTED
-
-    def __init__(self) -> None:
-        self.sent: list[str] = []
-
-    async def send_text(self, text: str) -> None:
-        self.sent.append(text)
 
 
 def unused_stream_services() -> StreamServices:

@@ -10,21 +10,14 @@ import pytest
 
 from app.auth.keystore import KeyExists, KeyNotFound, KeyRevoked, KeyStore, Quotas, StaticKeyError
 from app.auth.tokens import ApiKeys, TokenError
+from tests.fakes import FakeClock
 
 STATIC_KEY = "static-key-0123456789abcdef"
 
 
-class FakeClock:
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(1_700_000_000.0)
 
 
 def store(root: Path, clock: FakeClock, ttl: float = 5.0) -> KeyStore:

@@ -18,11 +18,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-import uvicorn
 import websockets
 from ray._common.formatters import JSONFormatter
-from starlette.applications import Starlette
-from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket
 
 from app.auth.tokens import TokenSigner
@@ -36,6 +33,7 @@ from app.transport.sessions import StreamServices
 from app.transport.websocket import StreamConnection
 from app.voices.store import VoiceStore
 from client.stream_client import stream_audio
+from tests.fakes import websocket_server
 from tests.parity import ParitySet
 
 SECRET = b"a test secret of at least 32 bytes"
@@ -157,17 +155,8 @@ async def stream_server(services: StreamServices) -> AsyncIterator[str]:
     async def endpoint(websocket: WebSocket) -> None:
         await StreamConnection(websocket, services).run()
 
-    app = Starlette(routes=[WebSocketRoute("/v1/stream", endpoint)])
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
-    serving = asyncio.create_task(server.serve())
-    try:
-        async with asyncio.timeout(10):
-            while not server.started:
-                await asyncio.sleep(0.01)
-        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(serving, 10)
+    async with websocket_server("/v1/stream", endpoint) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 def test_a_stream_logs_with_its_session_id(services: tuple[StreamServices, str], json_log: JsonLog) -> None:

@@ -8,18 +8,11 @@ import json
 import pytest
 
 from app.auth.tokens import ApiKeys, IssuedToken, TokenError, TokenSigner, bearer
+from tests.fakes import FakeClock
 
 SECRET = b"s" * 32
 API_KEY = "sk-live-0123456789abcdef"
 OTHER_KEY = "sk-live-fedcba9876543210"
-
-
-class FakeClock:
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def b64(data: bytes) -> str:

@@ -13,23 +13,16 @@ import pytest
 from app.auth.keystore import KeyStore, Quotas
 from app.auth.tokens import ApiKeys, TokenError
 from app.auth.usage import QuotaExceeded, UsageMeter, next_utc_midnight, utc_day
+from tests.fakes import FakeClock
 
 T = TypeVar("T")
 DAY = 86_400
 NOON = 19_000 * DAY + 12 * 3600  # a UTC noon
 
 
-class FakeClock:
-    def __init__(self, now: float = NOON) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(NOON)
 
 
 @pytest.fixture

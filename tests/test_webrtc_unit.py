@@ -21,15 +21,12 @@ import aioice.ice
 import numpy as np
 import pytest
 import torch
-import uvicorn
 import websockets
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcicetransport import RTCIceGatherer
 from av import AudioFrame
 from pydantic import TypeAdapter, ValidationError
-from starlette.applications import Starlette
-from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketState
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
@@ -66,6 +63,7 @@ from app.transport.webrtc import (
     stereo_frame,
 )
 from app.voices.store import VoiceStore
+from tests.fakes import websocket_server
 from tests.parity import ParitySet
 
 TAIL_S = 0.3  # silence sent after the audio, so that its last packets arrive before `end`
@@ -491,18 +489,8 @@ async def local_server(
     async def endpoint(websocket: WebSocket) -> None:
         await RtcCall(websocket, services).run()
 
-    app = Starlette(routes=[WebSocketRoute("/v1/rtc", endpoint)])
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
-    serving = asyncio.create_task(server.serve())
-    try:
-        async with asyncio.timeout(10):
-            while not server.started:
-                await asyncio.sleep(0.01)
-        port = server.servers[0].sockets[0].getsockname()[1]
+    async with websocket_server("/v1/rtc", endpoint) as port:
         yield LocalServer(f"ws://127.0.0.1:{port}/v1/rtc", tokens.issue("k").token, voice_id, converter)
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(serving, 10)
 
 
 @pytest.fixture
