@@ -29,6 +29,7 @@ from tqdm import tqdm
 from app.audio.files import Audio, AudioError, read_audio, resample, write_audio
 from app.engine.engine import BlockRequest, Engine
 from app.model.config import ConfigError
+from app.model.precision import Precision
 from app.model.seedvc import SeedVC
 from app.model.sources import HUB, ModelLoadError
 from app.streaming.settings import CONTENT_RATE, SettingsError, StreamGeometry, StreamSettings
@@ -169,6 +170,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--model", default=HUB, help="'hub' (official files, cached) or a model bundle directory")
     parser.add_argument("--seed", type=int, default=0, help="seed of the stream's random generator (%(default)s)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    parser.add_argument(
+        "--precision",
+        default=Precision.AUTO.value,
+        choices=[p.value for p in Precision],
+        help="compute precision: auto (bf16 where fast), fp32 (exact, as upstream), bf16, fp16 (%(default)s)",
+    )
     parser.add_argument("--output-rate", type=int, help="resample the output to this rate (default: model rate)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -199,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             jobs = read_manifest(args.manifest, settings, args.seed)
         else:
             jobs = [Job(args.source, args.reference, args.output, args.seed, settings)]
-        model = SeedVC.load(args.model, choose_device(args.device))
+        model = SeedVC.load(args.model, choose_device(args.device), args.precision)
         run_jobs(model, jobs, args.output_rate or model.sample_rate, progress=not args.quiet)
     except (SettingsError, JobError, AudioError, ConfigError, ModelLoadError) as error:
         print(f"error: {error}", file=sys.stderr)

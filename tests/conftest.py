@@ -3,7 +3,6 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 
 from app.model.seedvc import SeedVC
 from app.voices.store import VoiceStore
@@ -12,10 +11,6 @@ from tests.parity import ParitySet, parity_sets
 # Browser tests need a loopback-only network namespace entered before Ray starts: scripts/test runs them as their own
 # pytest invocation inside one (SEEDVC_BROWSER_TESTS=1); every other run leaves them out.
 collect_ignore = [] if os.environ.get("SEEDVC_BROWSER_TESTS") == "1" else ["browser"]
-
-# Parity is defined in float32 with no reduced-precision matmuls (parity README, section 10).
-torch.backends.cuda.matmul.allow_tf32 = False
-torch.backends.cudnn.allow_tf32 = False
 
 
 @pytest.fixture(scope="session", params=parity_sets(), ids=lambda s: s.root.name)

@@ -34,6 +34,7 @@ def settings_flags(parity: ParitySet) -> list[str]:
         "--cfg-rate": s["inference_cfg_rate"],
         "--max-prompt": s["max_prompt_length"],
         "--seed": parity.bundle["stream_seed"],
+        "--precision": "fp32",
     }
     return [str(item) for pair in pairs.items() for item in pair]
 
@@ -181,7 +182,7 @@ def test_manifest_jobs_equal_their_solo_runs(parity: ParitySet, tmp_path: Path, 
     ]
     manifest = tmp_path / "jobs.jsonl"
     manifest.write_text("\n".join(json.dumps(job) for job in jobs) + "\n")
-    common = ["--model", str(parity.model_dir), "--steps", "3"]
+    common = ["--model", str(parity.model_dir), "--steps", "3", "--precision", "fp32"]
     result = run_main("--manifest", str(manifest), *common, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     for job in jobs:

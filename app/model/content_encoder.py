@@ -60,5 +60,5 @@ class ContentEncoder(nn.Module):
         return cls(model.eval())
 
     def forward(self, wave_16k: Tensor) -> Tensor:
-        """(B, samples) at 16 kHz -> (B, frames, hidden_size)."""
-        return self.model(normalise_rows(wave_16k)).last_hidden_state
+        """(B, samples) at 16 kHz -> (B, frames, hidden_size), float32 whatever the compute precision."""
+        return self.model(normalise_rows(wave_16k)).last_hidden_state.float()

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from app.model.precision import full_precision
+
 # Snake's guard against alpha = 0 (upstream's value).
 _SNAKE_EPS = 1e-9
 # The predicted log-magnitude is exponentiated; upstream caps the magnitude here before the iSTFT.
@@ -314,10 +316,13 @@ class HiFTVocoder(nn.Module):
         assert mel.dim() == 3 and mel.shape[1] == cfg.in_channels, (
             f"mel {tuple(mel.shape)}, want (B, {cfg.in_channels}, N)"
         )
-        if f0 is None:
-            f0 = self.predict_f0(mel)
-        source = self.harmonic_source(f0, noise).squeeze(-1)  # (B, L)
-        source_spec = self._stft(source)  # (B, n_fft + 2, L / hop + 1)
+        # f0 and the NSF source stay float32 in every precision: the source integrates f0 over the whole block,
+        # so a reduced-precision f0 shifts the phase of every later sample (app/model/precision.py).
+        with full_precision(mel.device):
+            if f0 is None:
+                f0 = self.predict_f0(mel.float())
+            source = self.harmonic_source(f0.float(), noise).squeeze(-1)  # (B, L)
+            source_spec = self._stft(source)  # (B, n_fft + 2, L / hop + 1)
 
         x = self.conv_pre(mel)
         n_kernels = len(cfg.resblock_kernel_sizes)
@@ -331,7 +336,7 @@ class HiFTVocoder(nn.Module):
             outputs = [block(x) for block in stage_blocks]
             x = sum(outputs[1:], start=outputs[0]) / n_kernels
         # Upstream's last activation uses leaky_relu's default slope (0.01), not lrelu_slope.
-        x = self.conv_post(F.leaky_relu(x))
+        x = self.conv_post(F.leaky_relu(x)).float()
         n_mag = cfg.istft_n_fft // 2 + 1
         magnitude = torch.exp(x[:, :n_mag]).clamp(max=_MAX_MAGNITUDE)
         phase = torch.sin(x[:, n_mag:])  # upstream squashes the phase with sin; kept for parity

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -18,6 +19,15 @@ from app.model.dit import DiT
 from app.model.hift import HiFTConfig, HiFTVocoder
 from app.model.length_regulator import LengthRegulator
 from app.model.mel import MelSpectrogram
+from app.model.precision import (
+    DeviceCapabilities,
+    Precision,
+    PrecisionChoice,
+    compute_context,
+    convert_matrix_weights,
+    disable_tf32,
+    resolve,
+)
 from app.model.sources import HUB, ModelFiles, ModelLoadError, resolve_files
 
 log = logging.getLogger(__name__)
@@ -46,6 +56,7 @@ class SeedVC(nn.Module):
         self.vocoder = vocoder
         self.speaker_encoder = speaker_encoder
         self.mel = MelSpectrogram(config.mel)
+        self.precision = Precision.FP32
         self.eval()
 
     @property
@@ -56,10 +67,34 @@ class SeedVC(nn.Module):
     def device(self) -> torch.device:
         return self.mel.window.device
 
+    def compute(self) -> contextlib.AbstractContextManager[None]:
+        """The context the heavy stages (content encoder, DiT, vocoder) run in: autocast in a reduced precision."""
+        return compute_context(self.precision, self.device)
+
+    def set_precision(self, requested: Precision | str) -> PrecisionChoice:
+        """Choose the compute precision once, after moving to the device: reduced types convert weights for good."""
+        choice = resolve(requested, DeviceCapabilities.of(self.device))
+        disable_tf32()
+        if choice.precision is self.precision:
+            return choice
+        if self.precision is not Precision.FP32:
+            raise ValueError(f"the model already computes in {self.precision}; load it again for {choice.precision}")
+        dtype = choice.precision.dtype
+        convert_matrix_weights(self.content_encoder, dtype)
+        convert_matrix_weights(self.dit, dtype)
+        convert_matrix_weights(self.vocoder, dtype, keep=(self.vocoder.f0_predictor, self.vocoder.m_source))
+        self.precision = choice.precision
+        return choice
+
     @classmethod
-    def load(cls, source: str | Path = HUB, device: str | torch.device = "cpu") -> SeedVC:
-        """From `hub` (the official files by hub id) or a model bundle directory, onto `device`."""
-        return cls.from_files(resolve_files(source)).to(device)
+    def load(
+        cls, source: str | Path = HUB, device: str | torch.device = "cpu", precision: Precision | str = Precision.FP32
+    ) -> SeedVC:
+        """From `hub` (the official files by hub id) or a model bundle directory, onto `device`, in `precision`."""
+        model = cls.from_files(resolve_files(source)).to(device)
+        choice = model.set_precision(precision)
+        log.info("compute precision %s (%s)", choice.precision, choice.reason)
+        return model
 
     @classmethod
     def from_files(cls, files: ModelFiles) -> SeedVC:

@@ -12,6 +12,7 @@ from typing import Annotated
 import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from app.model.precision import Precision
 from app.transport.origins import normalized_origin
 
 ICE_URL_SCHEMES = ("stun:", "stuns:", "turn:", "turns:")
@@ -24,6 +25,11 @@ class Strict(BaseModel):
 class ConverterConfig(Strict):
     model: str = Field("hub", description="'hub' (official files by hub id, cached) or a model bundle directory")
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N")
+    precision: Precision = Field(
+        Precision.AUTO,
+        description="compute precision: auto (bf16 where the hardware has fast bf16, else fp32), fp32 (exact, matches "
+        "upstream), bf16, fp16; the start-up log says what auto chose and why",
+    )
     max_sessions: int = Field(16, ge=1, le=1024, description="sessions one replica holds at most")
     voice_store: str = Field("./voices", description="local directory or fsspec URL of the voice store")
     voice_cache_size: int = Field(64, ge=1, description="prepared voices kept per replica")

@@ -96,12 +96,14 @@ def convert_block(
     """windows: (B, window_16k) on the model's device; tails: (B, crossfade) previous SOLA tails."""
     device = model.device
     clock = StageClock(device)
-    content = model.content_encoder(windows)  # (B, F, C)
+    with model.compute():
+        content = model.content_encoder(windows)  # (B, F, C) float32
     clock.lap("content_encoder")
     condition = model.length_regulator(content[:, geometry.dit_cut :], geometry.mel_frames)  # (B, N, D)
     clock.lap("length_regulator")
     flow = _flow_batch(condition, rows, device)
-    generated = sample(model.dit, flow, steps)  # (B, n_mels, T)
+    with model.compute():
+        generated = sample(model.dit, flow, steps)  # (B, n_mels, T)
     take = flow.prompt_frames[:, None] + torch.arange(geometry.mel_frames, device=device)  # (B, N)
     mel = torch.gather(generated, 2, take[:, None].expand(-1, generated.shape[1], -1))  # (B, n_mels, N)
     clock.lap("cfm")
@@ -109,7 +111,8 @@ def convert_block(
         phase_u=torch.stack([row.noise.phase_u for row in rows]).to(device),
         sine_noise=torch.stack([row.noise.sine_noise for row in rows]).to(device),
     )
-    wave = model.vocoder(mel, noise)  # (B, L)
+    with model.compute():
+        wave = model.vocoder(mel, noise)  # (B, L) float32
     clock.lap("vocoder")
     infer = wave[:, -(geometry.infer_length + geometry.tail) : wave.shape[1] - geometry.tail]
     sola = sola_join(infer, tails, fade_in, geometry.sola_search, geometry.block)

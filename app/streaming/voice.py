@@ -64,7 +64,8 @@ def prepare_voice(model: SeedVC, reference: Audio, max_prompt: float) -> Voice:
     device = model.device
     at_16k = prompt.at_16k.to(device)
     prompt_mel = model.mel(prompt.at_model_rate.to(device)[None])  # (1, n_mels, P)
-    content = model.content_encoder(at_16k[None])  # (1, F, C)
+    with model.compute():
+        content = model.content_encoder(at_16k[None])  # (1, F, C)
     condition = model.length_regulator(content, prompt_mel.shape[-1])  # (1, P, D)
     style = model.speaker_encoder(speaker_fbank(at_16k)[None])  # (1, style_dim)
     return Voice(prompt_mel=prompt_mel[0], prompt_condition=condition[0], style=style[0])

@@ -116,7 +116,7 @@ def app_args(
             max_sessions=max_sessions,
             silence_gate_dbfs=None,
             torch_threads=1,
-            **converter,
+            **({"precision": "fp32"} | converter),
         ),
         ingress=IngressConfig(
             voice_store=str(voices), api_keys={"test": API_KEY, "other": OTHER_API_KEY}, **(ingress or {})
