@@ -139,7 +139,9 @@ def test_full_converters_refuse_new_sessions(model: SeedVC, voice_ids) -> None:
 def test_the_converter_records_its_metrics(parity: ParitySet, model: SeedVC, voice_ids) -> None:
     store, (voice, _) = voice_ids
     recorded = RecordedMetrics()
-    config = ConverterConfig(precision="fp32", voice_store=store, silence_gate_dbfs=None, max_sessions=1, replica_tag="a")
+    config = ConverterConfig(
+        precision="fp32", voice_store=store, silence_gate_dbfs=None, max_sessions=1, replica_tag="a"
+    )
     client = LocalConverterClient({"a": ConverterService(config, model=model, metrics=recorded)})
     asyncio.run(run_session(LiveSession(client, "m", voice, SETTINGS, 1), input_48k(parity)[:48000]))
     asyncio.run(LiveSession(client, "x", voice, SETTINGS, 1).open())

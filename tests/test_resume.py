@@ -116,7 +116,9 @@ def test_the_old_connection_can_neither_convert_nor_close_a_resumed_session(
 
 def test_a_session_nobody_resumes_is_closed_after_the_ttl(model: SeedVC, voice_ids) -> None:
     store, (voice, _) = voice_ids
-    config = ConverterConfig(precision="fp32", voice_store=store, silence_gate_dbfs=None, detached_session_ttl_s=0.2, replica_tag="a")
+    config = ConverterConfig(
+        precision="fp32", voice_store=store, silence_gate_dbfs=None, detached_session_ttl_s=0.2, replica_tag="a"
+    )
     client = LocalConverterClient({"a": ConverterService(config, model=model)})
 
     async def scenario() -> None:

@@ -19,7 +19,9 @@ def test_a_deleted_voice_leaves_the_converters_cache(parity: ParitySet, model: S
     recording = (parity.root / parity.bundle["files"]["reference_22k"]).read_bytes()
     kept, deleted, same_recording = (store.add(recording, owner="k").voice_id for _ in range(3))
     other = store.add((parity.root / parity.bundle["files"]["source_16k"]).read_bytes(), owner="k").voice_id
-    config = ConverterConfig(precision="fp32", voice_store=str(tmp_path), silence_gate_dbfs=None, voice_purge_interval_s=0.05)
+    config = ConverterConfig(
+        precision="fp32", voice_store=str(tmp_path), silence_gate_dbfs=None, voice_purge_interval_s=0.05
+    )
     service = ConverterService(config, model=model)
     settings = StreamSettings()
 

@@ -69,10 +69,16 @@ def resolve(requested: Precision | str, capabilities: DeviceCapabilities) -> Pre
     if capabilities.device_type == "cuda":
         major, minor = capabilities.cuda_capability or (0, 0)
         if major >= 8:
-            return PrecisionChoice(Precision.BF16, f"auto: CUDA compute capability {major}.{minor} has bf16 tensor cores")
+            return PrecisionChoice(
+                Precision.BF16, f"auto: CUDA compute capability {major}.{minor} has bf16 tensor cores"
+            )
         if major >= 7:
-            return PrecisionChoice(Precision.FP16, f"auto: CUDA compute capability {major}.{minor} has fp16 tensor cores only")
-        return PrecisionChoice(Precision.FP32, f"auto: CUDA compute capability {major}.{minor} has no fast reduced types")
+            return PrecisionChoice(
+                Precision.FP16, f"auto: CUDA compute capability {major}.{minor} has fp16 tensor cores only"
+            )
+        return PrecisionChoice(
+            Precision.FP32, f"auto: CUDA compute capability {major}.{minor} has no fast reduced types"
+        )
     if capabilities.cpu_bf16:
         return PrecisionChoice(Precision.BF16, "auto: this CPU has AVX512-BF16/AMX bf16 matrix instructions")
     return PrecisionChoice(Precision.FP32, "auto: this CPU has no bf16 matrix instructions (bf16 would be slower)")

@@ -90,7 +90,9 @@ class ConverterService:
             torch.set_num_threads(config.torch_threads)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         loading = time.perf_counter()
-        self.model = model if model is not None else SeedVC.load(config.model, config.resolved_device(), config.precision)
+        self.model = (
+            model if model is not None else SeedVC.load(config.model, config.resolved_device(), config.precision)
+        )
         self.metrics.record("seedvc_model_load_seconds", time.perf_counter() - loading)
         self.engine = Engine(self.model, DeadlinePolicy(min_steps=config.deadline_min_steps))
         self.voices = VoiceCache(self.model, capacity=config.voice_cache_size)
