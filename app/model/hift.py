@@ -35,6 +35,9 @@ from app.model.precision import full_precision
 _SNAKE_EPS = 1e-9
 # The predicted log-magnitude is exponentiated; upstream caps the magnitude here before the iSTFT.
 _MAX_MAGNITUDE = 1e2
+# float32(-pi) and float32(pi): the bounds of the NSF phases' Uniform(-pi, pi).
+_PI32_LOW = float(torch.tensor(-math.pi, dtype=torch.float32))
+_PI32_HIGH = float(torch.tensor(math.pi, dtype=torch.float32))
 
 _HIFT_KEYS = {
     "in_channels",
@@ -236,10 +239,10 @@ class HarmonicSource(nn.Module):
         cycles = torch.cumsum(increments.double(), dim=-1).float()
         theta = 2 * math.pi * (cycles % 1)
 
-        # Uniform(-pi, pi) as torch.distributions evaluates it: float32 bounds, low + u * (high - low).
-        low = torch.tensor(-math.pi, dtype=torch.float32, device=f0.device)
-        high = torch.tensor(math.pi, dtype=torch.float32, device=f0.device)
-        phase = low + noise.phase_u * (high - low)  # (B, H+1, 1)
+        # Uniform(-pi, pi) as torch.distributions evaluates it: float32 bounds, low + u * (high - low). The bounds
+        # are Python floats holding the float32 values (their difference, 2 * float32(pi), is exact in float32), so
+        # no tensor is made here: this method can be captured in a CUDA graph.
+        phase = _PI32_LOW + noise.phase_u * (_PI32_HIGH - _PI32_LOW)  # (B, H+1, 1)
         # The fundamental always starts at phase 0; its uniform is drawn anyway to keep the stream in step.
         phase = torch.cat([torch.zeros_like(phase[:, :1]), phase[:, 1:]], dim=1)
 
@@ -312,6 +315,16 @@ class HiFTVocoder(nn.Module):
 
     def forward(self, mel: Tensor, noise: HiFTNoise, f0: Tensor | None = None) -> Tensor:
         """Mel (B, in_channels, N) -> waveform (B, L). A given f0 (B, N) in Hz bypasses the predictor."""
+        return self.waveform(*self.spectrum(mel, noise, f0))
+
+    def waveform(self, magnitude: Tensor, phase: Tensor) -> Tensor:
+        """The iSTFT of the predicted spectrum, clamped. Kept apart from `spectrum`: torch's iSTFT checks its
+        window on the host, so it cannot be captured in a CUDA graph."""
+        wave = self._istft(magnitude, phase)
+        return wave.clamp(-self.config.audio_limit, self.config.audio_limit)
+
+    def spectrum(self, mel: Tensor, noise: HiFTNoise, f0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Mel (B, in_channels, N) -> the tiny STFT's magnitude and phase (float32), everything but the iSTFT."""
         cfg = self.config
         assert mel.dim() == 3 and mel.shape[1] == cfg.in_channels, (
             f"mel {tuple(mel.shape)}, want (B, {cfg.in_channels}, N)"
@@ -340,8 +353,7 @@ class HiFTVocoder(nn.Module):
         n_mag = cfg.istft_n_fft // 2 + 1
         magnitude = torch.exp(x[:, :n_mag]).clamp(max=_MAX_MAGNITUDE)
         phase = torch.sin(x[:, n_mag:])  # upstream squashes the phase with sin; kept for parity
-        wave = self._istft(magnitude, phase)
-        return wave.clamp(-cfg.audio_limit, cfg.audio_limit)
+        return magnitude, phase
 
     def _stft(self, signal: Tensor) -> Tensor:
         n_fft, hop = self.config.istft_n_fft, self.config.istft_hop

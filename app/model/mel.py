@@ -26,6 +26,12 @@ class MelSpectrogram(nn.Module):
         self.register_buffer("mel_basis", basis.contiguous(), persistent=False)
         self.register_buffer("window", torch.hann_window(config.win_length), persistent=False)
 
+    def frames(self, samples: int) -> int:
+        """Mel frames of a signal of `samples` samples (what `forward` returns for it)."""
+        config = self.config
+        pad = (config.n_fft - config.hop_length) // 2
+        return (samples + 2 * pad - config.n_fft) // config.hop_length + 1
+
     def forward(self, wave: Tensor) -> Tensor:
         """(B, samples) -> (B, n_mels, frames) natural-log mel."""
         config = self.config

@@ -11,11 +11,13 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from app.model.cfm import FlowBatch, sample
+from app.engine.plan import BatchShape
+from app.model.cfm import EstimatorInputs, FlowBatch, euler_step, sample
 from app.model.hift import HiFTNoise
 from app.model.seedvc import SeedVC
 from app.streaming.noise import BlockNoise
@@ -57,12 +59,41 @@ class BlockBatch:
     stage_seconds: dict[str, float]
 
 
-def _flow_batch(condition: Tensor, rows: Sequence[BlockRow], device: torch.device) -> FlowBatch:
-    """Right-pad [prompt | block] rows to the longest prompt; each row keeps its own prompt length."""
+class ModelStages(Protocol):
+    """How the heavy stages run: eagerly (`EagerStages`), or replaying captured CUDA graphs (app/engine/graphs.py)."""
+
+    def content(self, windows: Tensor) -> Tensor: ...  # (B, W16) -> (B, F, C) float32
+
+    def euler_step(self, inputs: EstimatorInputs, x: Tensor, t: Tensor, dt: Tensor) -> Tensor: ...
+
+    def spectrum(self, mel: Tensor, noise: HiFTNoise) -> tuple[Tensor, Tensor]: ...
+
+
+@dataclass(frozen=True)
+class EagerStages:
+    model: SeedVC
+
+    def content(self, windows: Tensor) -> Tensor:
+        with self.model.compute():
+            return self.model.content_encoder(windows)
+
+    def euler_step(self, inputs: EstimatorInputs, x: Tensor, t: Tensor, dt: Tensor) -> Tensor:
+        with self.model.compute():
+            return euler_step(self.model.dit, inputs, x, t, dt)
+
+    def spectrum(self, mel: Tensor, noise: HiFTNoise) -> tuple[Tensor, Tensor]:
+        with self.model.compute():
+            return self.model.vocoder.spectrum(mel, noise)
+
+
+def flow_batch(
+    condition: Tensor, rows: Sequence[BlockRow], device: torch.device, prompt_frames_to: int = 0
+) -> FlowBatch:
+    """Right-pad [prompt | block] rows to the longest prompt (or `prompt_frames_to`); rows keep their own lengths."""
     count, block_frames, channels = condition.shape
     n_mels = rows[0].voice.prompt_mel.shape[0]
     prompts = [row.voice.prompt_frames for row in rows]
-    frames = max(prompts) + block_frames
+    frames = max(*prompts, prompt_frames_to) + block_frames
     padded_condition = condition.new_zeros(count, frames, channels)
     prompt_mel = condition.new_zeros(count, n_mels, frames)
     noise = condition.new_zeros(count, n_mels, frames)
@@ -83,6 +114,22 @@ def _flow_batch(condition: Tensor, rows: Sequence[BlockRow], device: torch.devic
     )
 
 
+def stack_noise(rows: Sequence[BlockRow], device: torch.device) -> HiFTNoise:
+    """The rows' vocoder draws as one batch on `device`."""
+    return HiFTNoise(
+        phase_u=torch.stack([row.noise.phase_u for row in rows]).to(device),
+        sine_noise=torch.stack([row.noise.sine_noise for row in rows]).to(device),
+    )
+
+
+def _pad_rows(windows: Tensor, rows: Sequence[BlockRow], count: int) -> tuple[Tensor, list[BlockRow]]:
+    """Inert padding rows up to `count`: silent windows with the first row's voice and noise (finite, discarded)."""
+    extra = count - len(rows)
+    if extra <= 0:
+        return windows, list(rows)
+    return torch.cat([windows, windows.new_zeros(extra, windows.shape[1])]), [*rows, *[rows[0]] * extra]
+
+
 @torch.inference_mode()
 def convert_block(
     model: SeedVC,
@@ -92,27 +139,30 @@ def convert_block(
     rows: Sequence[BlockRow],
     steps: int,
     fade_in: Tensor,
+    shape: BatchShape | None = None,
+    stages: ModelStages | None = None,
 ) -> BlockBatch:
-    """windows: (B, window_16k) on the model's device; tails: (B, crossfade) previous SOLA tails."""
+    """windows: (B, window_16k) on the model's device; tails: (B, crossfade) previous SOLA tails.
+
+    `shape` pads the model's batch to static rows and prompt frames (GPU graphs); outputs keep the B real rows.
+    """
     device = model.device
+    stages = stages or EagerStages(model)
+    real = len(rows)
+    windows, rows = _pad_rows(windows, rows, shape.rows if shape else real)
     clock = StageClock(device)
-    with model.compute():
-        content = model.content_encoder(windows)  # (B, F, C) float32
+    content = stages.content(windows)  # (R, F, C) float32
     clock.lap("content_encoder")
-    condition = model.length_regulator(content[:, geometry.dit_cut :], geometry.mel_frames)  # (B, N, D)
+    condition = model.length_regulator(content[:, geometry.dit_cut :], geometry.mel_frames)  # (R, N, D)
     clock.lap("length_regulator")
-    flow = _flow_batch(condition, rows, device)
-    with model.compute():
-        generated = sample(model.dit, flow, steps)  # (B, n_mels, T)
-    take = flow.prompt_frames[:, None] + torch.arange(geometry.mel_frames, device=device)  # (B, N)
-    mel = torch.gather(generated, 2, take[:, None].expand(-1, generated.shape[1], -1))  # (B, n_mels, N)
+    flow = flow_batch(condition, rows, device, shape.prompt_frames if shape else 0)
+    generated = sample(model.dit, flow, steps, stages.euler_step)  # (R, n_mels, T)
+    take = flow.prompt_frames[:, None] + torch.arange(geometry.mel_frames, device=device)  # (R, N)
+    mel = torch.gather(generated, 2, take[:, None].expand(-1, generated.shape[1], -1))  # (R, n_mels, N)
     clock.lap("cfm")
-    noise = HiFTNoise(
-        phase_u=torch.stack([row.noise.phase_u for row in rows]).to(device),
-        sine_noise=torch.stack([row.noise.sine_noise for row in rows]).to(device),
-    )
-    with model.compute():
-        wave = model.vocoder(mel, noise)  # (B, L) float32
+    noise = stack_noise(rows, device)
+    wave = model.vocoder.waveform(*stages.spectrum(mel, noise))[:real]  # (B, L) float32
+    mel = mel[:real]
     clock.lap("vocoder")
     infer = wave[:, -(geometry.infer_length + geometry.tail) : wave.shape[1] - geometry.tail]
     sola = sola_join(infer, tails, fade_in, geometry.sola_search, geometry.block)

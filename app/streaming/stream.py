@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from app.engine.plan import BatchShape
 from app.model.seedvc import SeedVC
-from app.streaming.blocks import BlockBatch, BlockRow, convert_block
+from app.streaming.blocks import BlockBatch, BlockRow, ModelStages, convert_block
 from app.streaming.noise import draw_block_noise
 from app.streaming.settings import StreamGeometry, StreamSettings
 from app.streaming.sola import fade_in_window
@@ -54,6 +55,10 @@ class Stream:
         self.generator.set_state(state.generator_state)
         self.blocks_done = state.blocks_done
 
+    def snapshot(self) -> StreamState:
+        """The state as it is now (copies), to `restore` if a step that already advanced it has to be undone."""
+        return StreamState(self.window.clone(), self.tail.clone(), self.generator.get_state(), self.blocks_done)
+
     def window_with(self, block_16k: Tensor) -> Tensor:
         """The rolling window shifted left by one block, with the new input block appended."""
         size = self.geometry.block_16k
@@ -90,12 +95,15 @@ def step_streams(
     blocks_16k: Sequence[Tensor],
     steps: int | None = None,
     skip: Sequence[bool] | None = None,
+    shape: BatchShape | None = None,
+    stages: ModelStages | None = None,
 ) -> StepOutput:
     """Feed each stream its next input block and compute all their output blocks in one batched pass.
 
     `steps` overrides the streams' diffusion steps for this block (deadline control). A `skip` row does not run the
     model and outputs silence, yet its window still advances and its generator still draws the block's numbers, so
     the stream stays in step; the crossfade tail it leaves is silence.
+    `shape` and `stages` are convert_block's: a static padded shape, and how the heavy stages run.
     """
     geometry = streams[0].geometry
     default_steps = streams[0].settings.diffusion_steps
@@ -124,6 +132,8 @@ def step_streams(
         [rows[index] for index in converted],
         default_steps if steps is None else steps,
         fade_in_window(geometry.sola_buffer, device),
+        shape,
+        stages,
     )
     audio[list(converted)] = batch.sola.output.cpu()
     silent = set(range(len(streams))) - set(converted)
