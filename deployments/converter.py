@@ -56,6 +56,13 @@ class Converter:
     async def close(self, session_id: str, lease: int | None = None) -> None:
         await self.service.close(session_id, lease)
 
+    def check_health(self) -> None:
+        """Serve calls this periodically; raising makes it replace the replica (its sessions re-home)."""
+        if not self.service.healthy:
+            raise RuntimeError(
+                f"{self.service.failed_steps_in_a_row} engine steps failed in a row on {self.service.model.device}"
+            )
+
     async def stats(self) -> dict[str, Any]:
         return {**self.service.stats(), "replica": self.service.config.replica_tag}
 

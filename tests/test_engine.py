@@ -17,6 +17,7 @@ import torch
 from app.audio.files import Audio, read_audio
 from app.engine.deadline import DeadlinePolicy, StepCostModel
 from app.engine.engine import BlockRequest, BlockResult, Engine, SessionError
+from app.engine.plan import ShapeBuckets
 from app.engine.silence import SilenceGate
 from app.model.seedvc import SeedVC
 from app.streaming.settings import StreamSettings
@@ -69,8 +70,10 @@ def run_alone(model: SeedVC, plan: Plan) -> list[BlockResult]:
     return [engine.step([BlockRequest(plan.name, block)]).results[0] for block in plan.blocks]
 
 
-def run_together(model: SeedVC, plans: list[Plan]) -> tuple[dict[str, list[BlockResult]], list[list[int]]]:
-    engine = Engine(model)
+def run_together(
+    model: SeedVC, plans: list[Plan], buckets: ShapeBuckets | None = None
+) -> tuple[dict[str, list[BlockResult]], list[list[int]]]:
+    engine = Engine(model, buckets=buckets)
     results: dict[str, list[BlockResult]] = {plan.name: [] for plan in plans}
     group_sizes = []
     last_step = max(plan.join + len(plan.blocks) for plan in plans)
@@ -96,8 +99,10 @@ def source_blocks(source: torch.Tensor, size: int, count: int, shift: int) -> li
     return [rolled[(k * size) % (len(rolled) - size) :][:size].clone() for k in range(count)]
 
 
+# With buckets every pass is padded to static rows and prompt frames (the GPU's shapes): padding rows are inert.
+@pytest.mark.parametrize("buckets", [None, ShapeBuckets((1, 2, 4, 8), prompt_step=64)], ids=["unpadded", "bucketed"])
 def test_sessions_are_independent_of_their_batch(
-    parity: ParitySet, model: SeedVC, reference: Audio, source: torch.Tensor
+    parity: ParitySet, model: SeedVC, reference: Audio, source: torch.Tensor, buckets: ShapeBuckets | None
 ) -> None:
     settings = fixture_settings(parity)
     block = parity.geometry["block_frame_16k"]
@@ -124,7 +129,7 @@ def test_sessions_are_independent_of_their_batch(
     plans.append(Plan("other", fixture_voice, other, 7, 2, source_blocks(source, other_block, 5, shift=31)))
     assert len({plan.voice.prompt_frames for plan in plans}) >= 6
 
-    together, group_sizes = run_together(model, plans)
+    together, group_sizes = run_together(model, plans, buckets)
     assert max(max(sizes) for sizes in group_sizes) >= 6, "sessions were not batched together"
     assert any(len(sizes) == 2 for sizes in group_sizes), "the other block size did not form its own group"
 

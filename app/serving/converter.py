@@ -26,7 +26,8 @@ import torch
 
 from app.audio.files import Audio, resample
 from app.engine.deadline import DeadlinePolicy
-from app.engine.engine import BlockRequest, Engine
+from app.engine.engine import BlockRequest, Engine, WarmUpReport
+from app.engine.plan import ShapeBuckets, StepPlan
 from app.engine.silence import SilenceGate
 from app.model.seedvc import SeedVC
 from app.serving.config import ConverterConfig
@@ -45,7 +46,7 @@ from app.serving.wire import (
     UnknownVoice,
 )
 from app.streaming.settings import CONTENT_RATE, StreamSettings
-from app.streaming.voice import VoiceCache
+from app.streaming.voice import Voice, VoiceCache
 from app.voices.store import VoiceNotFound, VoiceStore
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,10 @@ class ConverterService:
             model if model is not None else SeedVC.load(config.model, config.resolved_device(), config.precision)
         )
         self.metrics.record("seedvc_model_load_seconds", time.perf_counter() - loading)
-        self.engine = Engine(self.model, DeadlinePolicy(min_steps=config.deadline_min_steps))
+        # On a GPU every pass runs at a warmed static shape (CUDA graphs); on a CPU padding would only cost.
+        on_gpu = self.model.device.type == "cuda"
+        buckets = ShapeBuckets.up_to(config.max_sessions) if on_gpu else None
+        self.engine = Engine(self.model, DeadlinePolicy(min_steps=config.deadline_min_steps), buckets=buckets)
         self.voices = VoiceCache(self.model, capacity=config.voice_cache_size)
         self.store = VoiceStore(config.voice_store)
         self._gate = SilenceGate(config.silence_gate_dbfs) if config.silence_gate_dbfs is not None else None
@@ -105,18 +109,42 @@ class ConverterService:
         # Blocks converted per session, for the most recent sessions (stickiness is checked against this).
         self.blocks_by_session: OrderedDict[str, int] = OrderedDict()
         self.blocks_converted = 0
+        self.failed_steps_in_a_row = 0  # device or model errors since the last good step (health)
+        self.warm_up = self._warm_up() if buckets is not None else None
         self.speed = self._check_speed()
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
-    def _check_speed(self) -> SpeedCheck:
-        """Convert a few blocks of a synthetic stream and say plainly when this machine is too slow for real time."""
-        settings = StreamSettings()
+    def _speed_check_voice(self) -> Voice:
+        """A synthetic 2 s voice: the speed check and the warm-up need one before any real voice exists."""
         rate = self.model.sample_rate
         t = np.arange(int(2.0 * rate), dtype=np.float32) / rate
         reference = Audio(samples=(0.1 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), rate=rate)
-        engine = Engine(self.model)
-        engine.open("speed-check", self.voices.get(reference, settings.max_prompt), settings, seed=0)
+        return self.voices.get(reference, StreamSettings().max_prompt)
+
+    def _warm_up(self) -> WarmUpReport:
+        """Run (and on CUDA capture) every static shape of the default settings before serving any session."""
+        report = self.engine.warm_up(self._speed_check_voice(), StreamSettings())
+        self.metrics.record("seedvc_warm_up_seconds", report.seconds)
+        log.info(
+            "warm-up: %d shapes (batch buckets %s) in %.1f s, %d CUDA graphs captured",
+            len(report.shapes), self.engine.buckets.batch_sizes if self.engine.buckets else (), report.seconds,
+            report.graphs,
+        )  # fmt: skip
+        for failure in report.failures:
+            log.warning("warm-up: runs eagerly: %s", failure)
+        return report
+
+    @property
+    def healthy(self) -> bool:
+        """False once steps keep failing on the device: Serve's health check then replaces the replica."""
+        return self.failed_steps_in_a_row < self.config.unhealthy_after_failed_steps
+
+    def _check_speed(self) -> SpeedCheck:
+        """Convert a few blocks of a synthetic stream and say plainly when this machine is too slow for real time."""
+        settings = StreamSettings()
+        engine = Engine(self.model, buckets=self.engine.buckets, runner=self.engine.runner)
+        engine.open("speed-check", self._speed_check_voice(), settings, seed=0)
         block = torch.zeros(engine.session("speed-check").stream.geometry.block_16k)
         engine.step([BlockRequest("speed-check", block)])  # warm-up: first calls allocate and pick kernels
         report = engine.step([BlockRequest("speed-check", block)])
@@ -285,6 +313,11 @@ class ConverterService:
             self.blocks_converted += len(known)
             self._record_step(known, rows, computed)
             for block, (audio, steps, silent) in zip(known, rows, strict=True):
+                if audio is None:
+                    replies[block.session_id] = CapacityExceeded(
+                        "this block did not fit in the converter's GPU memory; retry on another replica"
+                    )
+                    continue
                 self._count_block(block.session_id)
                 stream = self.engine.session(block.session_id).stream
                 replies[block.session_id] = BlockOut(
@@ -309,7 +342,7 @@ class ConverterService:
         return None
 
     def _record_step(
-        self, blocks: Sequence[BlockIn], rows: Sequence[tuple[np.ndarray, int, bool]], seconds: float
+        self, blocks: Sequence[BlockIn], rows: Sequence[tuple[np.ndarray | None, int, bool]], seconds: float
     ) -> None:
         self.metrics.record("seedvc_step_seconds", seconds)
         self.metrics.record("seedvc_batch_size", len(blocks))
@@ -332,10 +365,32 @@ class ConverterService:
         if len(self.blocks_by_session) > RECENT_SESSIONS:
             self.blocks_by_session.popitem(last=False)
 
-    def _engine_rows(self, blocks: Sequence[BlockIn]) -> list[tuple[np.ndarray, int, bool]]:
+    def _engine_rows(self, blocks: Sequence[BlockIn]) -> list[tuple[np.ndarray | None, int, bool]]:
+        """The engine's step; a refused row (it did not fit in GPU memory) comes back with no audio."""
         requests = [BlockRequest(b.session_id, torch.from_numpy(b.samples_16k)) for b in blocks]
-        report = self.engine.step(requests, budget_seconds=self._budget(blocks))
-        return [(r.audio.numpy(), r.steps_used, r.silent) for r in report.results]
+        eager_before = self.engine.eager_passes
+        try:
+            report = self.engine.step(requests, budget_seconds=self._budget(blocks))
+        except Exception:
+            self.failed_steps_in_a_row += 1
+            self.metrics.record("seedvc_failed_steps")
+            raise
+        self.failed_steps_in_a_row = 0
+        self._record_device(report.plan, self.engine.eager_passes - eager_before)
+        return [(None if r.refused else r.audio.numpy(), r.steps_used, r.silent) for r in report.results]
+
+    def _record_device(self, plan: StepPlan, eager_passes: int) -> None:
+        if plan.memory_splits:
+            self.metrics.record("seedvc_memory_splits", plan.memory_splits)
+        if plan.refused:
+            self.metrics.record("seedvc_memory_refusals", len(plan.refused))
+        if eager_passes:
+            self.metrics.record("seedvc_eager_passes", eager_passes)
+        device = self.model.device
+        if device.type == "cuda":
+            self.metrics.record("seedvc_gpu_memory_bytes", torch.cuda.memory_allocated(device), kind="allocated")
+            self.metrics.record("seedvc_gpu_memory_bytes", torch.cuda.memory_reserved(device), kind="reserved")
+            self.metrics.record("seedvc_gpu_memory_bytes", torch.cuda.max_memory_allocated(device), kind="peak")
 
     def _identity_rows(self, blocks: Sequence[BlockIn]) -> list[tuple[np.ndarray, int, bool]]:
         """Debug mode: each block comes back unconverted (resampled to the model rate), to measure the serving path.

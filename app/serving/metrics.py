@@ -34,6 +34,14 @@ METRICS: dict[str, MetricSpec] = {
     "seedvc_silent_blocks": MetricSpec("counter", "blocks the silence gate skipped"),
     "seedvc_admission_refusals": MetricSpec("counter", "sessions refused because the replica was full"),
     "seedvc_model_load_seconds": MetricSpec("gauge", "time the replica took to load the model"),
+    "seedvc_warm_up_seconds": MetricSpec("gauge", "time the replica took to warm its static shapes (CUDA graphs)"),
+    "seedvc_eager_passes": MetricSpec("counter", "GPU passes of a shape that was not warmed (ran without graphs)"),
+    "seedvc_memory_splits": MetricSpec("counter", "batched passes split in two after running out of GPU memory"),
+    "seedvc_memory_refusals": MetricSpec("counter", "blocks refused because they did not fit in GPU memory alone"),
+    "seedvc_failed_steps": MetricSpec("counter", "engine steps that failed with a device or model error"),
+    "seedvc_gpu_memory_bytes": MetricSpec(
+        "gauge", "GPU memory of the replica's device: allocated, reserved, peak (allocated)", tags=("kind",)
+    ),
     # Ingress replicas.
     "seedvc_streams": MetricSpec("gauge", "open live streams", tags=("transport",)),
     "seedvc_block_latency_seconds": MetricSpec(

@@ -43,6 +43,7 @@ class Stream:
         self.geometry.check_vocoder(model.vocoder.config.samples_per_frame)
         self.window = torch.zeros(self.geometry.window_16k)
         self.tail = torch.zeros(self.geometry.sola_buffer, device=model.device)
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.blocks_done = 0
 
