@@ -184,9 +184,17 @@ class Engine:
 
     # -- warm-up -----------------------------------------------------------------------------------------------
 
-    def warm_up(self, voice: Voice, settings: StreamSettings, capture: bool | None = None) -> WarmUpReport:
+    def warm_up(
+        self,
+        voice: Voice,
+        settings: StreamSettings,
+        capture: bool | None = None,
+        batch_sizes: Sequence[int] | None = None,
+        prompt_frames: Sequence[int] | None = None,
+    ) -> WarmUpReport:
         """Run every bucketed shape of `settings` once, before traffic: one step per batch bucket and prompt bucket
         (prompts up to `settings.max_prompt`), capturing CUDA graphs when `capture` (default: on CUDA).
+        `batch_sizes` / `prompt_frames` narrow it to the buckets of these sizes (benchmarks warm one shape).
 
         Each shape's first run also seeds the deadline's cost model, so the first real step of a shape is predicted.
         """
@@ -200,8 +208,11 @@ class Engine:
         max_prompt = self.model.mel.frames(int(self.model.sample_rate * settings.max_prompt))
         shapes: list[BatchShape] = []
         failures: list[str] = []
-        for rows in self.buckets.batch_sizes:
-            for prompt in self.buckets.prompt_buckets(max_prompt):
+        buckets = self.buckets
+        all_rows = sorted({buckets.shape_for(size, 1).rows for size in batch_sizes or buckets.batch_sizes})
+        all_prompts = sorted({buckets.prompt_frames_for(frames) for frames in prompt_frames or []})
+        for rows in all_rows:
+            for prompt in all_prompts or buckets.prompt_buckets(max_prompt):
                 shape = BatchShape(rows, prompt)
                 if self._graphs is not None:
                     failures += self._capture(shape, voice, settings)
