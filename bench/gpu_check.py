@@ -89,17 +89,6 @@ FORBIDDEN_MODULES = ("ray", "av", "pydantic", "fastapi", "starlette", "uvicorn",
 
 STAGES = ("content_encoder", "length_regulator", "cfm", "vocoder", "sola")
 
-# bundle.json `stream_settings` key (upstream's name) -> StreamSettings field (as tests/settings_from_bundle.py maps).
-BUNDLE_TO_SETTINGS = {
-    "block_time": "block_time",
-    "crossfade_time": "crossfade_time",
-    "extra_time_ce": "ce_context",
-    "extra_time": "dit_context",
-    "extra_time_right": "lookahead",
-    "diffusion_steps": "diffusion_steps",
-    "inference_cfg_rate": "cfg_rate",
-    "max_prompt_length": "max_prompt",
-}
 
 REALTIME_HEADROOM = 0.9  # "streams per GPU": the largest B whose p99 stays under this share of the block time
 
@@ -399,13 +388,13 @@ class Errors:
 
 
 def fixture_settings(bundle: Mapping[str, Any]) -> StreamSettings:
-    from app.streaming.settings import StreamSettings
+    from app.streaming.settings import UPSTREAM_SETTING_NAMES, StreamSettings
 
     given = bundle["stream_settings"]
-    unknown = sorted(set(given) - set(BUNDLE_TO_SETTINGS))
+    unknown = sorted(set(given) - set(UPSTREAM_SETTING_NAMES))
     if unknown:
         raise ValueError(f"bundle.json stream_settings has keys with no StreamSettings field: {unknown}")
-    return StreamSettings(**{ours: given[theirs] for theirs, ours in BUNDLE_TO_SETTINGS.items()})
+    return StreamSettings(**{ours: given[theirs] for theirs, ours in UPSTREAM_SETTING_NAMES.items()})
 
 
 def run_parity(root: Path, device_name: str) -> dict[str, Any]:

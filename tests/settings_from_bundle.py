@@ -11,20 +11,10 @@ from contextlib import contextmanager
 
 import torch
 
-from app.streaming.settings import StreamSettings
+from app.streaming.settings import UPSTREAM_SETTING_NAMES, StreamSettings
 from tests.parity import ParitySet
 
-# bundle.json `stream_settings` key (upstream name) -> StreamSettings field.
-BUNDLE_TO_SETTINGS = {
-    "block_time": "block_time",
-    "crossfade_time": "crossfade_time",
-    "extra_time_ce": "ce_context",
-    "extra_time": "dit_context",
-    "extra_time_right": "lookahead",
-    "diffusion_steps": "diffusion_steps",
-    "inference_cfg_rate": "cfg_rate",
-    "max_prompt_length": "max_prompt",
-}
+BUNDLE_TO_SETTINGS = UPSTREAM_SETTING_NAMES  # bundle.json `stream_settings` key -> StreamSettings field
 
 
 def stream_settings(parity: ParitySet) -> StreamSettings:

@@ -19,6 +19,19 @@ CONTENT_FRAMES_PER_SECOND = 50
 SAMPLES_PER_CONTENT_FRAME_16K = CONTENT_RATE // CONTENT_FRAMES_PER_SECOND  # 320: the encoder's total stride
 
 
+# Upstream's real-time GUI names of the stream settings (as parity bundles carry them) -> StreamSettings fields.
+UPSTREAM_SETTING_NAMES = {
+    "block_time": "block_time",
+    "crossfade_time": "crossfade_time",
+    "extra_time_ce": "ce_context",
+    "extra_time": "dit_context",
+    "extra_time_right": "lookahead",
+    "diffusion_steps": "diffusion_steps",
+    "inference_cfg_rate": "cfg_rate",
+    "max_prompt_length": "max_prompt",
+}
+
+
 class SettingsError(ValueError):
     """Stream settings that are out of range or contradict each other."""
 
