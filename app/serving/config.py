@@ -55,12 +55,6 @@ class ConverterConfig(Strict):
     unhealthy_after_failed_steps: int = Field(
         3, ge=1, description="engine steps failing in a row (device errors) before the replica reports unhealthy"
     )
-    cpu_settings: SettingsOverrides | None = Field(
-        CPU_REALTIME_PROFILE,
-        description="on a CPU, the stream settings under what a client asks for (all of them when it sends none): "
-        "by default the CPU real-time profile (README); null = the README settings, as on a GPU. Clients that send "
-        "a setting keep it",
-    )
     replica_tag: str = Field("local", description="set by the deployment: the replica's id")
 
     def resolved_device(self) -> torch.device:
