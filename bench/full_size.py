@@ -7,24 +7,37 @@ outputs are meaningless, but the shapes, and so the cost of every stage, are tho
 
 Usage (from the repo root):
 
-    from bench.full_size import build_full_size
+    from bench.full_size import build_full_size, write_full_size_bundle
     model = build_full_size(seed=0).to("cuda")
+    write_full_size_bundle(Path(tmp) / "model", seed=0)  # the same networks as a model bundle (~0.7 GB): for the
+                                                          # service (bench.load --model full-size); never commit one
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import json
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
+from torch import Tensor, nn
 from transformers import Wav2Vec2Config, Wav2Vec2Model
 
+from app.bundle import write_bundle
 from app.model.campplus import CAMPPlus, CAMPPlusConfig
 from app.model.config import ContentEncoderConfig, SeedVCConfig
 from app.model.content_encoder import ContentEncoder
 from app.model.dit import DiT
-from app.model.hift import HiFTConfig, HiFTVocoder
+from app.model.hift import HiFTConfig, HiFTVocoder, _is_weight_normed
 from app.model.length_regulator import LengthRegulator
+from app.model.precision import Precision
 from app.model.seedvc import SeedVC
+from app.model.sources import ModelFiles
 
 # The parts of config_dit_mel_seed_uvit_xlsr_tiny.yml that SeedVCConfig.from_yaml_dict reads, values unchanged.
 REALTIME_PRESET: dict[str, Any] = {
@@ -116,3 +129,70 @@ def parameter_counts(model: SeedVC) -> dict[str, int]:
         "speaker_encoder": model.speaker_encoder,
     }
     return {name: sum(p.numel() for p in network.parameters()) for name, network in networks.items()}
+
+
+# ---- as a model bundle --------------------------------------------------------------------------------------------
+
+
+def write_full_size_bundle(directory: Path, seed: int = 0) -> Path:
+    """`build_full_size(seed)` written as a model bundle in `directory` (created; must be empty or absent).
+
+    About 0.7 GB of random weights: write it to a temporary directory at run time, never into the repository.
+    """
+    with tempfile.TemporaryDirectory(prefix="full-size-files-") as staging:
+        write_bundle(save_model_files(build_full_size(seed), REALTIME_PRESET, Path(staging)), directory)
+    return directory
+
+
+def save_model_files(model: SeedVC, dit_config: Mapping[str, Any], directory: Path) -> ModelFiles:
+    """A float32 model's networks as the files upstream ships, in the layouts `SeedVC.from_files` reads.
+
+    DiT and length regulator: one checkpoint `{'net': {'cfm': {'estimator.*'}, 'length_regulator': ...}}`; XLS-R: a
+    transformers folder (with the positional convolution's weight norm, as transformers builds it); HiFT: CosyVoice's
+    weight-norm layout (weight_v, weight_g); CAMPPlus: its state dict. `dit_config` is config_dit.yml's content.
+    """
+    assert model.precision is Precision.FP32, "save the float32 model: reduced precisions convert weights for good"
+    directory.mkdir(parents=True, exist_ok=True)
+    files = ModelFiles(
+        dit_config=directory / "config_dit.yml",
+        dit_checkpoint=directory / "dit.pth",
+        content_encoder=directory / "content_encoder",
+        vocoder_checkpoint=directory / "hift.pt",
+        speaker_encoder_checkpoint=directory / "campplus.bin",
+        vocoder_config=directory / "hift.yml",
+        speaker_encoder_config=directory / "campplus.json",
+    )
+    files.dit_config.write_text(yaml.safe_dump(dict(dit_config), sort_keys=False))
+    cfm = {f"estimator.{key}": value for key, value in _cpu_state(model.dit).items()}
+    torch.save({"net": {"cfm": cfm, "length_regulator": _cpu_state(model.length_regulator)}}, files.dit_checkpoint)
+    _with_positional_weight_norm(model.content_encoder.model).save_pretrained(files.content_encoder)
+    torch.save(_weight_norm_layout(model.vocoder), files.vocoder_checkpoint)
+    assert files.vocoder_config is not None and files.speaker_encoder_config is not None
+    files.vocoder_config.write_text(yaml.safe_dump(model.vocoder.config.to_yaml_dict(), sort_keys=False))
+    torch.save(_cpu_state(model.speaker_encoder), files.speaker_encoder_checkpoint)
+    files.speaker_encoder_config.write_text(json.dumps(dataclasses.asdict(model.speaker_encoder.config), indent=1))
+    return files
+
+
+def _cpu_state(module: nn.Module) -> dict[str, Tensor]:
+    return {key: value.detach().cpu().clone() for key, value in module.state_dict().items()}
+
+
+def _with_positional_weight_norm(model: Wav2Vec2Model) -> Wav2Vec2Model:
+    """A copy of XLS-R with the weight norm ContentEncoder folded put back, so that from_pretrained finds the keys
+    it expects (parametrizations.weight.original0/1); the norm is over every dim but 2, as transformers builds it."""
+    model = copy.deepcopy(model).cpu()
+    nn.utils.parametrizations.weight_norm(model.encoder.pos_conv_embed.conv, name="weight", dim=2)
+    return model
+
+
+def _weight_norm_layout(vocoder: HiFTVocoder) -> dict[str, Tensor]:
+    """HiFT's state dict as CosyVoice stores it: every weight-normed convolution as weight_v (the weight itself) and
+    weight_g (its norm over every dim but 0), which the loader folds back to the same weight."""
+    state = _cpu_state(vocoder)
+    for name, module in vocoder.named_modules():
+        if _is_weight_normed(name, module):
+            weight = state.pop(f"{name}.weight")
+            state[f"{name}.weight_v"] = weight
+            state[f"{name}.weight_g"] = torch.norm_except_dim(weight, 2, 0)
+    return state

@@ -9,13 +9,21 @@ Usage (from the repo root):
     # A local Serve app this tool starts itself (local Ray, the tiny fixture bundle; identity converter by default):
     .venv/bin/python -m bench.load --local --streams 8 --seconds 10 --json /tmp/load.json
     .venv/bin/python -m bench.load --local --converter model --streams 2     # the tiny model really converting
+    # The full-size model (random weights, written as a temporary bundle) serving its CPU real-time profile, as
+    # `serve run serve_config.yaml` does on a machine without a GPU (README, "CPU real-time profile"):
+    .venv/bin/python -m bench.load --local --converter model --model full-size --precision auto --threads 2 \
+        --cpu-profile --streams 1 --seconds 30
     # On a machine other Ray users share: a private network namespace, so that port 8000 is this tool's own
     unshare -n sh -c 'ip link set lo up && .venv/bin/python -m bench.load --local --streams 4'
 
 Options: --streams N (4), --seconds of input per stream (10), --capacity C (with --local: sessions the converter
 holds; below N it is an overload test), --ramp S (stream i starts i * S / N seconds after the
 first; 0.18, one default block; 0 starts all at once), --input FILE (any audio; default the fixture's source,
-looped), --json OUT.
+looped), --setting KEY=VALUE (repeatable: settings every stream sends; none by default, so the server's defaults
+apply), --json OUT. With --local: --model (tiny: the fixture bundle; full-size: bench/full_size.py's random-weight
+model, written to a temporary bundle for the run, ~0.85 GB; or a bundle directory), --precision (fp32), --threads
+(the converter's torch threads, 1), --cpu-profile (the converter serves its CPU real-time profile to streams that
+send no settings, as serve_config.yaml does without a GPU; by default the README settings, as in the tests).
 
 What runs: every stream is the client library's own (client/stream_client.py: run_stream), so the protocol is the
 real one: a start message, the input as 20 ms Opus packets (32 kbit/s, the client's encoder) sent in real time
@@ -73,8 +81,11 @@ from websockets.exceptions import InvalidHandshake, InvalidURI
 from app.audio.files import read_audio, resample
 from app.audio.opus import FRAME_SAMPLES, SAMPLE_RATE
 from app.audio.stream_resample import StreamingResampler
+from app.model.precision import Precision
+from app.serving.config import CPU_REALTIME_PROFILE
 from app.streaming.settings import CONTENT_RATE, StreamSettings
 from app.transport.protocol import FRAME_MS, ErrorCode
+from bench.full_size import write_full_size_bundle
 from bench.serving_overhead import (
     FIXTURE,
     CpuSnapshot,
@@ -88,7 +99,16 @@ from bench.serving_overhead import (
     process_table,
 )
 from client.api import ClientError, get_token, upload_voice
-from client.stream_client import Event, Outgoing, StreamError, encode_packets, paced_packets, run_stream, start_message
+from client.stream_client import (
+    Event,
+    Outgoing,
+    StreamError,
+    encode_packets,
+    paced_packets,
+    parse_setting,
+    run_stream,
+    start_message,
+)
 from tests.parity import ParitySet
 from tests.serve.harness import API_KEY, local_ray
 
@@ -244,6 +264,7 @@ class Tally:
     dropped_ms: int = 0
     open_ms: list[float] = field(default_factory=list)  # connect -> ready
     traffic: list[Traffic] = field(default_factory=list)  # of the streams that finished
+    settings: dict[str, Any] | None = None  # the effective stream settings, from the last ready event
 
     @classmethod
     def merged(cls, tallies: Sequence[Tally]) -> Tally:
@@ -259,6 +280,7 @@ class Tally:
             total.dropped_ms += tally.dropped_ms
             total.open_ms += tally.open_ms
             total.traffic += tally.traffic
+            total.settings = tally.settings or total.settings
         return total
 
     def summary(self) -> dict[str, Any]:
@@ -282,6 +304,7 @@ class Tally:
             "error_messages": self.errors[:10],
             "open_ms": distribution(self.open_ms, QUANTILES),
             "bandwidth_kbps": bandwidth(self.traffic),
+            "settings": self.settings,
         }
 
 
@@ -373,6 +396,7 @@ class Target:
     voice_id: str
     tokens: Tokens
     description: str
+    settings: dict[str, Any] | None = None  # what every stream's start message asks for; None: the server's defaults
     # Where the server's clock of a block starts (see completing_packet); 0 for a server that cuts 48 kHz blocks.
     lookahead_48k: int = field(default_factory=input_lookahead_48k)
 
@@ -413,6 +437,7 @@ class StreamProbe:
         kind = event["type"]
         if kind == "ready":
             self.block_ms = float(event["block_ms"])
+            tally.settings = event.get("settings")
             tally.open_ms.append(1000 * (time.monotonic() - self._connect_at))
         elif kind == "block":
             if self._pending is not None:  # a block without audio: it has no client latency
@@ -454,7 +479,8 @@ async def run_one_stream(target: Target, stream: int, packets: Sequence[bytes], 
     """One stream from connect to end; returns the retry_after_s of a refusal, else None."""
     ledger.current.streams_started += 1
     try:
-        start = start_message(await target.tokens.get(), target.voice_id, realtime=True, seed=stream)
+        token = await target.tokens.get()
+        start = start_message(token, target.voice_id, realtime=True, seed=stream, settings=target.settings)
     except ClientError as error:
         ledger.current.errors.append(f"stream {stream}: no token: {error}")
         return None
@@ -499,22 +525,65 @@ def port_in_use(url: str) -> bool:
         return probe.connect_ex((parts.hostname or "127.0.0.1", parts.port or 80)) == 0
 
 
+@dataclass(frozen=True)
+class LocalModel:
+    """What the local app's converter runs (with --local)."""
+
+    model: str = "tiny"  # tiny (the fixture bundle), full-size (random weights, a temporary bundle) or a bundle dir
+    precision: str | None = None  # None: the harness's (fp32)
+    threads: int = 1  # the converter's torch threads
+    cpu_profile: bool = False  # serve the CPU real-time profile to streams that send no settings
+
+    def describe(self, converter: str) -> str:
+        parts = [f"{converter} converter", f"{self.model} model", f"{self.threads} torch thread(s)"]
+        parts += [self.precision or "fp32", "CPU profile" if self.cpu_profile else "README settings by default"]
+        return ", ".join(parts)
+
+
 @contextlib.contextmanager
-def local_target(converter: str, max_sessions: int) -> Iterator[Target]:
-    """A local Ray with the app on it (the tiny fixture bundle; `converter` identity or model), torn down after."""
+def model_bundle(model: str) -> Iterator[str | None]:
+    """The bundle directory the converter loads; None: the tiny fixture bundle. `full-size` is written for the run
+    into a temporary directory (random weights are never committed) and removed after."""
+    if model == "tiny":
+        yield None
+    elif model == "full-size":
+        with tempfile.TemporaryDirectory(prefix="load-model-") as directory:
+            print("writing the full-size random-weight model as a temporary bundle ...", file=sys.stderr)
+            yield str(write_full_size_bundle(Path(directory) / "model"))
+    else:
+        yield model
+
+
+@contextlib.contextmanager
+def local_target(
+    converter: str, max_sessions: int, local: LocalModel | None = None, settings: dict[str, Any] | None = None
+) -> Iterator[Target]:
+    """A local Ray with the app on it (the tiny fixture bundle unless `local` says otherwise; `converter` identity or
+    model), torn down after."""
+    local = local or LocalModel()
     if port_in_use(LOCAL_URL):
         raise SystemExit(
             f"something already listens on {LOCAL_URL} (another Serve?): run in a private network namespace, "
             "unshare -n sh -c 'ip link set lo up && ...'"
         )
-    with tempfile.TemporaryDirectory(prefix="load-voices-") as voices, local_ray():
+    with (
+        model_bundle(local.model) as bundle,
+        tempfile.TemporaryDirectory(prefix="load-voices-") as voices,
+        local_ray(),
+    ):
         identity = converter == "identity"
-        app, _ = deploy(ParitySet(FIXTURE), Path(voices), max_sessions, 1, "config", identity)
+        overrides: dict[str, Any] = {"torch_threads": local.threads}
+        overrides |= {"model": bundle} if bundle is not None else {}
+        overrides |= {"precision": local.precision} if local.precision is not None else {}
+        overrides |= {"cpu_settings": CPU_REALTIME_PROFILE} if local.cpu_profile else {}
+        app, _ = deploy(ParitySet(FIXTURE), Path(voices), max_sessions, 1, "config", identity, **overrides)
         tokens = Tokens(app.base_url, API_KEY, app.token)
-        yield Target(app.base_url, app.voice_id, tokens, f"local app, {converter} converter, 1 replica")
+        yield Target(app.base_url, app.voice_id, tokens, f"local app, {local.describe(converter)}, 1 replica", settings)
 
 
-def remote_target(url: str, api_key: str, voice: str | None, reference: Path | None) -> Target:
+def remote_target(
+    url: str, api_key: str, voice: str | None, reference: Path | None, settings: dict[str, Any] | None = None
+) -> Target:
     tokens = Tokens(url, api_key)
     voice_id = voice
     if reference is not None:
@@ -522,16 +591,18 @@ def remote_target(url: str, api_key: str, voice: str | None, reference: Path | N
         voice_id = uploaded["voice_id"]
         print(f"uploaded {reference} as voice {voice_id} ({uploaded['seconds']:.1f} s)", file=sys.stderr)
     assert voice_id is not None
-    return Target(url, voice_id, tokens, url)
+    return Target(url, voice_id, tokens, url, settings)
 
 
 @contextlib.contextmanager
 def open_target(args: argparse.Namespace, max_sessions: int) -> Iterator[Target]:
+    settings = dict(args.setting) or None
     if args.local:
-        with local_target(args.converter, max_sessions) as target:
+        local = LocalModel(args.model, args.precision, args.threads, args.cpu_profile)
+        with local_target(args.converter, max_sessions, local, settings) as target:
             yield target
     else:
-        yield remote_target(args.url, args.api_key, args.voice, args.reference)
+        yield remote_target(args.url, args.api_key, args.voice, args.reference, settings)
 
 
 def read_input(path: Path, seconds: float) -> np.ndarray:
@@ -553,6 +624,15 @@ def add_target_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--voice", help="with --url: id of a voice on the server")
     parser.add_argument("--reference", type=Path, help="with --url: upload this recording as the voice first")
     parser.add_argument("--converter", choices=("identity", "model"), default="identity", help="with --local")
+    parser.add_argument("--model", default="tiny", help="with --local: tiny, full-size or a bundle dir (%(default)s)")
+    parser.add_argument("--precision", choices=[p.value for p in Precision], help="with --local (fp32)")
+    parser.add_argument("--threads", type=int, default=1, help="with --local: converter torch threads (%(default)s)")
+    parser.add_argument(
+        "--cpu-profile", action="store_true", help="with --local: the converter serves its CPU real-time profile"
+    )
+    parser.add_argument(
+        "--setting", type=parse_setting, action="append", default=[], metavar="KEY=VALUE", help="sent by every stream"
+    )
     parser.add_argument("--streams", type=int, default=4, help="concurrent streams (%(default)s)")
     parser.add_argument("--ramp", type=float, default=0.18, help="seconds over which the starts spread (%(default)s)")
     parser.add_argument("--input", type=Path, default=DEFAULT_INPUT, help="audio to send, looped (the fixture's)")
@@ -564,6 +644,9 @@ def check_target_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error("--url needs --api-key (or $SEEDVC_API_KEY) and one of --voice, --reference")
     if args.streams < 1 or args.ramp < 0:
         parser.error("--streams must be at least 1 and --ramp not negative")
+    local_only = args.model != "tiny" or args.precision is not None or args.threads != 1 or args.cpu_profile
+    if local_only and not args.local:
+        parser.error("--model, --precision, --threads and --cpu-profile need --local")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

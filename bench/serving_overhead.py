@@ -410,10 +410,17 @@ def start_service(parity: ParitySet, voices: Path, args: BenchArgs, identity: bo
 
 
 def deploy(
-    parity: ParitySet, voices: Path, max_sessions: int, converters: int, serve_options: str, identity: bool
+    parity: ParitySet,
+    voices: Path,
+    max_sessions: int,
+    converters: int,
+    serve_options: str,
+    identity: bool,
+    **converter: Any,
 ) -> tuple[ServeApp, dict[str, Any]]:
     """The app (re)deployed with the tiny bundle, a token and an uploaded voice; and the options it runs with
-    (`serve_options`: "config" or "harness", see the module docstring)."""
+    (`serve_options`: "config" or "harness", see the module docstring). `converter` overrides ConverterConfig fields
+    (tests/serve/harness.py: app_args)."""
     if serve_options == "harness":
         options: dict[str, Any] = {"mode": "harness start_app (Serve defaults: max_ongoing_requests 5)"}
         deployment_options = None
@@ -428,6 +435,7 @@ def deploy(
         max_sessions=max_sessions,
         options=deployment_options,
         identity=identity,
+        **converter,
     )
     time.sleep(SETTLE_SECONDS)  # the replicas a redeploy replaced stop, and Ray's workers settle, before measuring
     return app, options

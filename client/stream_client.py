@@ -551,7 +551,7 @@ async def stream_audio(
 # Command line
 
 
-def _setting(text: str) -> tuple[str, Any]:
+def parse_setting(text: str) -> tuple[str, Any]:
     """key=value, with the value read as JSON (so 6 is an int and 0.24 a float) and the key checked against the
     protocol, so that a typo fails here and not as the server's bad_settings."""
     key, equals, value = text.partition("=")
@@ -583,7 +583,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=1, help="streams of the same input at once (%(default)s)")
     parser.add_argument("--mic", action="store_true", help="stream the default microphone until Ctrl+C")
     parser.add_argument(
-        "--setting", type=_setting, action="append", default=[], metavar="KEY=VALUE", help="override a stream setting"
+        "--setting",
+        type=parse_setting,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a stream setting",
     )
     args = parser.parse_args(argv)
     if len(args.files) != (1 if args.mic else 2):

@@ -25,7 +25,6 @@ from app.auth.admin import NewKeyRequest, RotateRequest, new_secret_answer, stat
 from app.auth.tokens import ApiKeys, TokenError, TokenSigner, bearer, purpose_secret
 from app.logs import route_to
 from app.serving.config import IngressConfig
-from app.streaming.settings import StreamSettings
 from app.transport.limits import MessageLimits
 from app.transport.origins import origin_allowed
 from app.transport.protocol import CLOSE_POLICY_VIOLATION
@@ -107,7 +106,7 @@ class Ingress:
             client=RayConverterClient(converter),
             tokens=self.tokens,
             voices=self.voices,
-            defaults=StreamSettings(),
+            defaults=None,  # each converter's own: the README settings, or on a CPU its real-time profile
             resume_tokens=TokenSigner(purpose_secret(secret, "resume"), ttl_seconds=self.config.resume_token_ttl_s),
             max_backlog_blocks=self.config.max_backlog_blocks,
             retry_after_s=self.config.retry_after_s,

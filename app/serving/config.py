@@ -13,9 +13,18 @@ import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from app.model.precision import Precision
+from app.streaming.settings import StreamSettings
 from app.transport.origins import normalized_origin
+from app.transport.protocol import SettingsOverrides
 
 ICE_URL_SCHEMES = ("stun:", "stuns:", "turn:", "turns:")
+
+# The CPU real-time profile: the settings a converter on a CPU serves to clients that send none, instead of the README
+# (upstream) settings, which are several times slower than real time on 2 cores. Chosen by measurement (README, "CPU
+# real-time profile", bench/cpu_profile.py); the settings it leaves out are the README's.
+CPU_REALTIME_PROFILE = SettingsOverrides(
+    block_time=0.36, diffusion_steps=4, cfg_rate=0.0, ce_context=1.0, dit_context=0.3, max_prompt=1.5
+)
 
 
 class Strict(BaseModel):
@@ -55,12 +64,31 @@ class ConverterConfig(Strict):
     unhealthy_after_failed_steps: int = Field(
         3, ge=1, description="engine steps failing in a row (device errors) before the replica reports unhealthy"
     )
+    cpu_settings: SettingsOverrides | None = Field(
+        CPU_REALTIME_PROFILE,
+        description="on a CPU, the stream settings under what a client asks for (all of them when it sends none): "
+        "by default the CPU real-time profile (README); null = the README settings, as on a GPU. Clients that send "
+        "a setting keep it",
+    )
     replica_tag: str = Field("local", description="set by the deployment: the replica's id")
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    def default_settings(self, device: torch.device) -> StreamSettings:
+        """What a session on a model on `device` gets for the settings its client does not send."""
+        if device.type == "cpu" and self.cpu_settings is not None:
+            return self.cpu_settings.apply(StreamSettings())
+        return StreamSettings()
+
+    @field_validator("cpu_settings")
+    @classmethod
+    def _consistent(cls, settings: SettingsOverrides | None) -> SettingsOverrides | None:
+        if settings is not None:
+            settings.apply(StreamSettings())  # its ValueError says what contradicts what
+        return settings
 
 
 class IceServer(Strict):

@@ -18,7 +18,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, TypeVar
 
 import numpy as np
@@ -83,13 +83,28 @@ class SpeedCheck:
         return self.real_time_factor < 1.0
 
 
+def engine_thread(threads: int | None) -> ThreadPoolExecutor:
+    """The one worker thread every engine call runs on, computing with `threads` torch threads (None: torch's default).
+
+    Setting them on the calling thread is not enough: OpenMP starts each new thread with the count of the
+    OMP_NUM_THREADS environment variable, which Ray sets to a replica's num_cpus (1 in serve_config.yaml), so the
+    engine thread computed on one core whatever `torch_threads` said (CPU steps 1.6x slower on 2 cores).
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    return ThreadPoolExecutor(
+        max_workers=1,
+        thread_name_prefix="engine",
+        initializer=torch.set_num_threads,
+        initargs=(torch.get_num_threads(),),
+    )
+
+
 class ConverterService:
     def __init__(self, config: ConverterConfig, model: SeedVC | None = None, metrics: Metrics | None = None) -> None:
         self.config = config
         self.metrics = metrics or NoMetrics()
-        if config.torch_threads:
-            torch.set_num_threads(config.torch_threads)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._executor = engine_thread(config.torch_threads)
         loading = time.perf_counter()
         self.model = (
             model if model is not None else SeedVC.load(config.model, config.resolved_device(), config.precision)
@@ -111,16 +126,32 @@ class ConverterService:
         self.blocks_converted = 0
         self.failed_steps_in_a_row = 0  # device or model errors since the last good step (health)
         self.warm_up = self._warm_up() if buckets is not None else None
+        self.default_settings = config.default_settings(self.model.device)
+        self._announce_default_settings()
         self.speed = self._check_speed()
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
-    def _speed_check_voice(self) -> Voice:
+    def _announce_default_settings(self) -> None:
+        if self.default_settings == StreamSettings():
+            return
+        changed = ", ".join(
+            f"{name} {value} (README {getattr(StreamSettings(), name)})"
+            for name, value in asdict(self.default_settings).items()
+            if value != getattr(StreamSettings(), name)
+        )
+        log.warning(
+            "no GPU: serving the CPU real-time profile to clients that send no settings: %s; settings a client sends "
+            "are kept. For the README settings on this %s too, set converter.cpu_settings: null (serve_config.yaml)",
+            changed, self.model.device,
+        )  # fmt: skip
+
+    def _speed_check_voice(self, max_prompt: float = StreamSettings().max_prompt) -> Voice:
         """A synthetic 2 s voice: the speed check and the warm-up need one before any real voice exists."""
         rate = self.model.sample_rate
         t = np.arange(int(2.0 * rate), dtype=np.float32) / rate
         reference = Audio(samples=(0.1 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), rate=rate)
-        return self.voices.get(reference, StreamSettings().max_prompt)
+        return self.voices.get(reference, max_prompt)
 
     def _warm_up(self) -> WarmUpReport:
         """Run (and on CUDA capture) every static shape of the default settings before serving any session."""
@@ -141,10 +172,11 @@ class ConverterService:
         return self.failed_steps_in_a_row < self.config.unhealthy_after_failed_steps
 
     def _check_speed(self) -> SpeedCheck:
-        """Convert a few blocks of a synthetic stream and say plainly when this machine is too slow for real time."""
-        settings = StreamSettings()
+        """Convert a few blocks of a synthetic stream at the default settings and say plainly when this machine is
+        too slow for real time."""
+        settings = self.default_settings
         engine = Engine(self.model, buckets=self.engine.buckets, runner=self.engine.runner)
-        engine.open("speed-check", self._speed_check_voice(), settings, seed=0)
+        engine.open("speed-check", self._speed_check_voice(settings.max_prompt), settings, seed=0)
         block = torch.zeros(engine.session("speed-check").stream.geometry.block_16k)
         engine.step([BlockRequest("speed-check", block)])  # warm-up: first calls allocate and pick kernels
         report = engine.step([BlockRequest("speed-check", block)])
@@ -170,12 +202,18 @@ class ConverterService:
         if request.session_id not in self.engine and len(self.engine) >= self.config.max_sessions:
             self.metrics.record("seedvc_admission_refusals")
             raise CapacityExceeded(f"this replica holds its maximum of {self.config.max_sessions} sessions")
-        settings = request.settings
+        settings = self._settings_of(request)
         try:
             reference = self.store.audio(request.voice_id)
         except VoiceNotFound as error:
             raise UnknownVoice(f"unknown voice {request.voice_id}") from error
         return await self._on_engine_thread(lambda: self._open(request, reference, settings))
+
+    def _settings_of(self, request: OpenRequest) -> StreamSettings:
+        """Exact settings as they are; a client's request over this replica's defaults (SettingsError: contradicts)."""
+        if isinstance(request.settings, StreamSettings):
+            return request.settings
+        return replace(self.default_settings, **request.settings.model_dump(exclude_none=True))
 
     def _open(self, request: OpenRequest, reference: Audio, settings: StreamSettings) -> OpenReply:
         self._close_idle()
@@ -201,6 +239,7 @@ class ConverterService:
             flush_blocks=geometry.flush_blocks,
             delay=geometry.delay,
             lease=held.lease,
+            settings=held.settings,
         )
 
     async def attach(self, session_id: str) -> AttachReply:

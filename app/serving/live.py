@@ -30,6 +30,7 @@ from app.audio.opus import FRAME_SAMPLES, SAMPLE_RATE
 from app.audio.stream_resample import StreamingResampler
 from app.serving.wire import AttachReply, BlockIn, BlockOut, OpenReply, OpenRequest, ResumeState, SessionLost
 from app.streaming.settings import CONTENT_RATE, StreamSettings
+from app.transport.protocol import SettingsOverrides
 
 log = logging.getLogger(__name__)
 
@@ -86,15 +87,16 @@ class LiveSession:
         client: ConverterClient,
         session_id: str,
         voice_id: str,
-        settings: StreamSettings,
+        settings: StreamSettings | SettingsOverrides,
         seed: int,
         max_backlog_blocks: int = 3,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`settings`: exact ones, or what the client asked for, which the converter applies over its defaults."""
         self.client = client
         self.session_id = session_id
         self.voice_id = voice_id
-        self.settings = settings
+        self._requested_settings = settings
         self.seed = seed
         self.max_backlog_blocks = max_backlog_blocks
         self.clock = clock
@@ -122,6 +124,12 @@ class LiveSession:
     def replica(self) -> str:
         assert self.opened is not None, "the session is not open"
         return self.opened.replica
+
+    @property
+    def settings(self) -> StreamSettings:
+        """The session's settings in full, as the converter that opened it resolved them."""
+        assert self.opened is not None, "the session is not open"
+        return self.opened.settings
 
     @property
     def pending_blocks(self) -> int:
@@ -161,7 +169,9 @@ class LiveSession:
         self._window = window
 
     def _open_request(self, resume: ResumeState | None) -> OpenRequest:
-        return OpenRequest(self.session_id, self.voice_id, self.settings, self.seed, resume)
+        # Once open, the settings are exact: a re-open on another converter keeps them, whatever its defaults.
+        settings = self.opened.settings if self.opened is not None else self._requested_settings
+        return OpenRequest(self.session_id, self.voice_id, settings, self.seed, resume)
 
     # -- input side ----------------------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import torch
 
 from app.streaming.settings import StreamSettings
 from app.streaming.stream import Stream, StreamState
+from app.transport.protocol import SettingsOverrides
 
 
 class ConverterError(Exception):
@@ -70,7 +71,9 @@ class ResumeState:
 class OpenRequest:
     session_id: str
     voice_id: str
-    settings: StreamSettings
+    # Exact settings (a session that already has them: a re-open, a resume), or what a client asked for, which the
+    # converter applies over its own default settings (on a CPU, the CPU real-time profile; see ConverterConfig).
+    settings: StreamSettings | SettingsOverrides
     seed: int
     resume: ResumeState | None = None
 
@@ -86,6 +89,7 @@ class OpenReply:
     flush_blocks: int  # silent blocks that flush the lookahead at the end
     delay: int  # samples (at `sample_rate`) by which the output lags the input
     lease: int  # names this attachment: calls with an older lease are refused with SessionTakenOver
+    settings: StreamSettings  # the session's settings, in full
 
 
 @dataclass(frozen=True)

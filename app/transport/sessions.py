@@ -27,6 +27,7 @@ from app.transport.protocol import (
     ProtocolError,
     ReadyEvent,
     ResumeTokenEvent,
+    SettingsOverrides,
     StartMessage,
     VoiceSetEvent,
 )
@@ -50,7 +51,9 @@ class StreamServices:
     client: ConverterClient
     tokens: TokenSigner
     voices: VoiceStore
-    defaults: StreamSettings
+    # The settings under what a client asks for; None leaves that to the converter that opens the session, whose
+    # defaults depend on its device (the CPU real-time profile on a CPU, see ConverterConfig.cpu_settings).
+    defaults: StreamSettings | None
     resume_tokens: TokenSigner = field(default_factory=_process_resume_tokens)
     max_backlog_blocks: int = 3
     retry_after_s: float = 5.0
@@ -109,7 +112,7 @@ class StreamServices:
 
     async def open_session(self, start: StartMessage, owner: str) -> tuple[LiveSession, ReadyEvent]:
         """Open a converter session for a checked start message; returns it with the `ready` event to send."""
-        settings = self._settings(start)
+        settings = self._requested_settings(start)
         self.check_voice(start.voice_id, owner)
         session = LiveSession(
             self.client,
@@ -150,7 +153,7 @@ class StreamServices:
         except SessionLost as error:
             raise ProtocolError(ErrorCode.session_expired, "the session is no longer held; start a new one") from error
         session.started_at = float(claims.extra.get("started", session.started_at))
-        if start.settings is not None and self._settings(start) != session.settings:
+        if start.settings is not None and start.settings.apply(session.settings) != session.settings:
             await session.close()  # the client sees an error and cannot use the session any more: free it
             raise ProtocolError(ErrorCode.bad_settings, "a resumed session keeps its settings: send none, or the same")
         if start.voice_id != session.voice_id:
@@ -160,8 +163,11 @@ class StreamServices:
         self.metrics.record("seedvc_sessions_resumed")
         return session, self._ready(session, owner, resumed=True)
 
-    def _settings(self, start: StartMessage) -> StreamSettings:
-        return start.settings.apply(self.defaults) if start.settings else self.defaults
+    def _requested_settings(self, start: StartMessage) -> StreamSettings | SettingsOverrides:
+        """Exact settings when this side has defaults (checked here), else what the client asked for: the converter
+        applies it over its own defaults and answers bad_settings for a contradiction."""
+        requested = start.settings or SettingsOverrides()
+        return requested.apply(self.defaults) if self.defaults is not None else requested
 
     def _ready(self, session: LiveSession, owner: str, resumed: bool) -> ReadyEvent:
         assert session.opened is not None

@@ -108,15 +108,15 @@ NO_CPU = {"ray_actor_options": {"num_cpus": 0}}
 def app_args(
     parity: ParitySet, voices: Path, max_sessions: int = 8, ingress: dict[str, Any] | None = None, **converter: Any
 ) -> AppArgs:
-    """The application's arguments: the tiny fixture model, one torch thread, the test API keys."""
+    """The application's arguments: the tiny fixture model, one torch thread, the README settings (no CPU profile:
+    the tests expect the settings of the fixtures), the test API keys; `converter` overrides any of them."""
+    defaults = {"model": str(parity.model_dir), "torch_threads": 1, "precision": "fp32", "cpu_settings": None}
     return AppArgs(
         converter=ConverterConfig(
-            model=str(parity.model_dir),
             voice_store=str(voices),
             max_sessions=max_sessions,
             silence_gate_dbfs=None,
-            torch_threads=1,
-            **({"precision": "fp32"} | converter),
+            **(defaults | converter),
         ),
         ingress=IngressConfig(
             voice_store=str(voices), api_keys={"test": API_KEY, "other": OTHER_API_KEY}, **(ingress or {})
