@@ -13,7 +13,9 @@ the cluster runs is the one the Dockerfile builds, and the Dockerfile's Ray and 
 from __future__ import annotations
 
 import copy
+import ipaddress
 import re
+import subprocess
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -285,7 +287,7 @@ def test_turn_template_has_no_secret_and_every_placeholder_is_filled(cluster: di
     assert template_path in turn and "SEEDVC_TURN_SECRET" in turn
     placeholders = set(re.findall(r"@([A-Z_]+)@", "\n".join(settings)))
     filled = set(re.findall(r"s/@([A-Z_]+)@/", turn))
-    assert placeholders == filled == {"SEEDVC_TURN_SECRET", "PUBLIC_IP", "PRIVATE_IP"}
+    assert placeholders == filled == {"SEEDVC_TURN_SECRET", "PUBLIC_IP", "PRIVATE_IP", "TURN_PEER_RANGE"}
 
 
 def test_security_group_opens_turns_ports(cluster: dict[str, Any]) -> None:
@@ -300,3 +302,128 @@ def test_security_group_opens_turns_ports(cluster: dict[str, Any]) -> None:
     assert {("udp", port, port), ("tcp", port, port)} <= rules
     assert ("udp", int(settings["min-port"]), int(settings["max-port"])) in rules
     assert ("tcp", 8000, 8000) in rules  # Serve's HTTP proxy (http_options.port in the serve configs)
+
+
+# -- what a key holder can reach through TURN, and who reaches the dashboard and the Serve proxies ----------------
+
+# Addresses no TURN user may relay to: the default VPC (its DNS resolver, any node), other private networks, loopback,
+# link-local with EC2's metadata service and DNS, IPv4-mapped and NAT64 forms of those, IPv6 unique-local with EC2's
+# IPv6 metadata address, and any public address (no open relay).
+FORBIDDEN_PEERS = [
+    "172.31.0.2",
+    "172.31.40.17",
+    "10.0.0.1",
+    "192.168.1.1",
+    "100.64.0.1",
+    "127.0.0.1",
+    "0.0.0.0",
+    "169.254.169.254",
+    "169.254.169.253",
+    "224.0.0.1",
+    "8.8.8.8",
+    "::1",
+    "::ffff:169.254.169.254",
+    "64:ff9b::a9fe:a9fe",
+    "fd00:ec2::254",
+    "fe80::1",
+    "2600:1f14::1",
+]
+EXAMPLE_PEER_RANGE = "172.31.96.0-172.31.99.255"  # an ingress subnet, as docs/production.md and cluster.yaml show
+
+
+def turn_settings() -> list[tuple[str, str]]:
+    """The template's settings as (name, value) in order; a flag has the value ''."""
+    lines = [line.strip() for line in TURN_TEMPLATE.read_text().splitlines()]
+    return [tuple(line.split("=", 1)) if "=" in line else (line, "") for line in lines if line and line[0] != "#"]
+
+
+def address_range(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]:
+    first, _, last = text.partition("-")
+    return ipaddress.ip_address(first), ipaddress.ip_address(last or first)
+
+
+def in_ranges(address: str, ranges: list[str]) -> bool:
+    ip = ipaddress.ip_address(address)
+    for text in ranges:
+        first, last = address_range(text)
+        if first.version == ip.version and first <= ip <= last:
+            return True
+    return False
+
+
+def relayable(address: str, allowed_range: str) -> bool:
+    """What coturn decides for a peer: an allowed range wins, then a denied one refuses, else it is relayed."""
+    settings = turn_settings()
+    allowed = [value for name, value in settings if name == "allowed-peer-ip"]
+    allowed = [value.replace("@TURN_PEER_RANGE@", allowed_range) for value in allowed]
+    denied = [value for name, value in settings if name == "denied-peer-ip"]
+    return in_ranges(address, allowed) or not in_ranges(address, denied)
+
+
+def test_turn_relays_udp_only() -> None:
+    names = [name for name, _ in turn_settings()]
+    assert "no-tcp-relay" in names, "TCP relaying would reach the dashboard, GCS and the metadata service"
+    assert "no-multicast-peers" in names
+
+
+@pytest.mark.parametrize("address", FORBIDDEN_PEERS)
+def test_turn_refuses_peers_outside_the_ingress_range(address: str) -> None:
+    assert not relayable(address, EXAMPLE_PEER_RANGE)
+
+
+def test_turn_allows_exactly_the_configured_ingress_range() -> None:
+    allowed = [value for name, value in turn_settings() if name == "allowed-peer-ip"]
+    assert allowed == ["@TURN_PEER_RANGE@"]
+    assert relayable("172.31.97.12", EXAMPLE_PEER_RANGE)
+    assert not relayable("172.31.100.0", EXAMPLE_PEER_RANGE)  # the next subnet: the head's or a GPU node's
+
+
+def peer_range_check(cluster: dict[str, Any]) -> str:
+    (turn,) = [command for command in cluster["head_start_ray_commands"] if "turnserver" in command]
+    match = re.search(r'\{ printf %s "\$\{SEEDVC_TURN_PEER_RANGE:-\}".*?exit 1; \}; \}', turn)
+    assert match, "the head's start command must check SEEDVC_TURN_PEER_RANGE before it fills the template in"
+    return match.group(0)
+
+
+@pytest.mark.parametrize(
+    ("value", "accepted"),
+    [(EXAMPLE_PEER_RANGE, True), ("", False), ("172.31.0.0/16", False), ("0.0.0.0-255.255.255.255 x", False)],
+)
+def test_coturn_does_not_start_without_a_peer_range(cluster: dict[str, Any], value: str, accepted: bool) -> None:
+    """The check the head runs before starting coturn, run here by bash: a missing or malformed range stops it."""
+    check = peer_range_check(cluster)
+    result = subprocess.run(
+        ["bash", "-c", check], env={"SEEDVC_TURN_PEER_RANGE": value, "PATH": "/usr/bin:/bin"}, capture_output=True
+    )
+    assert (result.returncode == 0) == accepted, result.stderr
+
+
+def test_dashboard_listens_on_the_heads_loopback_only(cluster: dict[str, Any]) -> None:
+    (start,) = [command for command in cluster["head_start_ray_commands"] if "ray start" in command]
+    assert re.findall(r"--dashboard-host[= ](\S+)", start) == ["127.0.0.1"]
+
+
+def test_port_8000_is_open_to_the_load_balancer_only(cluster: dict[str, Any]) -> None:
+    rules = cluster["provider"]["security_group"]["IpPermissions"]
+    reaching = [
+        rule
+        for rule in rules
+        if rule["IpProtocol"] in ("tcp", "-1") and rule.get("FromPort", 0) <= 8000 <= rule.get("ToPort", 65535)
+    ]
+    (rule,) = reaching
+    assert not rule.get("IpRanges") and not rule.get("Ipv6Ranges") and not rule.get("PrefixListIds")
+    (source,) = rule["UserIdGroupPairs"]
+    assert source["GroupId"].startswith("sg-")
+
+
+def test_the_gpu_config_limits_sessions_per_key_and_turn_allows_them() -> None:
+    """A key without its own quota may not fill every GPU; coturn's per-key allocations cover its sessions (2 each:
+    browsers allocate over UDP and over TCP)."""
+    (app,) = load(GPU_SERVE_CONFIG)["applications"]
+    sessions = AppArgs(**app["args"]).ingress.default_max_sessions
+    assert sessions is not None
+    converter = gpu_deployments()["Converter"]
+    capacity = app["args"]["converter"]["max_sessions"] * converter["autoscaling_config"]["max_replicas"]
+    assert sessions < capacity
+    user_quota = int(dict(turn_settings())["user-quota"])
+    assert user_quota >= 2 * sessions
