@@ -19,6 +19,7 @@ import soundfile
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from app.auth.keystore import KEY_ID
 from app.voices.store import MAX_NAME_CHARS, RATE_RANGE, VoiceError, VoiceErrorReason, VoiceLimits, VoiceStore
 
 FUZZ = settings(
@@ -100,7 +101,7 @@ def files_under(root: Path) -> set[str]:
 # the upload is refused as bad_samples, which is what the test checks.
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @FUZZ
-@given(data=uploads, name=names, owner=st.text(max_size=20))
+@given(data=uploads, name=names, owner=st.from_regex(KEY_ID, fullmatch=True))
 def test_any_upload_is_a_readable_voice_or_a_voice_error(
     stores_root: Path, data: bytes, name: str | None, owner: str
 ) -> None:
@@ -129,6 +130,7 @@ def test_any_upload_is_a_readable_voice_or_a_voice_error(
         assert store.get(record.voice_id) == record
         audio = store.audio(record.voice_id)
         assert audio.rate == record.rate and np.isfinite(audio.samples).all()
-        assert files_under(root) == before | {f"voices/{record.voice_id}.audio", f"voices/{record.voice_id}.json"}
+        stored = {f"voices/{record.voice_id}.audio", f"voices/{record.voice_id}.json", f"voices/_owners/{owner}"}
+        assert files_under(root) == before | stored | {f"voices/_owners/{owner}/{record.voice_id}"}
         assert store.list(owner) == [record] or owner == "someone-else"
     assert store.get(other.voice_id) == other

@@ -158,6 +158,26 @@ def test_compressed_hours_are_refused_without_decoding_them(store: VoiceStore) -
     assert rejected(store, data).reason == "too_long"
 
 
+def test_many_channels_are_refused_before_decoding(root: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Channels times frames is what decoding costs: 8 channels of 48 kHz for 5 s is 1.9 million samples, over a
+    limit of a million, although a small FLAC of silence; 2 channels are under it."""
+    store = VoiceStore(root, VoiceLimits(max_decoded_samples=1_000_000))
+    data = encode(np.zeros((5 * 48_000, 8), dtype=np.float32), rate=48_000, format="FLAC")
+    blocks = soundfile.SoundFile.blocks
+
+    def undecodable(*args: object, **kwargs: object) -> object:
+        raise AssertionError("decoding started")
+
+    monkeypatch.setattr(soundfile.SoundFile, "blocks", undecodable)
+    error = rejected(store, data)
+    assert error.reason == "too_large"
+    assert "8 channels at 48000 Hz: 1920000 samples" in str(error)
+    monkeypatch.setattr(soundfile.SoundFile, "blocks", blocks)
+    stereo = np.tile(recording(5.0, rate=48_000)[:, None], (1, 2))
+    assert store.add(encode(stereo, rate=48_000, format="FLAC"), owner="team-a").seconds == 5.0
+    assert VoiceLimits().max_decoded_samples >= 2 * 96_000 * 60, "60 s of 96 kHz stereo is a voice recording"
+
+
 def test_nan_samples(store: VoiceStore) -> None:
     samples = recording(1.5)
     samples[100] = np.nan
@@ -204,6 +224,44 @@ def test_list_by_owner(store: VoiceStore) -> None:
     assert store.list("team-c") == []
 
 
+def test_listing_reads_the_owners_records_only(store: VoiceStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Listing a key's voices must not read every tenant's records (an S3 GET each, on every listing)."""
+    data = encode(recording(1.5))
+    mine = [store.add(data, owner="team-a") for _ in range(2)]
+    theirs = {store.add(data, owner="team-b").voice_id for _ in range(5)}
+    store.list("team-a")  # a first listing may index a store written before the index existed
+    read: list[str] = []
+    cat_file = type(store._fs).cat_file
+
+    def recording_reads(fs: object, path: str, *args: object, **kwargs: object) -> bytes:
+        read.append(path)
+        return cat_file(fs, path, *args, **kwargs)
+
+    monkeypatch.setattr(type(store._fs), "cat_file", recording_reads)
+    assert store.list("team-a") == mine
+    assert len(read) == 2 and not any(voice_id in path for path in read for voice_id in theirs)
+
+
+def test_a_store_written_before_the_index_is_indexed_once(store: VoiceStore, root: str) -> None:
+    data = encode(recording(1.5))
+    first, other = store.add(data, owner="team-a"), store.add(data, owner="team-b")
+    fs, path = fsspec.core.url_to_fs(root)
+    fs.rm(f"{path}/_owners", recursive=True)  # as an older version left it: records and audio only
+    reopened = VoiceStore(root)
+    assert reopened.list("team-a") == [first] and reopened.list("team-b") == [other]
+    assert fs.exists(f"{path}/_owners/.indexed")
+    second = reopened.add(data, owner="team-a")
+    assert VoiceStore(root).list("team-a") == [first, second]
+
+
+def test_owners_are_key_ids(store: VoiceStore) -> None:
+    for owner in ("../team-a", "team/a", ""):
+        with pytest.raises(ValueError, match="malformed owner"):
+            store.add(encode(recording(1.5)), owner=owner)
+        with pytest.raises(ValueError, match="malformed owner"):
+            store.list(owner)
+
+
 def test_list_ignores_foreign_files(store: VoiceStore, root: str) -> None:
     record = store.add(encode(recording(1.5)), owner="team-a")
     fs, path = fsspec.core.url_to_fs(root)
@@ -222,8 +280,9 @@ def test_delete(store: VoiceStore, root: str) -> None:
             lookup(gone.voice_id)
     fs, path = fsspec.core.url_to_fs(root)
     assert sorted(name.rsplit("/", 1)[-1] for name in fs.ls(path, detail=False)) == sorted(
-        [f"{kept.voice_id}.audio", f"{kept.voice_id}.json"]
+        [f"{kept.voice_id}.audio", f"{kept.voice_id}.json", "_owners"]
     )
+    assert [name.rsplit("/", 1)[-1] for name in fs.ls(f"{path}/_owners/team-a", detail=False)] == [kept.voice_id]
 
 
 def test_unknown_id(store: VoiceStore) -> None:
