@@ -245,8 +245,10 @@ def test_dockerfile_ray_and_python_match_the_pins(dockerfile: str) -> None:
     assert base["ray"] == requirement_pin("ray")
     python = f"{base['major']}.{base['minor']}"
     assert python == "3.11"
+    # The image runs the oldest Python the package admits: the one ruff and mypy target, and the one CI tests.
     assert SpecifierSet(pyproject()["project"]["requires-python"]).contains(python)
-    assert not SpecifierSet(pyproject()["project"]["requires-python"]).contains("3.12")
+    assert not SpecifierSet(pyproject()["project"]["requires-python"]).contains("3.10")
+    assert pyproject()["tool"]["mypy"]["python_version"] == python
     assert pyproject()["tool"]["ruff"]["target-version"] == f"py{base['major']}{base['minor']}"
 
 
