@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from fastapi import HTTPException
@@ -57,10 +58,11 @@ def test_admin_errors_map_to_http(error: Exception, status: int) -> None:
 
 def test_the_admin_api_is_404_while_off_and_401_with_a_wrong_key() -> None:
     check = Ingress._admin  # the route guard, called without a Serve replica around it
+    without: Any = SimpleNamespace(admin=None)  # stand-ins for the Ingress: the guard reads only .admin
     with pytest.raises(HTTPException) as off:
-        check(SimpleNamespace(admin=None), f"Bearer {ADMIN_KEY}")
+        check(without, f"Bearer {ADMIN_KEY}")
     assert off.value.status_code == 404
-    on = SimpleNamespace(admin=AdminKey(ADMIN_KEY))
+    on: Any = SimpleNamespace(admin=AdminKey(ADMIN_KEY))
     check(on, f"Bearer {ADMIN_KEY}")
     for header in (None, "Bearer wrong-admin-key-0123456789", ADMIN_KEY):
         with pytest.raises(HTTPException) as refused:

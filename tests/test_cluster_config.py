@@ -336,7 +336,7 @@ EXAMPLE_PEER_RANGE = "172.31.96.0-172.31.99.255"  # an ingress subnet, as docs/p
 def turn_settings() -> list[tuple[str, str]]:
     """The template's settings as (name, value) in order; a flag has the value ''."""
     lines = [line.strip() for line in TURN_TEMPLATE.read_text().splitlines()]
-    return [tuple(line.split("=", 1)) if "=" in line else (line, "") for line in lines if line and line[0] != "#"]
+    return [(name, value) for name, _, value in (line.partition("=") for line in lines if line and line[0] != "#")]
 
 
 def address_range(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]:
@@ -348,7 +348,7 @@ def in_ranges(address: str, ranges: list[str]) -> bool:
     ip = ipaddress.ip_address(address)
     for text in ranges:
         first, last = address_range(text)
-        if first.version == ip.version and first <= ip <= last:
+        if first.version == ip.version and int(first) <= int(ip) <= int(last):
             return True
     return False
 

@@ -51,7 +51,7 @@ def loopback_ice() -> Iterator[None]:
 
 def unused_stream_services() -> StreamServices:
     """`_answer` neither converts nor checks tokens or voices: services that would fail if it tried."""
-    return StreamServices(client=None, tokens=None, voices=None, defaults=StreamSettings())  # type: ignore[arg-type]
+    return StreamServices(client=None, tokens=None, voices=None, defaults=StreamSettings())  # type: ignore[arg-type]  # None, on purpose
 
 
 @cache
@@ -73,7 +73,7 @@ def answer(sdp: str) -> str | ProtocolError:
 
     async def run() -> str | ProtocolError:
         socket = SignallingSocket()
-        call = RtcCall(socket, RtcServices(unused_stream_services()))
+        call = RtcCall(socket, RtcServices(unused_stream_services()))  # type: ignore[arg-type]  # what _answer uses of a WebSocket
         peer = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         try:
             async with asyncio.timeout(ANSWER_TIMEOUT_S):

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from typing import Any
 
 import pytest
 from pydantic import TypeAdapter
@@ -54,7 +55,7 @@ def test_minimal_start_message_takes_defaults() -> None:
 
 
 def test_full_start_message() -> None:
-    settings = {
+    settings: dict[str, Any] = {
         "block_time": 0.24,
         "crossfade_time": 0.05,
         "ce_context": 3,  # an integer is a valid number

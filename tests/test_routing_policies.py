@@ -7,20 +7,22 @@ from __future__ import annotations
 
 import asyncio
 from types import SimpleNamespace
+from typing import Any
 
 from deployments.autoscaling import SessionAwarePolicy
 from deployments.router import SessionPinningRouter, pin, pinned_replica
 
 
-def replica(name: str, sessions: int, capacity: int = 10) -> SimpleNamespace:
+def replica(name: str, sessions: int, capacity: int = 10) -> Any:
+    """A stand-in for Serve's RunningReplica with what choose_replicas reads (so: Any)."""
     return SimpleNamespace(
         replica_id=SimpleNamespace(unique_id=name), routing_stats={"sessions": sessions, "capacity": capacity}
     )
 
 
-def choose(replicas: list[SimpleNamespace], session_id: str) -> list[list[str]]:
+def choose(replicas: list[Any], session_id: str) -> list[list[str]]:
     router = SessionPinningRouter.__new__(SessionPinningRouter)  # choose_replicas uses no router state
-    request = SimpleNamespace(metadata=SimpleNamespace(session_id=session_id))
+    request: Any = SimpleNamespace(metadata=SimpleNamespace(session_id=session_id))
     ranked = asyncio.run(router.choose_replicas(replicas, request))
     return [[r.replica_id.unique_id for r in rank] for rank in ranked]
 
@@ -55,7 +57,8 @@ def test_policy_scales_on_sessions_or_queue_whichever_needs_more() -> None:
 
     def wanted(sessions: list[float], requests: float) -> int:
         metrics = {"sessions": {f"r{i}": value for i, value in enumerate(sessions)}}
-        return policy(SimpleNamespace(aggregated_metrics=metrics, total_num_requests=requests))[0]
+        context: Any = SimpleNamespace(aggregated_metrics=metrics, total_num_requests=requests)  # what the policy reads
+        return policy(context)[0]
 
     assert wanted([], 0) == 1
     assert wanted([10, 10, 5], 2) == 3

@@ -43,7 +43,7 @@ from app.transport.protocol import (
 )
 from client import stream_client
 from client.api import ClientError, delete_voice, get_token, list_voices, upload_voice
-from client.stream_client import Microphone, run_stream, start_message, stream_audio, stream_url
+from client.stream_client import Event, Microphone, run_stream, start_message, stream_audio, stream_url
 
 BLOCK_FRAMES = 5  # the fake converter's blocks: 100 ms of input
 UNKNOWN_VOICE = "missing"
@@ -206,7 +206,8 @@ def test_stream_url_accepts_base_and_stream_urls() -> None:
 
 
 def test_a_file_goes_out_as_20ms_opus_packets_and_comes_back_whole() -> None:
-    converter, audio, seen = EchoConverter(), sine(1.0), []
+    converter, audio = EchoConverter(), sine(1.0)
+    seen: list[Event] = []
     with serving(converter) as url:
         result = asyncio.run(
             stream_audio(

@@ -33,6 +33,11 @@ import torchaudio
 class StreamingResampler:
     """Resamples a mono float32 stream pushed in chunks of any length; one instance per stream."""
 
+    # The stream's state, set by _reset. Declared: push, above _reset, reassigns them from themselves, which mypy
+    # cannot infer a type from.
+    _buffer: torch.Tensor
+    _received: int
+
     def __init__(self, from_rate: int, to_rate: int) -> None:
         if from_rate <= 0 or to_rate <= 0:
             raise ValueError(f"sample rates must be positive, got {from_rate} -> {to_rate}")

@@ -57,8 +57,8 @@ class StepCostModel:
         floor = self.policy.min_steps
         if floor is None or budget_seconds is None:
             return configured
-        projections = [self._costs.get(shape) for shape, _, _ in groups]
-        if any(cost is None for cost in projections):
+        projections = [cost for shape, _, _ in groups if (cost := self._costs.get(shape)) is not None]
+        if len(projections) < len(groups):
             return configured  # nothing measured yet for some shape: run as configured and learn
         fixed = sum(rows * cost.fixed_per_row for (_, rows, _), cost in zip(groups, projections, strict=True))
         per_step = sum(rows * cost.step_per_row for (_, rows, _), cost in zip(groups, projections, strict=True))

@@ -44,7 +44,7 @@ class GraphCache:
 
     name: str
     fn: Callable[..., Outputs]
-    pool: tuple[int, int] | None = None  # a memory pool shared with other caches (replays never overlap)
+    pool: torch.cuda._POOL_HANDLE | None = None  # a memory pool shared with other caches (replays never overlap)
     warmup_calls: int = 2
     _graphs: dict[Hashable, _Captured] = field(default_factory=dict)
     failed: dict[Hashable, str] = field(default_factory=dict)  # key -> why its capture failed

@@ -15,6 +15,10 @@ from app.model.config import MelConfig
 
 
 class MelSpectrogram(nn.Module):
+    # Buffers (register_buffer below), declared so that they type as tensors rather than Module.__getattr__'s union.
+    mel_basis: Tensor
+    window: Tensor
+
     def __init__(self, config: MelConfig) -> None:
         super().__init__()
         self.config = config
