@@ -1,8 +1,8 @@
-"""What both live transports (WebSocket `/v1/stream`, WebRTC `/v1/rtc`) do the same way with a session.
+"""The services every live transport (WebSocket `/v1/stream`, WebRTC `/v1/rtc`) uses on a session.
 
 Checking the start message, opening the LiveSession with the converter's answers mapped to protocol errors, turning
-block reports into events, and the error event a failure ends with: written once, so the two transports cannot
-drift apart in what a client sees.
+block reports into events, and the error event a failure ends with: written once, so the transports cannot drift
+apart in what a client sees. What a connection does with them, in which order, is app/transport/driver.py.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def _process_resume_tokens() -> TokenSigner:
 
 @dataclass(frozen=True)
 class StreamServices:
-    """What every connection of either transport shares."""
+    """What every connection of every transport shares."""
 
     client: ConverterClient
     tokens: TokenSigner

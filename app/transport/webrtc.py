@@ -38,17 +38,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import fractions
 import hashlib
 import hmac
 import ipaddress
 import logging
-import time
 from collections import deque
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn, TypeVar
+from typing import Any
 
 import aioice.ice
 import numpy as np
@@ -63,34 +61,28 @@ from aiortc import (
 from aiortc.exceptions import InternalError, InvalidAccessError, InvalidStateError, OperationError
 from aiortc.mediastreams import MediaStreamError
 from av import AudioFrame
-from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+from starlette.websockets import WebSocket
 
 from app.audio.opus import FRAME_SAMPLES, SAMPLE_RATE
 from app.audio.pacing import Pacer
-from app.logs import note, session_logged
 from app.serving.config import IceServer, IngressConfig
-from app.serving.live import BlockReport, LiveSession, pump
-from app.serving.wire import SessionLost, SessionTakenOver
-from app.transport.limits import ConnectionLimits
+from app.serving.live import LiveSession
+from app.transport.driver import SessionDriver
 from app.transport.protocol import (
-    CLOSE_NORMAL,
     FRAME_MS,
     AnswerEvent,
-    EndEvent,
     EndMessage,
     ErrorCode,
     OfferMessage,
     ProtocolError,
     SetVoiceMessage,
     StartMessage,
-    close_code,
     parse_rtc_message,
 )
-from app.transport.sessions import BlockEvents, StreamServices
+from app.transport.sessions import StreamServices
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 RtcMessage = StartMessage | OfferMessage | SetVoiceMessage | EndMessage
 
 S16_SCALE = 32768
@@ -253,177 +245,60 @@ class RtcServices:
         return [server.model_dump(exclude_none=True) for server in servers]
 
 
-class RtcCall:
-    """One call: its signalling socket, live session, peer connection, output track and tasks, all released by
-    `run` in `finally` however the call ends."""
+class RtcCall(SessionDriver):
+    """One call: the driver's session on a peer connection, whose output track and microphone are released in
+    `release` however the call ends."""
+
+    transport = "webrtc"
+    noun = "call"
 
     def __init__(self, websocket: WebSocket, services: RtcServices) -> None:
-        self.websocket = websocket
+        super().__init__(websocket, services.stream)
         self.services = services
-        self.session: LiveSession | None = None
         self.peer: RTCPeerConnection | None = None
         self.output: ConvertedAudioTrack | None = None
-        self.events = BlockEvents("")
-        self.owner = ""  # the API key id of the caller, known once the start message is checked
-        self.dropped_ms = 0.0
-        self.resumable = False  # the call dropped mid-stream: leave the session for the client to resume
+        self.microphone: MediaStreamTrack | None = None
         self._media_connected = False
         self._connection_changed = asyncio.Event()
-        self.limits = ConnectionLimits(services.stream.limits)
-        self.connected_at = time.time()  # wall clock, comparable with a resumed session's start
 
-    @session_logged("webrtc")
-    async def run(self) -> None:
-        await self.websocket.accept()
-        try:
-            await self._serve()
-        except ProtocolError as error:
-            # A media path that worked and then died is the network's fault: the caller may re-negotiate and resume.
-            # One that never connected would most likely fail again the same way: that session is freed.
-            self.resumable = error.code == ErrorCode.connection_failed and self._mid_stream and self._media_connected
-            await self._fail(error)
-        except WebSocketDisconnect:
-            self.resumable = self._mid_stream
-            log.info(
-                "call %s: signalling closed; hanging up%s", self._session_id, " (resumable)" if self.resumable else ""
-            )
-        except SessionTakenOver:
-            log.info("call %s: resumed on another connection; this one stops", self._session_id)
-        except Exception:
-            log.exception("call %s: internal error", self._session_id)
-            await self._fail(ProtocolError(ErrorCode.internal, "internal server error; the call was closed"))
-        finally:
-            await self._release()
+    def parse(self, text: str) -> RtcMessage:
+        return parse_rtc_message(text)
+
+    def resumable_after(self, error: ProtocolError) -> bool:
+        # A media path that worked and then died is the network's fault: the caller may re-negotiate and resume.
+        # One that never connected would most likely fail again the same way: that session is freed.
+        return error.code == ErrorCode.connection_failed and self._media_connected
 
     @property
-    def _session_id(self) -> str:
-        return self.session.session_id if self.session else "-"
+    def paces_output(self) -> bool:
+        return False  # the output track keeps time: aiortc's sender asks for each frame when it is due
 
-    @property
-    def _mid_stream(self) -> bool:
-        return self.session is not None and not self.session.input_ended
-
-    async def _serve(self) -> None:
-        start = await self._receive_start()
-        session = await self._open(start)
+    async def connect(self, start: StartMessage, session: LiveSession) -> None:
         offer = await self._receive_offer()
         self.output = output = ConvertedAudioTrack(OUTPUT_BUFFER_BLOCKS * self._frames_per_block(session))
         self.peer = peer = RTCPeerConnection(self.services.peer_configuration())
         peer.on("connectionstatechange", self._connection_changed.set)
-        microphone = await self._answer(peer, offer, output)
-        reader = asyncio.create_task(self._read_signalling(session))
-        media = asyncio.create_task(self.limits.bounded(self._receive_media(session, microphone)))
-        writer = asyncio.create_task(self._write(session, output))
-        watch = asyncio.create_task(self._watch_connection(peer))
-        tasks = (reader, media, writer, watch)
-        try:
-            await _guarded(reader, media, writer, watch)  # until the caller hangs up
-            media.cancel()
-            await asyncio.wait({media})  # no input may follow end_input
-            session.end_input()
-            await _guarded(writer, watch)
-            await _guarded(self._play_out(output), watch)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)  # none left running, no error left unretrieved
-        await self._send(EndEvent(blocks=self.events.blocks, dropped_ms=round(self.dropped_ms)).model_dump_json())
-        await self.websocket.close(code=CLOSE_NORMAL)
-        log.info("call %s: ended after %d blocks", session.session_id, self.events.blocks)
+        self.microphone = await self._answer(peer, offer, output)
 
-    async def _release(self) -> None:
-        try:
-            if self.peer is not None:
-                await self.peer.close()
-            if self.output is not None:
-                self.output.stop()
-                if self.output.trimmed_frames:
-                    log.info("call %s: trimmed %d late output frames", self._session_id, self.output.trimmed_frames)
-        finally:
-            if self.session is not None:
-                self.services.stream.session_ended(self.session, held=self.resumable)  # its key's lease and stream time
-                if not self.resumable:
-                    with contextlib.suppress(Exception):  # a lost converter took the session with it
-                        await self.session.close()
-                self.services.stream.stream_closed("webrtc")
-
-    # -- signalling ----------------------------------------------------------------------------------------------
-
-    async def _receive(self) -> RtcMessage:
-        message = await self.websocket.receive()
-        if message["type"] == "websocket.disconnect":
-            raise WebSocketDisconnect(message.get("code", 1000))
-        text = message.get("text")
-        if text is None:
-            raise ProtocolError(ErrorCode.bad_message, "signalling is JSON text; the audio goes on the track")
-        self.limits.text()
-        return parse_rtc_message(text)
-
-    async def _receive_start(self) -> StartMessage:
-        start = await self._receive()
-        if not isinstance(start, StartMessage):
-            raise ProtocolError(ErrorCode.not_started, f"the first message must be 'start', not '{start.type}'")
-        self.owner = self.services.stream.check_start(start)
-        note(key_id=self.owner)
-        return start
+    async def release(self) -> None:
+        if self.peer is not None:
+            await self.peer.close()
+        if self.output is not None:
+            self.output.stop()
+            if self.output.trimmed_frames:
+                log.info("call %s: trimmed %d late output frames", self.session_id, self.output.trimmed_frames)
 
     async def _receive_offer(self) -> OfferMessage:
         timeout = self.services.connect_timeout_s
         try:
             async with asyncio.timeout(timeout):
-                offer = await self._receive()
+                offer = await self.receive()
         except TimeoutError:
             raise ProtocolError(ErrorCode.connection_failed, f"no offer within {timeout:g} s of 'ready'") from None
         if not isinstance(offer, OfferMessage):
-            raise ProtocolError(ErrorCode.bad_message, f"expected 'offer' after 'ready', not '{offer.type}'")
+            what = "binary" if isinstance(offer, bytes) else offer.type
+            raise ProtocolError(ErrorCode.bad_message, f"expected 'offer' after 'ready', not '{what}'")
         return offer
-
-    async def _read_signalling(self, session: LiveSession) -> None:
-        """Returns when the caller hangs up with `end`."""
-        while not isinstance(message := await self._receive(), EndMessage):
-            if not isinstance(message, SetVoiceMessage):
-                raise ProtocolError(ErrorCode.bad_message, f"'{message.type}' cannot be sent during a call")
-            await self._switch_voice(session, message.voice_id)
-
-    async def _switch_voice(self, session: LiveSession, voice_id: str) -> None:
-        """An unknown voice is answered with an error event, and the call goes on with its current voice."""
-        try:
-            self.services.stream.check_voice(voice_id, self.owner)
-        except ProtocolError as error:
-            await self._send(error.event().model_dump_json())
-            return
-        session.request_voice(voice_id)
-
-    async def _send(self, text: str) -> None:
-        if self.websocket.application_state == WebSocketState.CONNECTED:
-            await self.websocket.send_text(text)
-
-    async def _fail(self, error: ProtocolError) -> None:
-        if error.code == ErrorCode.internal:
-            log.error("call %s: %s", self._session_id, error.message)
-        else:
-            # A bad offer's message may quote the offer (and its ICE password): the code says enough in a log.
-            message = "" if error.code == ErrorCode.bad_offer else error.message
-            log.info("call %s: ended (%s): %s", self._session_id, error.code, message)
-        event = self.services.stream.error_event(error)
-        with contextlib.suppress(Exception):  # the socket may be gone already; the call ends either way
-            await self._send(event.model_dump_json())
-            await self.websocket.close(code=close_code(error.code))
-
-    # -- session -------------------------------------------------------------------------------------------------
-
-    async def _open(self, start: StartMessage) -> LiveSession:
-        session, ready = await self.services.stream.start_session(start, self.owner)
-        self.session = session  # from here on, `run` closes it whatever happens
-        note(session_id=session.session_id)
-        self.events = self.services.stream.block_events(session, self.owner)
-        self.services.stream.stream_opened("webrtc")
-        # Only the time before this connection: its own is on the limits' clock already.
-        self.limits.count_earlier(self.connected_at - session.started_at)
-        await self._send(ready.model_dump_json())
-        how = "open" if ready.resumed_at_block is None else f"resumed at block {ready.resumed_at_block}"
-        log.info("call %s: session %s on converter %s", session.session_id, how, session.replica)
-        return session
 
     @staticmethod
     def _frames_per_block(session: LiveSession) -> int:
@@ -449,7 +324,7 @@ class RtcCall:
             # aiortc's SDP parser trusts its input: on some malformed offers it fails with whatever it trips over (an
             # assert, None for a missing attribute, a StopIteration turned RuntimeError). The offer is the only input.
             # Its type only: the message may quote the offer, whose ICE password is a credential.
-            log.info("call %s: aiortc failed on the offer: %s", self._session_id, type(error).__name__)
+            log.info("call %s: aiortc failed on the offer: %s", self.session_id, type(error).__name__)
             raise ProtocolError(ErrorCode.bad_offer, "unusable SDP offer: malformed or incomplete") from error
         microphone = transceiver.receiver.track
         if microphone is None or peer.getTransceivers() != [transceiver]:
@@ -458,11 +333,13 @@ class RtcCall:
             await peer.setLocalDescription(await peer.createAnswer())  # aiortc gathers every candidate here
         except ValueError as error:  # an offer aiortc accepted can still yield an answer it refuses (a=mid with no id)
             raise ProtocolError(ErrorCode.bad_offer, f"unusable SDP offer: {error}") from error
-        await self._send(AnswerEvent(sdp=peer.localDescription.sdp).model_dump_json())
+        await self.send_text(AnswerEvent(sdp=peer.localDescription.sdp).model_dump_json())
         return microphone
 
-    async def _watch_connection(self, peer: RTCPeerConnection) -> NoReturn:
+    async def watch(self) -> None:
         """Raises `connection_failed` when the peer connection does not connect in time, or fails or closes."""
+        peer = self.peer
+        assert peer is not None, "connect() made the peer connection"
         timeout = self.services.connect_timeout_s
         try:
             async with asyncio.timeout(timeout):
@@ -471,7 +348,7 @@ class RtcCall:
             raise ProtocolError(ErrorCode.connection_failed, f"no media connection within {timeout:g} s") from None
         if peer.connectionState == "connected":
             self._media_connected = True
-            log.info("call %s: media connected", self._session_id)
+            log.info("call %s: media connected", self.session_id)
             await self._connection_in(peer, {"failed", "closed"})
         raise ProtocolError(ErrorCode.connection_failed, f"the media connection {peer.connectionState}")
 
@@ -480,50 +357,27 @@ class RtcCall:
             self._connection_changed.clear()
             await self._connection_changed.wait()
 
-    async def _receive_media(self, session: LiveSession, microphone: MediaStreamTrack) -> NoReturn:
+    async def receive_media(self, session: LiveSession) -> None:
+        assert self.microphone is not None, "connect() took the microphone"
         while True:
             try:
-                frame = await microphone.recv()
+                frame = await self.microphone.recv()
             except MediaStreamError:
                 raise ProtocolError(ErrorCode.connection_failed, "the caller's audio track ended") from None
             assert isinstance(frame, AudioFrame), "an audio track yields audio frames"
-            self.limits.audio(frame.samples / frame.sample_rate)
-            late = session.feed(downmix(frame))
-            if late is not None:
-                self.dropped_ms = late.total_dropped_ms
-                await self._send(self.services.stream.late_event(late))
+            await self.feed(session, downmix(frame))
 
-    async def _write(self, session: LiveSession, output: ConvertedAudioTrack) -> None:
-        async def emit_frame(frame: np.ndarray) -> None:
-            output.push(frame)
+    async def send_frame(self, frame: np.ndarray) -> None:
+        assert self.output is not None
+        self.output.push(frame)
 
-        async def emit_report(report: BlockReport) -> None:
-            self.services.stream.record_block(report)
-            for event in self.events.of(report):
-                await self._send(event)
-
-        try:
-            await pump(session, emit_frame, emit_report)
-        except SessionLost as error:
-            raise ProtocolError(ErrorCode.internal, "the converter was lost and could not be replaced") from error
-
-    async def _play_out(self, output: ConvertedAudioTrack) -> None:
+    async def play_out(self) -> None:
         """Waits until the track has sent what is queued; a stalled sender does not hold up the hang-up."""
+        output = self.output
+        assert output is not None
         bound = output.buffered_frames * FRAME_MS / 1000 + PLAY_OUT_SLACK_S
         try:
             async with asyncio.timeout(bound):
                 await output.played_out()
         except TimeoutError:
-            log.warning("call %s: %d output frames not played out", self._session_id, output.buffered_frames)
-
-
-async def _guarded(main: Awaitable[T], *guards: asyncio.Task[Any]) -> T:
-    """The result of `main`, unless a guard ends first: guards only end by raising, and their error is raised."""
-    task = asyncio.ensure_future(main)
-    try:
-        done, _ = await asyncio.wait({task, *guards}, return_when=asyncio.FIRST_COMPLETED)
-        for guard in done - {task}:
-            guard.result()
-        return await task
-    finally:
-        task.cancel()  # when a guard failed first; a no-op once `main` is done
+            log.warning("call %s: %d output frames not played out", self.session_id, output.buffered_frames)

@@ -28,14 +28,14 @@
 // less the input_start_ms of block resumed_at_block for a resumed session, whose input starts again there.
 
 import { connectRemoteStream, outputLatency } from "./audio.js";
-import { deferred, describeClose, errorInfo, isFatal, parseEvent, SessionError, sleep, withTimeout } from "./protocol.js";
+import { deferred, describeClose, errorInfo, SessionError, withTimeout } from "./protocol.js";
+import { ControlSession } from "./transport-session.js";
 
 const GATHER_TIMEOUT_MS = 5000; // then send the candidates found so far
 const OPEN_TIMEOUT_MS = 8000;
 const ANSWER_TIMEOUT_MS = 8000;
 const CONNECT_TIMEOUT_MS = 10000; // answer received -> peer connection connected
 const DISCONNECTED_MS = 5000; // "disconnected" this long counts as failed (Chromium takes ~15 s to say "failed")
-const END_WAIT_MS = 3000; // the server converts and plays out what has arrived, then sends its end event
 // Server error codes that mean WebRTC itself failed (app/transport/webrtc.py): the WebSocket transport may work.
 const WEBRTC_ERRORS = new Set(["bad_offer", "connection_failed"]);
 const STATS_INTERVAL_MS = 1000;
@@ -105,28 +105,19 @@ export async function negotiate(session) {
   hooks.log("signalling: answer applied");
 }
 
-export class RtcSession {
+export class RtcSession extends ControlSession {
   constructor({ url, start, iceServers, engine, remoteAudio, hooks }) {
-    this.url = url;
-    this.start = start;
+    super({ url, start, engine, hooks });
+    this.socketName = "signalling";
     this.iceServers = iceServers;
-    this.engine = engine;
     this.remoteAudio = remoteAudio;
-    this.hooks = hooks;
     this.pc = null;
-    this.ws = null;
     this.track = null;
     this.remoteSource = null;
     this.answer = deferred();
     this.answered = false;
-    this.ready = false;
     this.peerConnected = false;
     this.connectedAt = null; // performance.now() when media started to flow
-    this.inputOffsetMs = 0; // input_start_ms of this connection's first block: > 0 once resumed
-    this.ended = deferred();
-    this.endReceived = false;
-    this.stopping = false;
-    this.closed = false;
     this.timers = [];
     this.disconnectTimer = null;
     this.statsTimer = null;
@@ -134,16 +125,10 @@ export class RtcSession {
     this.jitterTotals = null;
   }
 
-  begin() {
-    this.run().catch((error) => {
-      if (error instanceof SessionError) {
-        this.finish({ error: errorInfo(error), fallback: error.fallback, dropped: error.dropped });
-        return;
-      }
-      // Anything else is the browser refusing WebRTC (no codec, bad SDP): the WebSocket transport may still work.
-      this.finish({ error: { code: "webrtc_failed", message: errorInfo(error).message }, fallback: true });
-    });
-    return this;
+  failureOutcome(error) {
+    if (error instanceof SessionError) return super.failureOutcome(error);
+    // Anything else is the browser refusing WebRTC (no codec, bad SDP): the WebSocket transport may still work.
+    return { error: { code: "webrtc_failed", message: errorInfo(error).message }, fallback: true };
   }
 
   async run() {
@@ -168,7 +153,8 @@ export class RtcSession {
       this.ws.close(1000);
       return;
     }
-    this.ws.onmessage = (message) => this.onMessage(message);
+    // Audio travels over RTP; nothing binary is expected here.
+    this.ws.onmessage = (message) => typeof message.data === "string" && this.onText(message.data);
     this.ws.onclose = (event) => this.onSocketClosed(event);
     await negotiate(this);
     if (this.closed) return;
@@ -225,44 +211,20 @@ export class RtcSession {
     this.remoteSource = connectRemoteStream(this.engine, stream);
   }
 
-  onMessage(message) {
-    if (this.closed) return;
-    if (typeof message.data !== "string") return; // audio travels over RTP; nothing binary is expected here
-    let event;
-    try {
-      event = parseEvent(message.data);
-    } catch (error) {
-      this.finish({ error: { code: error.code, message: error.message } });
-      return;
-    }
-    if (event.type === "answer") {
-      this.answer.resolve(event);
-      return;
-    }
-    this.hooks.onEvent(event);
-    switch (event.type) {
-      case "ready":
-        this.ready = true;
-        this.inputOffsetMs = (event.resumed_at_block ?? 0) * event.block_ms;
-        this.maybeConnected();
-        break;
-      case "block":
-        this.onBlock(event);
-        break;
-      case "end":
-        this.endReceived = true;
-        this.ended.resolve();
-        break;
-      case "error":
-        if (isFatal(event, this.ready)) {
-          // The media path of a call that worked died: the server keeps the session for a resume.
-          const dropped = event.code === "connection_failed" && this.peerConnected;
-          this.finish({ error: event, fallback: WEBRTC_ERRORS.has(event.code), dropped });
-        }
-        break;
-      default:
-        break;
-    }
+  handleTransportEvent(event) {
+    if (event.type !== "answer") return false;
+    this.answer.resolve(event);
+    return true;
+  }
+
+  onReady() {
+    this.maybeConnected();
+  }
+
+  onFatalError(event) {
+    // The media path of a call that worked died: the server keeps the session for a resume.
+    const dropped = event.code === "connection_failed" && this.peerConnected;
+    this.finish({ error: event, fallback: WEBRTC_ERRORS.has(event.code), dropped });
   }
 
   onBlock(event) {
@@ -307,62 +269,27 @@ export class RtcSession {
     this.lastStats = stats;
   }
 
-  setVoice(voiceId) {
-    if (this.ready && !this.stopping && this.ws && this.ws.readyState === WebSocket.OPEN) {
-      this.ws.send(JSON.stringify({ type: "set_voice", voice_id: voiceId }));
-      return true;
-    }
-    return false;
-  }
-
-  onSocketClosed(event) {
-    this.ended.resolve();
-    if (this.closed) return;
-    this.hooks.log(`signalling: closed (${describeClose(event)})`);
-    if (this.endReceived || this.stopping) {
-      this.finish({});
-    } else if (!this.answered) {
-      this.finish({
+  closedUnexpectedly(event) {
+    if (!this.answered) {
+      return {
         error: { code: "signalling_closed", message: `the signalling socket closed before an answer (${describeClose(event)})` },
         fallback: true,
         dropped: true,
-      });
-    } else {
-      const error = { code: "connection_lost", message: `the signalling socket closed (${describeClose(event)})` };
-      this.finish({ error, dropped: true });
+      };
     }
-  }
-
-  /** Hang up: end message, a short wait for the server's end event, then close everything. */
-  async stop() {
-    if (this.closed || this.stopping) return;
-    this.stopping = true;
-    this.hooks.onState("closing");
-    if (this.ws && this.ws.readyState === WebSocket.OPEN) {
-      this.ws.send(JSON.stringify({ type: "end" }));
-      this.hooks.log("end sent");
-      if (this.ready) await Promise.race([this.ended.promise, sleep(END_WAIT_MS)]);
-    }
-    this.finish({});
-  }
-
-  abort(error, { dropped = false } = {}) {
-    this.finish({ error, dropped });
+    return { error: { code: "connection_lost", message: `the signalling socket closed (${describeClose(event)})` }, dropped: true };
   }
 
   stats() {
     return { ...this.lastStats };
   }
 
-  /** Transceivers, then tracks, then the peer connection and the socket; the outcome goes to hooks.onClosed. */
-  finish({ error = null, fallback = false, dropped = false }) {
-    if (this.closed) return;
-    this.closed = true;
+  /** Transceivers, then tracks, then the peer connection (ControlSession.finish closes the socket). */
+  release() {
     for (const timer of this.timers) clearTimeout(timer);
     clearTimeout(this.disconnectTimer);
     clearInterval(this.statsTimer);
     this.answer.reject(new SessionError("closed", "the session closed"));
-    this.ended.resolve();
     if (this.pc) {
       for (const transceiver of this.pc.getTransceivers()) {
         try {
@@ -374,7 +301,6 @@ export class RtcSession {
     }
     if (this.track) this.track.stop();
     if (this.pc) this.pc.close();
-    if (this.ws && this.ws.readyState <= WebSocket.OPEN) this.ws.close(1000);
     if (this.remoteSource) this.remoteSource.disconnect();
     this.remoteAudio.pause();
     this.remoteAudio.srcObject = null;
@@ -384,6 +310,5 @@ export class RtcSession {
       this.hooks.onRtcState("signaling", this.pc.signalingState);
       this.hooks.onRtcState("peer", this.pc.connectionState);
     }
-    this.hooks.onClosed({ error, fallback, dropped });
   }
 }

@@ -14,14 +14,11 @@
 // session, so what the microphone hears while no connection is up is dropped, never queued: this is a live call,
 // and minutes of stale input sent after an outage would only be dropped by the server as late.
 //
-// Session interface (shared with transport-rtc.js): stop() ends gracefully (end message, wait for the end event),
-// abort(error, {dropped}) tears down at once, setVoice(id), stats(), and `established` (audio flows both ways).
-// Hooks: log, onState, onStartSent, onEvent, onRoundTrip, onClosed({error, fallback, dropped}) — called exactly
-// once; `dropped` says the connection failed without the server's end or error event, so the server may still hold
-// the session for a resume.
+// The session interface and what both transports share: transport-session.js.
 
 import { createPlayer, outputLatency, SAMPLE_RATE, FRAME_SAMPLES, startCapture } from "./audio.js";
-import { deferred, describeClose, errorInfo, isFatal, parseEvent, SessionError, sleep } from "./protocol.js";
+import { describeClose, errorInfo, SessionError, sleep } from "./protocol.js";
+import { ControlSession } from "./transport-session.js";
 
 const ENCODER_CONFIG = {
   codec: "opus",
@@ -34,7 +31,6 @@ const DECODER_CONFIG = { codec: "opus", sampleRate: SAMPLE_RATE, numberOfChannel
 const FRAME_US = (FRAME_SAMPLES / SAMPLE_RATE) * 1e6;
 const JITTER_MS = 60;
 const CONNECT_TIMEOUT_MS = 10000;
-const END_WAIT_MS = 3000; // after "end", the server converts what is left of the input, then sends its end event
 const TAIL_WAIT_MS = 500; // let the last scheduled frames play before the context closes
 
 /** Throws a SessionError unless this browser can encode and decode 48 kHz mono Opus with WebCodecs. */
@@ -51,38 +47,21 @@ export async function checkWebCodecs() {
   }
 }
 
-export class WebSocketSession {
+export class WebSocketSession extends ControlSession {
   constructor({ url, start, engine, hooks }) {
-    this.url = url;
-    this.start = start;
-    this.engine = engine;
-    this.hooks = hooks;
-    this.ws = null;
+    super({ url, start, engine, hooks });
     this.encoder = null;
     this.decoder = null;
     this.player = null;
     this.stopCapture = null;
-    this.ready = false;
-    this.ended = deferred(); // the end event arrived, or the socket closed
-    this.endReceived = false;
-    this.endSent = false;
-    this.stopping = false;
-    this.closed = false;
     this.captureStart = null; // AudioContext time of the first sample sent
     this.framesEncoded = 0;
     this.framesSent = 0;
     this.framesReceived = 0;
     this.framesDecoded = 0;
     this.pendingBlock = null; // the last block event: its audio is the next binary message
-    this.inputOffsetMs = 0; // input_start_ms of this connection's first block: > 0 once resumed
     this.blockAtFrame = new Map(); // received-frame ordinal -> block event whose first frame it is
     this.connectTimer = null;
-  }
-
-  /** Runs the session in the background; every outcome ends in hooks.onClosed. */
-  begin() {
-    this.run().catch((error) => this.finish({ error: errorInfo(error) }));
-    return this;
   }
 
   async run() {
@@ -120,38 +99,30 @@ export class WebSocketSession {
       else this.onAudio(message.data);
     };
     ws.onerror = () => this.hooks.log("WebSocket: error");
-    ws.onclose = (event) => this.onSocketClosed(event);
+    ws.onclose = (event) => {
+      clearTimeout(this.connectTimer);
+      this.onSocketClosed(event);
+    };
   }
 
-  onText(text) {
-    let event;
-    try {
-      event = parseEvent(text);
-    } catch (error) {
-      this.finish({ error: errorInfo(error) });
-      return;
-    }
-    this.hooks.onEvent(event);
-    switch (event.type) {
-      case "ready":
-        this.ready = true;
-        this.inputOffsetMs = (event.resumed_at_block ?? 0) * event.block_ms;
-        this.hooks.onState("connected");
-        this.beginCapture().catch((error) => this.finish({ error: errorInfo(error) }));
-        break;
-      case "block":
-        this.pendingBlock = event;
-        break;
-      case "end":
-        this.endReceived = true;
-        this.ended.resolve();
-        break;
-      case "error":
-        if (isFatal(event, this.ready)) this.finish({ error: event });
-        break;
-      default:
-        break;
-    }
+  onReady() {
+    this.hooks.onState("connected");
+    this.beginCapture().catch((error) => this.finish({ error: errorInfo(error) }));
+  }
+
+  onBlock(event) {
+    this.pendingBlock = event;
+  }
+
+  onFatalError(event) {
+    this.finish({ error: event });
+  }
+
+  closedUnexpectedly(event) {
+    const message = this.ready
+      ? `the connection closed unexpectedly (${describeClose(event)})`
+      : `the server closed the connection before the stream was ready (${describeClose(event)})`;
+    return { error: { code: "connection_lost", message }, dropped: true };
   }
 
   async beginCapture() {
@@ -216,53 +187,20 @@ export class WebSocketSession {
     }
   }
 
-  onSocketClosed(event) {
-    clearTimeout(this.connectTimer);
-    this.ended.resolve();
-    if (this.closed) return;
-    this.hooks.log(`WebSocket: closed (${describeClose(event)})`);
-    if (this.endReceived || this.stopping) {
-      this.finish({});
-    } else {
-      const message = this.ready
-        ? `the connection closed unexpectedly (${describeClose(event)})`
-        : `the server closed the connection before the stream was ready (${describeClose(event)})`;
-      this.finish({ error: { code: "connection_lost", message }, dropped: true });
-    }
-  }
-
   /** Audio flows both ways: a drop from here on is worth resuming. */
   get established() {
     return this.ready;
   }
 
-  setVoice(voiceId) {
-    if (this.ready && !this.endSent && this.ws.readyState === WebSocket.OPEN) {
-      this.ws.send(JSON.stringify({ type: "set_voice", voice_id: voiceId }));
-      return true;
-    }
-    return false;
-  }
-
-  /** Hang up: stop the mic, send end, let the server finish its output, then close. */
-  async stop() {
-    if (this.closed || this.stopping) return;
-    this.stopping = true;
-    this.hooks.onState("closing");
+  /** Stop the mic and send what the encoder still holds before the end message. */
+  async beforeEnd() {
     if (this.stopCapture) this.stopCapture();
-    if (this.ready && this.ws && this.ws.readyState === WebSocket.OPEN) {
-      if (this.encoder.state === "configured") await this.encoder.flush().catch(() => {});
-      this.ws.send(JSON.stringify({ type: "end" }));
-      this.endSent = true;
-      this.hooks.log("end sent; waiting for the server's end event");
-      await Promise.race([this.ended.promise, sleep(END_WAIT_MS)]);
-      await sleep(Math.min(this.player.pendingMs(), TAIL_WAIT_MS));
-    }
-    this.finish({});
+    if (this.encoder && this.encoder.state === "configured") await this.encoder.flush().catch(() => {});
   }
 
-  abort(error, { dropped = false } = {}) {
-    this.finish({ error, dropped });
+  /** Let the last scheduled frames play. */
+  async afterEnd() {
+    await sleep(Math.min(this.player.pendingMs(), TAIL_WAIT_MS));
   }
 
   stats() {
@@ -275,19 +213,12 @@ export class WebSocketSession {
     };
   }
 
-  /** Tears everything down once; the outcome goes to hooks.onClosed. */
-  finish({ error = null, fallback = false, dropped = false }) {
-    if (this.closed) return;
-    this.closed = true;
+  release() {
     clearTimeout(this.connectTimer);
     if (this.stopCapture) this.stopCapture();
     for (const codec of [this.encoder, this.decoder]) {
       if (codec && codec.state !== "closed") codec.close();
     }
     if (this.player) this.player.stop();
-    if (this.ws && this.ws.readyState <= WebSocket.OPEN) this.ws.close(1000);
-    this.ended.resolve();
-    this.hooks.onClosed({ error, fallback, dropped });
   }
 }
-
