@@ -1,7 +1,8 @@
 """The ingress deployment: FastAPI on Serve. WebSocket streams, WebRTC calls, session tokens, the voices API, health,
 the web client.
 
-Every route is thin: it checks the caller and hands over to app/ (StreamConnection, RtcCall, TokenSigner, VoiceStore).
+Every route is thin: it checks the caller and hands over to app/ (StreamConnection, RtcCall, RtpCall, TokenSigner,
+VoiceStore).
 """
 
 # No `from __future__ import annotations` here: FastAPI must see real types in the route signatures.
@@ -20,6 +21,7 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from ray.util import get_node_ip_address
 
 from app.auth.admin import NewKeyRequest, RotateRequest, new_secret_answer, static_key_answer, usage_answer
 from app.auth.tokens import ApiKeys, TokenError, TokenSigner, bearer, purpose_secret
@@ -29,6 +31,7 @@ from app.transport.limits import MessageLimits
 from app.transport.origins import origin_allowed
 from app.transport.protocol import CLOSE_POLICY_VIOLATION
 from app.transport.quotas import SessionQuotas
+from app.transport.rtp import RtpCall, RtpServices
 from app.transport.sessions import StreamServices
 from app.transport.webrtc import RtcCall, RtcServices, restrict_ice_host_addresses
 from app.transport.websocket import StreamConnection
@@ -116,6 +119,7 @@ class Ingress:
             quotas=SessionQuotas(self.usage),
         )
         self.rtc = RtcServices.from_config(self.services, self.config)
+        self.rtp_services = RtpServices.from_config(self.services, self.config, get_node_ip_address())
         if self.config.allowed_origins:  # pages of the service's own origin need no CORS
             api.add_middleware(
                 CORSMiddleware,
@@ -160,6 +164,15 @@ class Ingress:
         if await self._refused_origin(websocket):
             return
         await RtcCall(websocket, self.rtc).run()
+
+    @api.websocket("/v1/rtp")
+    async def rtp(self, websocket: WebSocket) -> None:
+        if self.rtp_services is None:  # RTP is off: as if the route did not exist
+            await websocket.close(code=CLOSE_POLICY_VIOLATION)
+            return
+        if await self._refused_origin(websocket):
+            return
+        await RtpCall(websocket, self.rtp_services).run()
 
     @api.get("/v1/ice")
     async def ice_servers(self, authorization: str | None = Header(None)) -> dict[str, Any]:

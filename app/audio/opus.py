@@ -79,7 +79,9 @@ class OpusEncoder:
 
     delay_samples = LOOKAHEAD_SAMPLES
 
-    def __init__(self, bitrate: int = 32000) -> None:
+    def __init__(self, bitrate: int = 32000, expected_loss_percent: int = 0) -> None:
+        """`expected_loss_percent` > 0 turns on in-band FEC (for UDP): each packet then also carries a coarse copy
+        of the previous frame, sized for that loss, which a receiver decodes when the previous packet is lost."""
         if not MIN_BITRATE <= bitrate <= MAX_BITRATE:
             raise ValueError(f"Opus bitrate {bitrate} is outside [{MIN_BITRATE}, {MAX_BITRATE}] bit/s")
         self._context = av.CodecContext.create("libopus", "w")
@@ -89,7 +91,10 @@ class OpusEncoder:
         self._context.bit_rate = bitrate
         # Constrained VBR: libopus's default VBR took tonal audio (converted voices are) to twice the target, 67
         # kbit/s for a 32 kbit/s target; constrained keeps a stream near its target, which is what capacity plans use.
-        self._context.options = {"vbr": "constrained"}
+        options = {"vbr": "constrained"}
+        if expected_loss_percent > 0:
+            options |= {"fec": "1", "packet_loss": str(expected_loss_percent)}
+        self._context.options = options
         self._context.open()
 
     def encode(self, frame: np.ndarray) -> bytes:

@@ -143,6 +143,27 @@ class IngressConfig(Strict):
     rtc_connect_timeout_s: float = Field(
         15.0, gt=0, description="WebRTC: for the offer to arrive after `ready`, then for the media to connect"
     )
+    rtp_enabled: bool = Field(
+        False,
+        description="serve /v1/rtp: calls in plain RTP over UDP, for media gateways (README, 'Non-browser peers'). "
+        "Plain RTP is unencrypted: open the port range to private networks only",
+    )
+    rtp_host: str | None = Field(
+        None,
+        description="RTP: the address of this node as RTP peers reach it, the SEEDVC_RTP_HOST env var of each node "
+        "taking precedence; null = the node's address as Ray knows it (its private address)",
+    )
+    rtp_bind_address: str = Field("0.0.0.0", description="RTP: the local address the calls' UDP ports bind to")
+    rtp_port_min: int = Field(40000, ge=1024, le=65535, description="RTP: lowest UDP port of a call")
+    rtp_port_max: int = Field(40999, ge=1024, le=65535, description="RTP: highest UDP port of a call")
+    rtp_jitter_ms: float = Field(
+        60.0, ge=0, le=1000, description="RTP: how long received audio waits for late and reordered packets"
+    )
+    outbound_networks: list[str] = Field(
+        default_factory=list,
+        description="networks (CIDR) the service may send UDP to besides public addresses, e.g. a media gateway's "
+        "private network; empty = public unicast addresses only (app/transport/addresses.py)",
+    )
     allowed_origins: list[Annotated[str, AfterValidator(normalized_origin)]] = Field(
         default_factory=list,
         description="browser origins (scheme://host[:port]) allowed on /v1/stream, /v1/rtc and, by CORS, the HTTP API, "
@@ -186,6 +207,19 @@ class IngressConfig(Strict):
         for address in addresses or []:
             ipaddress.ip_address(address)  # its ValueError names the bad address
         return addresses
+
+    @field_validator("outbound_networks")
+    @classmethod
+    def _networks(cls, networks: list[str]) -> list[str]:
+        for network in networks:
+            ipaddress.ip_network(network)  # its ValueError names the bad network
+        return networks
+
+    @model_validator(mode="after")
+    def _rtp_port_range(self) -> IngressConfig:
+        if self.rtp_port_min > self.rtp_port_max:
+            raise ValueError(f"rtp_port_min {self.rtp_port_min} is above rtp_port_max {self.rtp_port_max}")
+        return self
 
     @field_validator("turn_urls")
     @classmethod

@@ -39,11 +39,15 @@ real time and text messages a few a second (`too_fast`); a session lasts at most
 WebRTC calls (`/v1/rtc`, spelled out step by step in app/transport/webrtc.py) reuse these messages and events on a
 signalling WebSocket, plus `OfferMessage` and `AnswerEvent` for the SDP; the audio travels on the call's track
 instead of binary messages. Their text messages are parsed by `parse_rtc_message`, whose limit fits an SDP offer.
+RTP calls (`/v1/rtp`, app/transport/rtp.py) send `RtpStartMessage` (the start message plus `rtp`: payload type,
+the peer's SSRC and where the converted voice goes) and receive `RtpEvent` (where to send) after `ready`; their
+audio is RTP over UDP.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from enum import StrEnum
 from typing import Annotated, Any, Literal, NamedTuple
 
@@ -103,10 +107,12 @@ class ErrorCode(StrEnum):
     rate_limited = "rate_limited"  # this key opened too many streams; retry after `retry_after_s`
     session_expired = "session_expired"  # `resume` named a session the server no longer holds
     bad_offer = "bad_offer"  # WebRTC: the SDP offer is malformed, sends no audio, or has no codec in common
-    connection_failed = "connection_failed"  # WebRTC: no offer or no media connection in time, or the media path died
+    connection_failed = "connection_failed"  # WebRTC: no offer or no media connection in time, or the media path
+    # died; RTP: no packet from the peer in time, or no free port
     internal = "internal"  # a server fault; the message carries no internals
     too_fast = "too_fast"  # audio faster than the allowed multiple of real time, or too many text messages a second
     session_too_long = "session_too_long"  # the session reached the server's maximum length; start a new one
+    address_refused = "address_refused"  # RTP: the service sends to no such address (private, link-local, ...)
 
 
 # WebSocket close codes (RFC 6455, section 7.4.1).
@@ -134,6 +140,7 @@ _CLOSE_CODES = {
     ErrorCode.internal: CLOSE_INTERNAL_ERROR,
     ErrorCode.too_fast: CLOSE_POLICY_VIOLATION,
     ErrorCode.session_too_long: CLOSE_POLICY_VIOLATION,
+    ErrorCode.address_refused: CLOSE_POLICY_VIOLATION,
 }
 
 
@@ -230,6 +237,31 @@ class OfferMessage(_Message):
     sdp: str = Field(min_length=1, max_length=MAX_SDP_BYTES)
 
 
+class RtpAddress(_Message):
+    host: str = Field(min_length=2, max_length=45)  # an IP address literal: the service resolves no names
+    port: int = Field(ge=1, le=65535)
+
+    @field_validator("host")
+    @classmethod
+    def _ip_literal(cls, host: str) -> str:
+        ipaddress.ip_address(host)  # a ValueError here is a validation error
+        return host
+
+
+class RtpOptions(_Message):
+    """RTP only: how the peer's Opus arrives (RFC 7587) and where the converted voice goes."""
+
+    payload_type: int = Field(96, ge=96, le=127)  # a dynamic payload type, both ways
+    ssrc: int | None = Field(None, ge=0, le=2**32 - 1)  # the peer's; null = the first packet's
+    # Where the converted voice is sent; null = back to the source of the peer's packets. Either must pass the
+    # service's outbound address filter (app/transport/addresses.py).
+    address: RtpAddress | None = None
+
+
+class RtpStartMessage(StartMessage):
+    rtp: RtpOptions = Field(default_factory=RtpOptions)
+
+
 ClientMessage = Annotated[StartMessage | SetVoiceMessage | EndMessage, Field(discriminator="type")]
 _CLIENT_MESSAGE: TypeAdapter[StartMessage | SetVoiceMessage | EndMessage] = TypeAdapter(ClientMessage)
 
@@ -261,6 +293,21 @@ def parse_rtc_message(text: str) -> StartMessage | OfferMessage | SetVoiceMessag
         )
     try:
         return _RTC_CLIENT_MESSAGE.validate_json(text)
+    except ValidationError as error:
+        raise _protocol_error(error) from None
+
+
+RtpClientMessage = Annotated[RtpStartMessage | SetVoiceMessage | EndMessage, Field(discriminator="type")]
+_RTP_CLIENT_MESSAGE: TypeAdapter[RtpStartMessage | SetVoiceMessage | EndMessage] = TypeAdapter(RtpClientMessage)
+
+
+def parse_rtp_message(text: str) -> RtpStartMessage | SetVoiceMessage | EndMessage:
+    """`parse_client_message` for the RTP control socket: its start message carries `rtp`."""
+    size = len(text.encode(errors="surrogatepass"))
+    if size > MAX_TEXT_BYTES:
+        raise ProtocolError(ErrorCode.frame_too_large, f"text message is {size} bytes; the limit is {MAX_TEXT_BYTES}")
+    try:
+        return _RTP_CLIENT_MESSAGE.validate_json(text)
     except ValidationError as error:
         raise _protocol_error(error) from None
 
@@ -361,6 +408,16 @@ class AnswerEvent(_Message):
 
     type: Literal["answer"] = "answer"
     sdp: str
+
+
+class RtpEvent(_Message):
+    """RTP only, after `ready`: where the peer sends its RTP, and how the converted voice comes back."""
+
+    type: Literal["rtp"] = "rtp"
+    host: str  # the address of the node holding the call, as peers reach it
+    port: int  # UDP; a new one for every connection, a resumed call's too
+    payload_type: int  # of the packets both ways
+    ssrc: int  # of the converted voice's packets
 
 
 ServerEvent = Annotated[
