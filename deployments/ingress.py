@@ -3,6 +3,8 @@ the web client.
 
 Every route is thin: it checks the caller and hands over to app/ (StreamConnection, RtcCall, RtpCall, TokenSigner,
 VoiceStore).
+Storage and decoding run on bounded worker pools (app/offload.py), never on the event loop that paces every stream of
+the replica; a full pool answers 503 with Retry-After.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see real types in the route signatures.
@@ -24,8 +26,18 @@ from ray.serve.handle import DeploymentHandle
 from ray.util import get_node_ip_address
 
 from app.auth.admin import NewKeyRequest, RotateRequest, new_secret_answer, static_key_answer, usage_answer
-from app.auth.tokens import ApiKeys, TokenError, TokenSigner, bearer, purpose_secret
+from app.auth.ratelimit import KeyRate
+from app.auth.tokens import (
+    GENERATION_CLAIM,
+    TokenError,
+    TokenSigner,
+    bearer,
+    from_loopback,
+    purpose_secret,
+    static_keys,
+)
 from app.logs import route_to
+from app.offload import Busy, Offload
 from app.serving.config import IngressConfig
 from app.transport.limits import MessageLimits
 from app.transport.origins import origin_allowed
@@ -36,6 +48,7 @@ from app.transport.sessions import StreamServices
 from app.transport.webrtc import RtcCall, RtcServices, restrict_ice_host_addresses
 from app.transport.websocket import StreamConnection
 from app.voices.store import VoiceError, VoiceLimits, VoiceNotFound, VoiceStore
+from app.voices.uploads import Uploads
 from deployments.client import RayConverterClient
 from deployments.keys import admin_error, admin_key, key_store, usage_meter
 from deployments.metrics import RayServeMetrics
@@ -48,16 +61,46 @@ TOKEN_SECRET_ENV = "SEEDVC_TOKEN_SECRET"  # shared by every ingress replica, so 
 SERVE_LOGGER = "ray.serve"  # the replica's logger: Serve's logging_config (JSON, level, log files) applies to it
 TURN_SECRET_ENV = "SEEDVC_TURN_SECRET"  # coturn's static-auth-secret; keeps the secret out of config files
 
-api = FastAPI(title="Seed-VC real-time voice conversion", version="1")
+# Pools for blocking work: (threads, calls that may wait). Key records are small reads (an S3 GET each) that anyone
+# can cause by naming made-up keys; voices are listings, deletions, and decoding uploads (uploads also take a slot).
+KEY_IO = (4, 64)
+VOICE_IO = (2, 32)
+BUSY_RETRY_AFTER_S = 1
+# The web page's Content-Security-Policy: its own scripts, styles and worklet only (no inline script, no eval), API
+# calls and WebSockets to its own origin, media from blob: URLs (recordings the page makes), and no framing.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
+    "media-src 'self' blob:; worker-src 'self' blob:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+READY_FIELDS = ("real_time_factor", "sessions", "capacity")  # of a converter's stats, for /readyz
+
+# No documentation routes unless configured (`ingress.api_docs`): they would list every route, the admin API's too.
+api = FastAPI(title="Seed-VC real-time voice conversion", version="1", openapi_url=None, docs_url=None, redoc_url=None)
 
 
-def api_keys(config: IngressConfig) -> ApiKeys | None:
-    """The static keys (config and environment); None when there are none (keys are then made at run time)."""
-    keys = dict(config.api_keys)
-    for item in filter(None, os.environ.get(API_KEYS_ENV, "").split(",")):
-        key_id, _, key = item.partition("=")
-        keys[key_id.strip()] = key.strip()
-    return ApiKeys(keys) if keys else None
+def enable_api_docs(app: FastAPI) -> None:
+    """Adds /openapi.json and /docs to an app made without them (`ingress.api_docs`)."""
+    app.openapi_url, app.docs_url = "/openapi.json", "/docs"
+    app.setup()  # adds the routes of the URLs now set; FastAPI added none for them while they were None
+
+
+@api.exception_handler(Busy)
+async def busy(request: Request, error: Busy) -> JSONResponse:
+    log.warning("refused %s %s: %s", request.method, request.url.path, error)
+    headers = {"Retry-After": str(BUSY_RETRY_AFTER_S)}
+    return JSONResponse(status_code=503, content={"detail": "busy; try again shortly"}, headers=headers)
+
+
+@api.middleware("http")
+async def security_headers(request: Request, call_next: Any) -> Any:
+    response = await call_next(request)
+    response.headers.update(SECURITY_HEADERS)
+    return response
 
 
 def with_turn_secret(config: IngressConfig) -> IngressConfig:
@@ -76,21 +119,6 @@ def token_secret() -> bytes:
     return secrets.token_bytes(32)
 
 
-async def read_upload(request: Request, limit: int) -> bytes:
-    """The request body, refused as soon as it is known to be over `limit` bytes: by its Content-Length, or while it
-    streams in, so that no client can make a replica hold more than that in memory."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise VoiceError("too_large", f"the recording is {declared} bytes; the limit is {limit}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise VoiceError("too_large", f"the recording is over {limit} bytes, the limit")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 @serve.ingress(api)
 class Ingress:
     def __init__(self, converter: DeploymentHandle, config: dict[str, Any]) -> None:
@@ -100,11 +128,23 @@ class Ingress:
         self.config = with_turn_secret(IngressConfig(**config))
         self.converter = converter
         self.admin = admin_key()
-        self.keys = key_store(self.config, api_keys(self.config), self.admin)  # static keys, then runtime ones
+        static = static_keys(self.config.api_keys, os.environ.get(API_KEYS_ENV))
+        self.development_keys = static.development
+        self.keys = key_store(self.config, static.keys, self.admin)  # static keys, then runtime ones
+        self.key_io = Offload("key-io", *KEY_IO)
+        self.voice_io = Offload("voice-io", *VOICE_IO)
+        self.ice_rate = KeyRate(self.config.ice_requests_per_s, self.config.ice_burst)
         self.usage = usage_meter(self.config, self.keys)
         secret = token_secret()
         self.tokens = TokenSigner(secret, ttl_seconds=self.config.token_ttl_s)
         self.voices = VoiceStore(self.config.voice_store, VoiceLimits(max_bytes=self.config.max_upload_bytes))
+        self.uploads = Uploads(
+            self.voices,
+            self.voice_io,
+            self.config.max_upload_bytes,
+            self.config.max_concurrent_uploads,
+            self.config.upload_timeout_s,
+        )
         self.services = StreamServices(
             client=RayConverterClient(converter),
             tokens=self.tokens,
@@ -118,7 +158,7 @@ class Ingress:
             limits=MessageLimits.from_config(self.config),
             quotas=SessionQuotas(self.usage),
         )
-        self.rtc = RtcServices.from_config(self.services, self.config)
+        self.rtc_services = RtcServices.from_config(self.services, self.config)
         self.rtp_services = RtpServices.from_config(self.services, self.config, get_node_ip_address())
         if self.config.allowed_origins:  # pages of the service's own origin need no CORS
             api.add_middleware(
@@ -130,19 +170,22 @@ class Ingress:
         if self.config.ice_host_addresses is not None:
             # This replica's process owns the peer connections, so this is where ICE must learn its addresses.
             restrict_ice_host_addresses(self.config.ice_host_addresses)
-        static = Path(self.config.static_dir) if self.config.static_dir else WEB_CLIENT
-        if static.is_dir():
+        if self.config.api_docs:
+            enable_api_docs(api)
+        client_dir = Path(self.config.static_dir) if self.config.static_dir else WEB_CLIENT
+        if client_dir.is_dir():
             # Mounted last, so that every API route above takes precedence over a file of the same path.
-            api.mount("/", StaticFiles(directory=static, html=True), name="client")
+            api.mount("/", StaticFiles(directory=client_dir, html=True), name="client")
 
-    def _caller(self, authorization: str | None) -> str:
+    async def _caller(self, authorization: str | None) -> str:
         """The key id behind a session token in an Authorization header (401 otherwise)."""
         try:
-            key_id = self.tokens.verify(bearer(authorization)).key_id
-            self.keys.check_active(key_id)  # a revoked key's tokens stop here (within key_cache_ttl_s)
+            claims = self.tokens.verify(bearer(authorization))
+            # A revoked key's tokens, and those of a rotated-away secret, stop here (within key_cache_ttl_s).
+            await self.key_io.run(self.keys.check_token, claims)
         except TokenError as error:
             raise HTTPException(status_code=401, detail=f"invalid session token: {error}") from error
-        return key_id
+        return claims.key_id
 
     async def _refused_origin(self, websocket: WebSocket) -> bool:
         """Refuses a handshake from a page that may not connect (HTTP 403, before accept); returns whether it did."""
@@ -163,7 +206,7 @@ class Ingress:
     async def rtc(self, websocket: WebSocket) -> None:
         if await self._refused_origin(websocket):
             return
-        await RtcCall(websocket, self.rtc).run()
+        await RtcCall(websocket, self.rtc_services).run()
 
     @api.websocket("/v1/rtp")
     async def rtp(self, websocket: WebSocket) -> None:
@@ -175,30 +218,35 @@ class Ingress:
         await RtpCall(websocket, self.rtp_services).run()
 
     @api.get("/v1/ice")
-    async def ice_servers(self, authorization: str | None = Header(None)) -> dict[str, Any]:
+    async def ice_servers(self, authorization: str | None = Header(None)) -> JSONResponse:
         """ICE servers for the browser's RTCPeerConnection, with TURN credentials for this caller that expire."""
-        key_id = self._caller(authorization)
-        return {"iceServers": self.rtc.browser_ice_servers(key_id, time.time())}
+        key_id = await self._caller(authorization)
+        if not self.ice_rate.allow(key_id):
+            retry_after = max(1, round(self.ice_rate.retry_after_s))
+            detail = {"detail": "too many ICE server requests for this key", "reason": "rate_limited"}
+            return JSONResponse(status_code=429, content=detail, headers={"Retry-After": str(retry_after)})
+        return JSONResponse(content={"iceServers": self.rtc_services.browser_ice_servers(key_id, time.time())})
 
     @api.post("/v1/tokens")
-    async def issue_token(self, authorization: str | None = Header(None)) -> dict[str, Any]:
+    async def issue_token(self, request: Request, authorization: str | None = Header(None)) -> dict[str, Any]:
         try:
-            key_id = self.keys.authenticate(bearer(authorization))
+            caller = await self.key_io.run(self.keys.authenticate, bearer(authorization))
+            if caller.key_id in self.development_keys and not from_loopback(request.client and request.client.host):
+                raise TokenError("a development key (ingress.api_keys) works from this machine only")
         except TokenError as error:
             raise HTTPException(status_code=401, detail=f"invalid API key: {error}") from error
-        issued = self.tokens.issue(key_id)
+        issued = self.tokens.issue(caller.key_id, {GENERATION_CLAIM: str(caller.generation)})
         return {"token": issued.token, "expires_at": issued.expires_at}
 
     @api.post("/v1/voices", status_code=201)
     async def add_voice(
         self, request: Request, name: str | None = None, authorization: str | None = Header(None)
     ) -> JSONResponse:
-        owner = self._caller(authorization)
+        owner = await self._caller(authorization)
         try:
-            data = await read_upload(request, self.config.max_upload_bytes)
-            record = self.voices.add(data, owner=owner, name=name)
+            record = await self.uploads.add(request.stream(), request.headers.get("content-length"), owner, name)
         except VoiceError as error:
-            status = 413 if error.reason == "too_large" else 422
+            status = {"too_large": 413, "too_slow": 408}.get(error.reason, 422)
             return JSONResponse(status_code=status, content={"detail": str(error), "reason": error.reason})
         return JSONResponse(
             status_code=201, content={"voice_id": record.voice_id, "seconds": record.seconds, "name": record.name}
@@ -206,20 +254,20 @@ class Ingress:
 
     @api.get("/v1/voices")
     async def list_voices(self, authorization: str | None = Header(None)) -> dict[str, Any]:
-        owner = self._caller(authorization)
-        voices = self.voices.list(owner)
+        owner = await self._caller(authorization)
+        voices = await self.voice_io.run(self.voices.list, owner)
         return {"voices": [{"voice_id": v.voice_id, "name": v.name, "seconds": v.seconds} for v in voices]}
 
     @api.delete("/v1/voices/{voice_id}", status_code=204)
     async def delete_voice(self, voice_id: str, authorization: str | None = Header(None)) -> None:
-        owner = self._caller(authorization)
+        owner = await self._caller(authorization)
         try:
-            record = self.voices.get(voice_id)
+            record = await self.voice_io.run(self.voices.get, voice_id)
         except (VoiceNotFound, ValueError) as error:
             raise HTTPException(status_code=404, detail="no such voice") from error
         if record.owner != owner:
             raise HTTPException(status_code=404, detail="no such voice")
-        self.voices.delete(voice_id)
+        await self.voice_io.run(self.voices.delete, voice_id)
 
     # -- API keys: the admin API (SEEDVC_ADMIN_KEY) and a key's own usage -----------------------------------------
 
@@ -238,7 +286,7 @@ class Ingress:
         self._admin(authorization)
         try:
             body = NewKeyRequest.model_validate_json(await request.body() or b"{}")
-            new = self.keys.create(body.key_id, body.quotas(self.keys.default_quotas), body.name)
+            new = await self.key_io.run(self.keys.create, body.key_id, body.quotas(self.keys.default_quotas), body.name)
         except (ValueError, LookupError) as error:
             raise admin_error(error) from error
         log.info("admin: created API key %s", new.record.key_id)
@@ -248,7 +296,7 @@ class Ingress:
     async def list_keys(self, authorization: str | None = Header(None)) -> dict[str, Any]:
         self._admin(authorization)
         static = [static_key_answer(key_id, self.keys.default_quotas) for key_id in self.keys.static_ids]
-        return {"keys": static + [record.public() for record in self.keys.list()]}
+        return {"keys": static + [record.public() for record in await self.key_io.run(self.keys.list)]}
 
     @api.post("/v1/admin/keys/{key_id}/rotate")
     async def rotate_key(
@@ -259,7 +307,7 @@ class Ingress:
         try:
             body = RotateRequest.model_validate_json(await request.body() or b"{}")
             grace_s = self.config.key_rotation_grace_s if body.grace_s is None else body.grace_s
-            new = self.keys.rotate(key_id, grace_s)
+            new = await self.key_io.run(self.keys.rotate, key_id, grace_s)
         except (ValueError, LookupError) as error:
             raise admin_error(error) from error
         log.info("admin: rotated API key %s; the old secret works for %g s more", key_id, grace_s)
@@ -270,7 +318,7 @@ class Ingress:
         """Revokes the key for good: no new tokens, and its tokens fail at their next use (within key_cache_ttl_s)."""
         self._admin(authorization)
         try:
-            record = self.keys.revoke(key_id)
+            record = await self.key_io.run(self.keys.revoke, key_id)
         except (ValueError, LookupError) as error:
             raise admin_error(error) from error
         log.info("admin: revoked API key %s", key_id)
@@ -287,7 +335,7 @@ class Ingress:
     @api.get("/v1/usage")
     async def own_usage(self, authorization: str | None = Header(None)) -> dict[str, Any]:
         """The caller's key's usage today and its quotas (session token)."""
-        return usage_answer(await self.usage.usage(self._caller(authorization)))
+        return usage_answer(await self.usage.usage(await self._caller(authorization)))
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
@@ -295,8 +343,10 @@ class Ingress:
 
     @api.get("/readyz")
     async def readyz(self) -> JSONResponse:
+        """Whether a converter answers, with its real-time factor and load: no session ids (anyone may ask)."""
         try:
             stats = await self.converter.stats.remote()
         except Exception as error:  # any failure to reach a converter means not ready
             return JSONResponse(status_code=503, content={"status": "no converter", "detail": type(error).__name__})
-        return JSONResponse(content={"status": "ready", "converter": stats})
+        public = {name: stats[name] for name in READY_FIELDS if name in stats}
+        return JSONResponse(content={"status": "ready", "converter": public})

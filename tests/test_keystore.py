@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from app.auth.keystore import KeyExists, KeyNotFound, KeyRevoked, KeyStore, Quotas, StaticKeyError
-from app.auth.tokens import ApiKeys, TokenError
+from app.auth.keystore import Authenticated, KeyExists, KeyNotFound, KeyRevoked, KeyStore, Quotas, StaticKeyError
+from app.auth.tokens import GENERATION_CLAIM, ApiKeys, TokenError, TokenSigner
 from tests.fakes import FakeClock
 
 STATIC_KEY = "static-key-0123456789abcdef"
@@ -38,7 +38,7 @@ def keys(tmp_path: Path, clock: FakeClock) -> KeyStore:
 def test_create_returns_the_secret_once_and_stores_only_its_digest(keys: KeyStore, tmp_path: Path) -> None:
     new = keys.create("partner", Quotas(max_sessions=2, max_stream_minutes_per_day=30), name="Partner Inc")
     assert new.secret.startswith("sk.partner.") and len(new.secret) > 40
-    assert keys.authenticate(new.secret) == "partner"
+    assert keys.authenticate(new.secret).key_id == "partner"
     on_disk = (tmp_path / "keys" / "partner.json").read_text()
     assert new.secret not in on_disk and new.secret.split(".")[-1] not in on_disk
     assert json.loads(on_disk)["quotas"] == {"max_sessions": 2, "max_stream_minutes_per_day": 30}
@@ -73,7 +73,7 @@ def test_bad_taken_and_static_ids_are_refused(keys: KeyStore) -> None:
 
 
 def test_static_keys_authenticate_with_default_quotas(keys: KeyStore) -> None:
-    assert keys.authenticate(STATIC_KEY) == "ops"
+    assert keys.authenticate(STATIC_KEY).key_id == "ops"
     keys.check_active("ops")
     assert keys.quotas("ops") == Quotas(max_sessions=3)
 
@@ -97,13 +97,13 @@ def test_another_keys_secret_with_this_id_is_refused(keys: KeyStore) -> None:
 def test_revocation_is_immediate_here_and_within_the_ttl_on_another_replica(tmp_path: Path, clock: FakeClock) -> None:
     here, there = store(tmp_path, clock), store(tmp_path, clock)
     secret = here.create("partner").secret
-    assert there.authenticate(secret) == "partner"  # `there` caches the record now
+    assert there.authenticate(secret).key_id == "partner"  # `there` caches the record now
     here.revoke("partner")
     with pytest.raises(KeyRevoked):
         here.authenticate(secret)
     with pytest.raises(KeyRevoked):
         here.check_active("partner")
-    assert there.authenticate(secret) == "partner"  # still cached: revocation reaches it within the TTL
+    assert there.authenticate(secret).key_id == "partner"  # still cached: revocation reaches it within the TTL
     clock.now += 5.0
     with pytest.raises(KeyRevoked, match="revoked"):
         there.authenticate(secret)
@@ -120,16 +120,17 @@ def test_a_key_created_on_another_replica_is_seen_at_once(tmp_path: Path, clock:
         there.check_active("partner")  # now cached as unknown
     secret = here.create("partner").secret
     clock.now += 5.0
-    assert there.authenticate(secret) == "partner"
+    assert there.authenticate(secret).key_id == "partner"
 
 
 def test_rotation_keeps_the_old_secret_for_the_grace_period_only(keys: KeyStore, clock: FakeClock) -> None:
     old = keys.create("partner").secret
     new = keys.rotate("partner", grace_s=60).secret
     assert new != old
-    assert keys.authenticate(new) == keys.authenticate(old) == "partner"
+    assert keys.authenticate(new) == Authenticated("partner", generation=1)
+    assert keys.authenticate(old) == Authenticated("partner", generation=0)
     clock.now += 60
-    assert keys.authenticate(new) == "partner"
+    assert keys.authenticate(new).key_id == "partner"
     with pytest.raises(TokenError, match="unknown API key"):
         keys.authenticate(old)
 
@@ -138,10 +139,34 @@ def test_rotation_without_grace_refuses_the_old_secret_at_once_and_forgets_older
     first = keys.create("partner").secret
     second = keys.rotate("partner", grace_s=600).secret
     third = keys.rotate("partner").secret  # default grace 0
-    assert keys.authenticate(third) == "partner"
+    assert keys.authenticate(third).key_id == "partner"
     for old in (first, second):
         with pytest.raises(TokenError):
             keys.authenticate(old)
+
+
+def test_tokens_of_a_rotated_secret_stop_when_its_grace_ends(keys: KeyStore, clock: FakeClock) -> None:
+    """A session token carries the generation of the secret it was issued with; rotating the key ends the tokens of
+    the old secret with the old secret itself (at once without grace), the new secret's tokens go on."""
+    signer = TokenSigner(b"s" * 32, ttl_seconds=3600, clock=clock)
+    old = keys.authenticate(keys.create("partner").secret)
+    old_token = signer.verify(signer.issue(old.key_id, {GENERATION_CLAIM: str(old.generation)}).token)
+    keys.check_token(old_token)
+    new = keys.authenticate(keys.rotate("partner", grace_s=60).secret)
+    new_token = signer.verify(signer.issue(new.key_id, {GENERATION_CLAIM: str(new.generation)}).token)
+    keys.check_token(old_token)  # within the grace
+    clock.now += 60
+    with pytest.raises(TokenError, match="rotated"):
+        keys.check_token(old_token)
+    keys.check_token(new_token)
+    keys.rotate("partner")  # no grace: a leak
+    with pytest.raises(TokenError, match="rotated"):
+        keys.check_token(new_token)
+    forged = signer.verify(signer.issue("partner", {GENERATION_CLAIM: "x"}).token)
+    with pytest.raises(TokenError):
+        keys.check_token(forged)
+    static = signer.verify(signer.issue("ops").token)  # static keys have one generation; a token naming none: 0
+    keys.check_token(static)
 
 
 def test_revoked_keys_cannot_be_rotated_and_grace_is_bounded(keys: KeyStore) -> None:
@@ -169,5 +194,5 @@ def test_static_ids_must_be_safe_in_a_path(tmp_path: Path) -> None:
 def test_works_on_an_fsspec_url(clock: FakeClock) -> None:
     keys = KeyStore("memory://keystore-test", clock=clock)
     secret = keys.create("partner").secret
-    assert keys.authenticate(secret) == "partner"
+    assert keys.authenticate(secret).key_id == "partner"
     assert [record.key_id for record in keys.list()] == ["partner"]

@@ -7,7 +7,16 @@ import json
 
 import pytest
 
-from app.auth.tokens import ApiKeys, IssuedToken, TokenError, TokenSigner, bearer
+from app.auth.tokens import (
+    ApiKeys,
+    IssuedToken,
+    StaticKeys,
+    TokenError,
+    TokenSigner,
+    bearer,
+    from_loopback,
+    static_keys,
+)
 from tests.fakes import FakeClock
 
 SECRET = b"s" * 32
@@ -160,6 +169,27 @@ def test_authenticate() -> None:
     keys = ApiKeys({"team-a": API_KEY, "team-b": OTHER_KEY})
     assert keys.authenticate(API_KEY) == "team-a"
     assert keys.authenticate(OTHER_KEY) == "team-b"
+
+
+def test_config_keys_are_development_keys_and_the_environment_replaces_them() -> None:
+    development = static_keys({"dev": API_KEY}, None)
+    assert development.keys is not None and development.keys.key_ids == {"dev"} and development.development == {"dev"}
+    assert static_keys({"dev": API_KEY}, "").development == {"dev"}  # set but empty: not set
+    production = static_keys({"dev": API_KEY}, f"main={OTHER_KEY}, partner={API_KEY}x")
+    assert production.keys is not None and production.keys.key_ids == {"main", "partner"}
+    assert production.development == frozenset()
+    with pytest.raises(TokenError):
+        production.keys.authenticate(API_KEY)  # the config's key opens nothing once real keys are set
+    assert static_keys({}, None) == StaticKeys(None, frozenset())
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [("127.0.0.1", True), ("127.8.9.10", True), ("::1", True), ("10.0.0.7", False), ("203.0.113.7", False),
+     ("::ffff:10.0.0.7", False), ("localhost", False), ("", False), (None, False)],
+)  # fmt: skip
+def test_loopback_peers(host: str | None, loopback: bool) -> None:
+    assert from_loopback(host) == loopback
 
 
 @pytest.mark.parametrize("presented", ["", API_KEY[:-1], API_KEY + "x", API_KEY.upper(), " " + API_KEY])

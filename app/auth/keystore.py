@@ -19,6 +19,11 @@ be handed to someone else by a later `create`. Rotation replaces the digest; the
 `previous_valid_until`, the grace period. The default grace is 0, so that a rotation made because a key leaked
 closes it at once; a planned rotation passes a grace long enough for clients to switch to the new secret.
 
+Each rotation increments the key's `generation`. `authenticate` says which generation's secret was presented, session
+tokens carry it (app/auth/tokens.py, claim `gen`), and `check_token` refuses a token whose secret is gone: tokens of
+the previous generation work until the grace ends (at once with grace 0), older ones never. So rotating a leaked key
+also ends the tokens its thief obtained with it, not only the key itself.
+
 Static keys (`ingress.api_keys` and `SEEDVC_API_KEYS`, `ApiKeys`) keep working as before and authenticate first;
 they are not in the store, so the API cannot revoke or rotate them (`StaticKeyError` says where to change them).
 
@@ -41,7 +46,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from app.auth.jsonfiles import JsonFiles
-from app.auth.tokens import ApiKeys, TokenError
+from app.auth.tokens import ApiKeys, TokenClaims, TokenError
 
 KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # no '.': it separates the parts of a secret
 SECRET_PREFIX = "sk"
@@ -93,6 +98,7 @@ class KeyRecord:
     rotated_at: float | None = None
     previous_digest: str | None = field(default=None, repr=False)
     previous_valid_until: float | None = None
+    generation: int = 0  # rotations so far: the current secret's generation (records older than the field: 0)
 
     @classmethod
     def from_json(cls, document: dict[str, Any]) -> KeyRecord:
@@ -104,14 +110,27 @@ class KeyRecord:
         del shown["digest"], shown["previous_digest"]
         return {**shown, "static": False}
 
-    def matches(self, presented: bytes, now: float) -> bool:
-        """Whether a digest is this key's, or its previous one within the grace period. Both are always compared,
-        so the time taken does not tell which one matched."""
+    def in_grace(self, now: float) -> bool:
+        """Whether the previous secret (generation - 1) still works."""
+        return self.previous_digest is not None and now < (self.previous_valid_until or 0.0)
+
+    def matching_generation(self, presented: bytes, now: float) -> int | None:
+        """The generation of the secret whose digest this is: the current one, or the previous one within the grace
+        period; None for neither. Both are always compared, so the time taken does not tell which one matched."""
         current = hmac.compare_digest(bytes.fromhex(self.digest), presented)
         previous_digest = bytes.fromhex(self.previous_digest or self.digest)
         previous = hmac.compare_digest(previous_digest, presented)
-        in_grace = self.previous_digest is not None and now < (self.previous_valid_until or 0.0)
-        return current or (previous and in_grace)
+        if current:
+            return self.generation
+        return self.generation - 1 if previous and self.in_grace(now) else None
+
+
+@dataclass(frozen=True)
+class Authenticated:
+    """Who presented an API key: its id, and the generation of the secret presented (static keys: always 0)."""
+
+    key_id: str
+    generation: int
 
 
 @dataclass(frozen=True)
@@ -221,23 +240,26 @@ class KeyStore:
 
     # -- what the service asks -------------------------------------------------------------------------------------
 
-    def authenticate(self, presented_key: str) -> str:
-        """The id of the key presented (static or stored), or TokenError; KeyRevoked for a revoked key's secret."""
+    def authenticate(self, presented_key: str) -> Authenticated:
+        """The key presented (static or stored), or TokenError; KeyRevoked for a revoked key's secret."""
         if self._static is not None:
             try:
-                return self._static.authenticate(presented_key)
+                return Authenticated(self._static.authenticate(presented_key), generation=0)
             except TokenError:
                 pass  # not a static key: maybe a stored one
         key_id = _key_id_of(presented_key)
         record = None if key_id is None else self._cached(key_id)
-        if record is None or not record.matches(_digest(presented_key), self._clock()):
+        generation = None if record is None else record.matching_generation(_digest(presented_key), self._clock())
+        if record is None or generation is None:
             raise TokenError("unknown API key")
         if record.revoked_at is not None:
             raise KeyRevoked("this API key has been revoked")
-        return record.key_id
+        return Authenticated(record.key_id, generation)
 
-    def check_active(self, key_id: str) -> None:
-        """Raises TokenError unless the key is static or stored and not revoked (as of `cache_ttl_s` ago at most)."""
+    def check_active(self, key_id: str, generation: int | None = None) -> None:
+        """Raises TokenError unless the key is static or stored and not revoked (as of `cache_ttl_s` ago at most);
+        with `generation`, also unless that generation's secret still works (the current one, or the previous one
+        within its grace)."""
         if self.is_static(key_id):
             return
         record = self._cached(key_id) if KEY_ID.fullmatch(key_id) else None
@@ -245,6 +267,15 @@ class KeyStore:
             raise TokenError("the key of this token no longer exists")
         if record.revoked_at is not None:
             raise KeyRevoked("the key of this token has been revoked")
+        if generation is None or generation == record.generation:
+            return
+        if generation == record.generation - 1 and record.in_grace(self._clock()):
+            return
+        raise TokenError("the API key was rotated since this token was issued; get a new token with the new key")
+
+    def check_token(self, claims: TokenClaims) -> None:
+        """`check_active` for the key and the secret's generation a session token was issued for."""
+        self.check_active(claims.key_id, claims.generation)
 
     def quotas(self, key_id: str) -> Quotas:
         """The key's limits: a stored key's own, the defaults for a static key."""
@@ -295,6 +326,7 @@ class KeyStore:
             rotated_at=now,
             previous_digest=record.digest if grace_s > 0 else None,
             previous_valid_until=now + grace_s if grace_s > 0 else None,
+            generation=record.generation + 1,
         )
         self._save(rotated)
         return NewSecret(record=rotated, secret=secret)

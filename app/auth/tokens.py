@@ -3,7 +3,9 @@
 A client presents a long-lived API key once, as `Authorization: Bearer <key>`, and receives a session token that
 expires (15 minutes by default). Streams carry only the session token, so a leaked token is worth little. The token
 is `base64url(JSON claims).base64url(HMAC-SHA256(secret, first part))`, without base64 padding; the claims are
-`{"sub": key_id, "exp": unix seconds}`. Verification checks the signature before it parses any JSON.
+`{"sub": key_id, "exp": unix seconds}` plus what the issuer binds (string values): a session token carries `gen`, the
+generation of the API key's secret it was issued for, so that rotating the key ends it (app/auth/keystore.py).
+Verification checks the signature before it parses any JSON.
 
 No secret (signing secret, API key, token) ever appears in an exception message or a repr: errors say what is
 wrong, never with what.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
 import json
 import re
 import time
@@ -23,6 +26,7 @@ from dataclasses import dataclass, field
 MIN_SECRET_BYTES = 32  # HMAC-SHA256's own output size; a shorter key weakens it
 MIN_API_KEY_CHARS = 16  # shorter keys could be guessed online
 MAX_TOKEN_CHARS = 1024  # ours are about 100 characters; refuse to hash anything much larger
+GENERATION_CLAIM = "gen"  # the API key secret's generation, in session tokens
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -41,6 +45,13 @@ class TokenClaims:
     key_id: str
     expires_at: float  # unix seconds
     extra: Mapping[str, str] = field(default_factory=dict)  # what the issuer bound to the token besides its key
+
+    @property
+    def generation(self) -> int:
+        """The generation of the key's secret this session token was issued for; 0 when it names none (tokens from
+        before generations existed, which expire within `token_ttl_s`), -1 for a value no generation has."""
+        value = self.extra.get(GENERATION_CLAIM, "0")
+        return int(value) if value.isdigit() and len(value) < 10 else -1
 
 
 def purpose_secret(secret: bytes, purpose: str) -> bytes:
@@ -133,6 +144,35 @@ class ApiKeys:
         if not matches:
             raise TokenError("unknown API key")
         return matches[0]
+
+
+@dataclass(frozen=True)
+class StaticKeys:
+    """The keys that only a restart changes, and which of them are development keys."""
+
+    keys: ApiKeys | None
+    development: frozenset[str]  # key ids accepted from loopback clients only
+
+
+def static_keys(configured: Mapping[str, str], environment: str | None) -> StaticKeys:
+    """`environment` (SEEDVC_API_KEYS, "id=key,id2=key2") when it names any key; otherwise the config's keys, which
+    are development keys: the local config ships one whose value is public, so it must never open a deployment
+    that sets real keys, nor work from another machine."""
+    keys = {}
+    for item in filter(None, (environment or "").split(",")):
+        key_id, _, key = item.partition("=")
+        keys[key_id.strip()] = key.strip()
+    if keys:
+        return StaticKeys(ApiKeys(keys), development=frozenset())
+    return StaticKeys(ApiKeys(configured) if configured else None, development=frozenset(configured))
+
+
+def from_loopback(host: str | None) -> bool:
+    """Whether a peer address is this machine's loopback (a name, or no address at all, is not)."""
+    try:
+        return host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def bearer(header_value: str | None) -> str:

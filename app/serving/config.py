@@ -110,7 +110,9 @@ class IceServer(Strict):
 class IngressConfig(Strict):
     voice_store: str = Field("./voices", description="local directory or fsspec URL of the voice store (shared)")
     api_keys: dict[str, str] = Field(
-        default_factory=dict, description="key id -> API key; more come from the SEEDVC_API_KEYS env var (id=key,...)"
+        default_factory=dict,
+        description="development keys, key id -> API key: accepted from loopback clients only, and ignored when the "
+        "SEEDVC_API_KEYS env var (id=key,...) names the static keys",
     )
     token_ttl_s: float = Field(900, gt=0, description="lifetime of a session token")
     resume_token_ttl_s: float = Field(
@@ -120,6 +122,15 @@ class IngressConfig(Strict):
     retry_after_s: float = Field(5.0, gt=0, description="what a refused client is told to wait")
     opus_bitrate: int = Field(32000, ge=6000, le=256000, description="bit rate of the converted audio")
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="largest voice upload")
+    max_concurrent_uploads: int = Field(
+        4, ge=1, description="voice uploads read and decoded at once per ingress replica; more wait for a slot"
+    )
+    upload_timeout_s: float = Field(
+        30.0, gt=0, description="longest an upload waits for a slot, and then for its body to arrive"
+    )
+    api_docs: bool = Field(
+        False, description="serve /docs and /openapi.json (they list every route, the admin API's too)"
+    )
     static_dir: str | None = Field(None, description="browser client files served at /; null = the bundled client/web")
 
     ice_servers: list[IceServer] = Field(
@@ -134,7 +145,15 @@ class IngressConfig(Strict):
         "caller short-lived TURN credentials for `turn_urls` (TURN REST API); null = none",
     )
     turn_urls: list[str] = Field(default_factory=list, description="turn: or turns: URLs the credentials are for")
-    turn_ttl_s: float = Field(3600, gt=0, description="lifetime of the TURN credentials GET /v1/ice hands out")
+    turn_ttl_s: float = Field(
+        600,
+        ge=60,
+        le=3600,
+        description="longest life of the TURN credentials GET /v1/ice hands out: one username per key and half of "
+        "this, valid for at least half of it (a call's allocation outlives its credential; only new ones need it)",
+    )
+    ice_requests_per_s: float = Field(1.0, gt=0, description="GET /v1/ice per key and second, sustained (429 over)")
+    ice_burst: int = Field(20, ge=1, description="GET /v1/ice a key may send at once beyond that")
     ice_host_addresses: list[str] | None = Field(
         None,
         description="the only host addresses the server's ICE offers; null = aioice's default (every address but "

@@ -38,7 +38,7 @@ _DECODE_BLOCK_FRAMES = 4096  # decode in blocks so that memory does not scale wi
 _OWNERS = "_owners"  # the per-owner index; not a voice id (VOICE_ID has no room for it), so never taken for one
 _INDEXED = ".indexed"  # marks a store whose every voice is in the index
 
-VoiceErrorReason = Literal["too_large", "bad_format", "too_short", "too_long", "bad_samples", "bad_name"]
+VoiceErrorReason = Literal["too_large", "bad_format", "too_short", "too_long", "bad_samples", "bad_name", "too_slow"]
 
 
 class VoiceError(ValueError):

@@ -85,19 +85,22 @@ function $(id) {
 }
 
 function init() {
-  for (const id of ["api-key", "voice-select", "refresh-voices", "voice-file", "voice-name", "upload-voice",
-    "transport", "input-device", "output-device", "setting-block-time", "setting-diffusion-steps", "start", "stop",
-    "status", "connection-state", "rtc-states", "ice-state", "ice-gathering-state", "signaling-state", "peer-state",
+  for (const id of ["api-key", "remember-key", "voice-select", "refresh-voices", "voice-file", "voice-name",
+    "upload-voice", "transport", "input-device", "output-device", "setting-block-time", "setting-diffusion-steps",
+    "start", "stop", "status", "connection-state", "rtc-states", "ice-state", "ice-gathering-state", "signaling-state", "peer-state",
     "session-id", "session-note", "transport-used", "latency", "server-latency", "block-count", "late-count",
     "input-level", "output-level", "input-db", "output-db", "log", "remote-audio", "output-audio"]) {
     ui[id.replace(/-(\w)/g, (_, c) => c.toUpperCase())] = $(id);
   }
 
+  // The key is kept for the page's lifetime; it is in local storage only when the user asked to remember it.
   ui.apiKey.value = localStorage.getItem(STORAGE.apiKey) || "";
+  ui.rememberKey.checked = ui.apiKey.value !== "";
   const transport = localStorage.getItem(STORAGE.transport);
   if (transport === "webrtc" || transport === "websocket") ui.transport.value = transport;
 
   ui.apiKey.addEventListener("change", onApiKeyChange);
+  ui.rememberKey.addEventListener("change", onRememberChange);
   $("key-form").addEventListener("submit", (event) => {
     event.preventDefault(); // Enter in the key field: apply the key, never reload the page
     onApiKeyChange();
@@ -242,11 +245,15 @@ function showLevel(meter, label, rms) {
 // ---------------------------------------------------------------- API key, tokens, voices
 
 function onApiKeyChange() {
-  const key = ui.apiKey.value.trim();
-  if (key) localStorage.setItem(STORAGE.apiKey, key);
-  else localStorage.removeItem(STORAGE.apiKey);
+  // A changed key is saved (when asked to) only once the server took it: see sessionToken.
+  localStorage.removeItem(STORAGE.apiKey);
   tokenCache = null;
   refreshVoices();
+}
+
+function onRememberChange() {
+  if (!ui.rememberKey.checked) localStorage.removeItem(STORAGE.apiKey);
+  else if (tokenCache) localStorage.setItem(STORAGE.apiKey, tokenCache.apiKey); // a key that has worked
 }
 
 /** A session token for the API key in the page, reused until a minute before it expires. */
@@ -260,6 +267,7 @@ async function sessionToken({ fresh = false } = {}) {
   }
   const { token, expiresAt } = await getToken(apiKey);
   tokenCache = { apiKey, token, expiresAt };
+  if (ui.rememberKey.checked && ui.apiKey.value.trim() === apiKey) localStorage.setItem(STORAGE.apiKey, apiKey);
   return token;
 }
 
