@@ -29,10 +29,17 @@ class Converter:
         replica = serve.get_replica_context().replica_id.unique_id
         self.service = ConverterService(ConverterConfig(**config, replica_tag=replica), metrics=RayServeMetrics())
 
+    def __del__(self) -> None:
+        """Serve calls this when it stops the replica: the engine thread and the voice purger stop with it."""
+        if hasattr(self, "service"):  # absent when the constructor failed
+            self.service.close()
+
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Live batching knobs (a redeploy that changes only user_config keeps the replicas and their sessions)."""
-        self._convert_batch.set_max_batch_size(int(user_config.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE)))
-        self._convert_batch.set_batch_wait_timeout_s(float(user_config.get("batch_wait_s", DEFAULT_BATCH_WAIT_S)))
+        # serve.batch's wrapper has these setters, but Ray types what it returns as the plain async method.
+        batch: Any = self._convert_batch
+        batch.set_max_batch_size(int(user_config.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE)))
+        batch.set_batch_wait_timeout_s(float(user_config.get("batch_wait_s", DEFAULT_BATCH_WAIT_S)))
 
     async def open(self, request: OpenRequest) -> OpenReply:
         return await self.service.open(request)
@@ -54,7 +61,7 @@ class Converter:
         await self.service.set_voice(session_id, voice_id)
 
     async def close(self, session_id: str, lease: int | None = None) -> None:
-        await self.service.close(session_id, lease)
+        await self.service.close_session(session_id, lease)
 
     def check_health(self) -> None:
         """Serve calls this periodically; raising makes it replace the replica (its sessions re-home)."""
@@ -67,7 +74,7 @@ class Converter:
         return {**self.service.stats(), "replica": self.service.config.replica_tag}
 
     def record_routing_stats(self) -> dict[str, Any]:
-        return {"sessions": len(self.service.engine), "capacity": self.service.config.max_sessions}
+        return {"sessions": len(self.service.sessions), "capacity": self.service.config.max_sessions}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        return {"sessions": float(len(self.service.engine))}
+        return {"sessions": float(len(self.service.sessions))}

@@ -8,10 +8,11 @@ neither send blocks nor close it any more. Sessions nobody resumes are closed af
 from __future__ import annotations
 
 import asyncio
-import time
+from typing import Any
 
 import numpy as np
 import pytest
+from tests.parity import ParitySet
 
 from app.auth.tokens import TokenSigner
 from app.model.seedvc import SeedVC
@@ -25,7 +26,7 @@ from app.streaming.settings import StreamSettings
 from app.transport.protocol import ErrorCode, ProtocolError, ResumeRequest, SettingsOverrides, StartMessage
 from app.transport.sessions import StreamServices
 from app.voices.store import VoiceStore
-from tests.parity import ParitySet
+from tests.fakes import FakeClock
 from tests.test_live_session import SETTINGS, input_48k, make_client, run_session
 
 FRAME = 960  # 20 ms at 48 kHz
@@ -62,7 +63,9 @@ def test_a_resumed_session_continues_its_blocks_and_state(parity: ParitySet, mod
     steady, _ = asyncio.run(run_session(LiveSession(make_client(model, store), "s", voice, SETTINGS, 5), audio))
     client = make_client(model, store)
 
-    async def dropped_then_resumed() -> tuple[np.ndarray, np.ndarray, list[BlockReport], ResumeState, ResumeState]:
+    async def dropped_then_resumed() -> tuple[
+        np.ndarray, np.ndarray, list[BlockReport], ResumeState | None, ResumeState | None
+    ]:
         first = LiveSession(client, "s", voice, SETTINGS, 5)
         await first.open()
         before_frames, before = await feed_and_collect(first, audio[:half])
@@ -117,20 +120,29 @@ def test_the_old_connection_can_neither_convert_nor_close_a_resumed_session(
 def test_a_session_nobody_resumes_is_closed_after_the_ttl(model: SeedVC, voice_ids) -> None:
     store, (voice, _) = voice_ids
     config = ConverterConfig(
-        precision="fp32", voice_store=store, silence_gate_dbfs=None, detached_session_ttl_s=0.2, replica_tag="a"
+        precision="fp32", voice_store=store, silence_gate_dbfs=None, detached_session_ttl_s=30, replica_tag="a"
     )
-    client = LocalConverterClient({"a": ConverterService(config, model=model)})
+    clock = FakeClock()
+    service = ConverterService(config, model=model, clock=clock)
+    client = LocalConverterClient({"a": service})
 
     async def scenario() -> None:
         await LiveSession(client, "abandoned", voice, SETTINGS, 1).open()
-        await LiveSession.resume(client, "abandoned", "a")  # within the TTL it is still there
-        time.sleep(0.3)
-        await LiveSession(client, "newcomer", voice, SETTINGS, 1).open()  # any call reaps what expired
-        assert "abandoned" not in client.services["a"].engine and "newcomer" in client.services["a"].engine
+        clock.now += 29
+        await LiveSession.resume(client, "abandoned", "a")  # within the TTL it is still there (and the TTL restarts)
+        clock.now += 29
+        await LiveSession(client, "newcomer", voice, SETTINGS, 1).open()
+        assert "abandoned" in service.sessions, "an attach counts as a call"
+        clock.now += 2
+        await LiveSession(client, "other", voice, SETTINGS, 1).open()  # any call reaps what expired
+        assert "abandoned" not in service.sessions and "newcomer" in service.sessions
         with pytest.raises(SessionLost):
             await LiveSession.resume(client, "abandoned", "a")
 
-    asyncio.run(scenario())
+    try:
+        asyncio.run(scenario())
+    finally:
+        service.close()
 
 
 def services_for(client: LocalConverterClient, store: str) -> StreamServices:
@@ -143,7 +155,7 @@ def services_for(client: LocalConverterClient, store: str) -> StreamServices:
     )
 
 
-def start(services: StreamServices, voice: str, **fields: object) -> StartMessage:
+def start(services: StreamServices, voice: str, **fields: Any) -> StartMessage:
     token = services.tokens.issue("k").token
     return StartMessage(type="start", version=1, token=token, voice_id=voice, **fields)
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from tests.parity import ParitySet
+
 from app.model.seedvc import SeedVC
 from app.serving.config import ConverterConfig
 from app.serving.converter import ConverterService
 from app.serving.wire import OpenRequest
 from app.streaming.settings import StreamSettings
 from app.voices.store import VoiceStore
-from tests.parity import ParitySet
 
 
 def test_a_deleted_voice_leaves_the_converters_cache(parity: ParitySet, model: SeedVC, tmp_path: Path) -> None:
@@ -33,11 +34,18 @@ def test_a_deleted_voice_leaves_the_converters_cache(parity: ParitySet, model: S
         )
         store.delete(deleted)
         store.delete(other)
-        await asyncio.sleep(0.5)  # the periodic purge runs every 0.05 s here
+        # The periodic purge runs every 0.05 s here: the first pass that ends may have started before the deletes,
+        # the second one started after them.
+        for _ in range(2):
+            service.purged.clear()
+            await asyncio.wait_for(service.purged.wait(), timeout=30)
         # The recording still used by `same_recording` stays prepared; `other`'s entry is gone.
         assert service.voices.labels() == {same_recording} and len(service.voices) == 2
         assert await service.purge_deleted_voices() == []
         assert kept not in service.voices.labels(), "a voice never used is never prepared"
         assert "s0" in service.engine, "a live session keeps its voice: the recording went, not the call"
 
-    asyncio.run(scenario())
+    try:
+        asyncio.run(scenario())
+    finally:
+        service.close()

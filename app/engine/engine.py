@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -25,7 +25,7 @@ from app.engine.plan import BatchShape, GroupPlan, ShapeBuckets, StepPlan
 from app.engine.silence import SilenceGate
 from app.model.seedvc import SeedVC
 from app.streaming.blocks import ModelStages, flow_batch, stack_noise
-from app.streaming.settings import StreamSettings
+from app.streaming.settings import StreamGeometry, StreamSettings
 from app.streaming.stream import StepOutput, Stream, StreamState, step_streams
 from app.streaming.voice import Voice
 
@@ -76,9 +76,12 @@ class Session:
     blocks_silent: int = 0
 
     @property
-    def shape(self) -> Hashable:
-        """What must agree for sessions to share a batched pass."""
+    def shape(self) -> tuple[StreamGeometry, int]:
+        """What must agree for sessions to share a batched pass: the block geometry and the diffusion steps."""
         return (self.stream.geometry, self.stream.settings.diffusion_steps)
+
+
+S = TypeVar("S", bound=Session)
 
 
 @dataclass(frozen=True)
@@ -164,11 +167,21 @@ class Engine:
         resume: StreamState | None = None,
     ) -> Session:
         """Open a session; with `resume` it continues exactly where a stream elsewhere left off."""
+        return self.add(session_id, Session(stream=self.new_stream(voice, settings, seed, resume), gate=gate))
+
+    def new_stream(
+        self, voice: Voice, settings: StreamSettings, seed: int, resume: StreamState | None = None
+    ) -> Stream:
+        """A stream of this engine's model, not yet a session; with `resume` it continues a stream from elsewhere."""
+        stream = Stream(self.model, voice, settings, seed)
+        if resume is not None:
+            stream.restore(resume)
+        return stream
+
+    def add(self, session_id: str, session: S) -> S:
+        """Register a session built by the caller (a converter's sessions carry its own bookkeeping too)."""
         if session_id in self._sessions:
             raise ValueError(f"session {session_id} is already open")
-        session = Session(stream=Stream(self.model, voice, settings, seed), gate=gate)
-        if resume is not None:
-            session.stream.restore(resume)
         self._sessions[session_id] = session
         return session
 
@@ -181,6 +194,13 @@ class Engine:
             return self._sessions[session_id]
         except KeyError:
             raise SessionError(session_id) from None
+
+    def get(self, session_id: str) -> Session | None:
+        return self._sessions.get(session_id)
+
+    def items(self) -> list[tuple[str, Session]]:
+        """The open sessions (a copy: closing while iterating is safe)."""
+        return list(self._sessions.items())
 
     # -- warm-up -----------------------------------------------------------------------------------------------
 
@@ -254,7 +274,7 @@ class Engine:
         ids = [request.session_id for request in requests]
         if len(set(ids)) != len(ids):
             raise ValueError("a step takes at most one block per session")
-        groups: dict[Hashable, list[tuple[Session, BlockRequest]]] = {}
+        groups: dict[tuple[StreamGeometry, int], list[tuple[Session, BlockRequest]]] = {}
         for request in requests:
             session = self.session(request.session_id)
             groups.setdefault(session.shape, []).append((session, request))

@@ -15,7 +15,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
@@ -30,8 +30,10 @@ from app.engine.engine import BlockRequest, Engine, WarmUpReport
 from app.engine.plan import ShapeBuckets, StepPlan
 from app.engine.silence import SilenceGate
 from app.model.seedvc import SeedVC
+from app.offload import Offload
 from app.serving.config import ConverterConfig
 from app.serving.metrics import Metrics, NoMetrics
+from app.serving.registry import ServedSession, SessionRegistry
 from app.serving.wire import (
     AttachReply,
     BlockIn,
@@ -47,24 +49,11 @@ from app.serving.wire import (
 )
 from app.streaming.settings import CONTENT_RATE, StreamSettings
 from app.streaming.voice import Voice, VoiceCache
+from app.voices.references import ReferenceCache
 from app.voices.store import VoiceNotFound, VoiceStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-RECENT_SESSIONS = 1000  # sessions whose block counts the stats keep
-
-
-@dataclass
-class HeldSession:
-    """What the replica knows of a session besides its stream: enough to hand it to a client that resumes."""
-
-    voice_id: str
-    settings: StreamSettings
-    seed: int
-    lease: int  # the attachment allowed to send blocks (a resume takes the session over with a new one)
-    next_index: int  # the block number expected next
-    last_call: float  # monotonic time of the last call for this session
 
 
 @dataclass(frozen=True)
@@ -101,9 +90,18 @@ def engine_thread(threads: int | None) -> ThreadPoolExecutor:
 
 
 class ConverterService:
-    def __init__(self, config: ConverterConfig, model: SeedVC | None = None, metrics: Metrics | None = None) -> None:
+    """`clock` (monotonic seconds) times idle sessions: tests move it instead of waiting. `close()` when done."""
+
+    def __init__(
+        self,
+        config: ConverterConfig,
+        model: SeedVC | None = None,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = config
         self.metrics = metrics or NoMetrics()
+        self.clock = clock
         self._executor = engine_thread(config.torch_threads)
         loading = time.perf_counter()
         self.model = (
@@ -116,13 +114,15 @@ class ConverterService:
         self.engine = Engine(self.model, DeadlinePolicy(min_steps=config.deadline_min_steps), buckets=buckets)
         self.voices = VoiceCache(self.model, capacity=config.voice_cache_size)
         self.store = VoiceStore(config.voice_store)
+        # Recordings by voice id, read and decoded once off the event loop (a read here would stall the batch).
+        self.references = ReferenceCache(self.store, Offload("references", workers=2, max_waiting=config.max_sessions))
         self._gate = SilenceGate(config.silence_gate_dbfs) if config.silence_gate_dbfs is not None else None
-        self._held: dict[str, HeldSession] = {}
+        self.sessions = SessionRegistry(self.engine, capacity=config.max_sessions)
         self._leases = itertools.count(1)
         self._purger: asyncio.Task[None] | None = None
+        # Set after each periodic purge of deleted voices (what a test waits on instead of wall time).
+        self.purged = asyncio.Event()
         self.batch_sizes: Counter[int] = Counter()
-        # Blocks converted per session, for the most recent sessions (stickiness is checked against this).
-        self.blocks_by_session: OrderedDict[str, int] = OrderedDict()
         self.blocks_converted = 0
         self.failed_steps_in_a_row = 0  # device or model errors since the last good step (health)
         self.warm_up = self._warm_up() if buckets is not None else None
@@ -195,16 +195,20 @@ class ConverterService:
     async def _on_engine_thread(self, call: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
+    def close(self) -> None:
+        """Stop the voice purger and the engine thread (after the call it is running, if any)."""
+        if self._purger is not None:
+            self._purger.cancel()
+            self._purger = None
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
     # -- sessions ----------------------------------------------------------------------------------------------
 
     async def open(self, request: OpenRequest) -> OpenReply:
         self._keep_purging_deleted_voices()
-        if request.session_id not in self.engine and len(self.engine) >= self.config.max_sessions:
-            self.metrics.record("seedvc_admission_refusals")
-            raise CapacityExceeded(f"this replica holds its maximum of {self.config.max_sessions} sessions")
         settings = self._settings_of(request)
         try:
-            reference = self.store.audio(request.voice_id)
+            reference = await self.references.audio(request.voice_id)
         except VoiceNotFound as error:
             raise UnknownVoice(f"unknown voice {request.voice_id}") from error
         return await self._on_engine_thread(lambda: self._open(request, reference, settings))
@@ -216,19 +220,28 @@ class ConverterService:
         return replace(self.default_settings, **request.settings.model_dump(exclude_none=True))
 
     def _open(self, request: OpenRequest, reference: Audio, settings: StreamSettings) -> OpenReply:
+        """Admission happens here, on the engine thread, so that concurrent opens cannot pass the capacity."""
         self._close_idle()
+        if not self.sessions.has_room_for(request.session_id):
+            self.metrics.record("seedvc_admission_refusals")
+            raise CapacityExceeded(f"this replica holds its maximum of {self.config.max_sessions} sessions")
         voice = self.voices.get(reference, settings.max_prompt, label=request.voice_id)
-        self.engine.close(request.session_id)  # a re-open after a lost reply replaces the stale copy
         resume = request.resume.to_stream_state() if request.resume is not None else None
-        self.engine.open(request.session_id, voice, settings, request.seed, self._gate, resume)
-        next_index = request.resume.next_index if request.resume is not None else 0
-        held = HeldSession(request.voice_id, settings, request.seed, next(self._leases), next_index, time.monotonic())
-        self._held[request.session_id] = held
-        self.metrics.record("seedvc_sessions", len(self.engine))
-        return self._reply(request.session_id, held)
+        session = ServedSession(
+            stream=self.engine.new_stream(voice, settings, request.seed, resume),
+            gate=self._gate,
+            voice_id=request.voice_id,
+            seed=request.seed,
+            lease=next(self._leases),
+            next_index=request.resume.next_index if request.resume is not None else 0,
+            last_call=self.clock(),
+        )
+        self.sessions.admit(request.session_id, session)  # a re-open after a lost reply replaces the stale copy
+        self.metrics.record("seedvc_sessions", len(self.sessions))
+        return self._reply(request.session_id, session)
 
-    def _reply(self, session_id: str, held: HeldSession) -> OpenReply:
-        geometry = self.engine.session(session_id).stream.geometry
+    def _reply(self, session_id: str, session: ServedSession) -> OpenReply:
+        geometry = session.stream.geometry
         return OpenReply(
             session_id=session_id,
             replica=self.config.replica_tag,
@@ -238,8 +251,8 @@ class ConverterService:
             window_16k=geometry.window_16k,
             flush_blocks=geometry.flush_blocks,
             delay=geometry.delay,
-            lease=held.lease,
-            settings=held.settings,
+            lease=session.lease,
+            settings=session.settings,
         )
 
     async def attach(self, session_id: str) -> AttachReply:
@@ -248,13 +261,13 @@ class ConverterService:
 
     def _attach(self, session_id: str) -> AttachReply:
         self._close_idle()
-        held = self._held.get(session_id)
-        if held is None:
+        session = self.sessions.get(session_id)
+        if session is None:
             raise SessionLost(session_id)
-        held.lease, held.last_call = next(self._leases), time.monotonic()
-        stream = self.engine.session(session_id).stream
-        state = replace(ResumeState.of(stream, held.next_index), window=stream.window.cpu().numpy().copy())
-        return AttachReply(self._reply(session_id, held), state, held.voice_id, held.settings, held.seed)
+        session.lease, session.last_call = next(self._leases), self.clock()
+        stream = session.stream
+        state = replace(ResumeState.of(stream, session.next_index), window=stream.window.cpu().numpy().copy())
+        return AttachReply(self._reply(session_id, session), state, session.voice_id, session.settings, session.seed)
 
     def _close_idle(self) -> None:
         """Close sessions nobody called for `detached_session_ttl_s`: their client left and did not resume.
@@ -262,8 +275,7 @@ class ConverterService:
         Runs on the engine thread before every open, attach and step, so an abandoned session holds its slot at
         most that long once traffic comes.
         """
-        oldest = time.monotonic() - self.config.detached_session_ttl_s
-        for session_id in [sid for sid, held in self._held.items() if held.last_call < oldest]:
+        for session_id in self.sessions.idle_since(self.clock() - self.config.detached_session_ttl_s):
             log.info("session %s: closed after %.0f s without a call", session_id, self.config.detached_session_ttl_s)
             self._close(session_id)
 
@@ -280,54 +292,60 @@ class ConverterService:
                 await self.purge_deleted_voices()
             except Exception:  # a store that is briefly unreachable must not end the purging for good
                 log.exception("could not check cached voices against the voice store")
+            self.purged.set()
 
     async def purge_deleted_voices(self) -> list[str]:
         """Forget the prepared voices (prompt mel, content, speaker style) of voices deleted from the store.
 
         Sessions using such a voice keep it until they end or switch: the owner deleted the recording, not the call.
         """
-        cached = await self._on_engine_thread(self.voices.labels)
+        cached = await self._on_engine_thread(self.voices.labels) | self.references.voice_ids()
         deleted = await asyncio.to_thread(lambda: [voice_id for voice_id in cached if not self.store.exists(voice_id)])
         if deleted:
-            await self._on_engine_thread(lambda: [self.voices.forget(voice_id) for voice_id in deleted])
+
+            def forget_prepared() -> None:
+                for voice_id in deleted:
+                    self.voices.forget(voice_id)
+
+            await self._on_engine_thread(forget_prepared)
+            for voice_id in deleted:
+                self.references.forget(voice_id)
             log.info("forgot %d deleted voice(s): %s", len(deleted), ", ".join(sorted(deleted)))
         return deleted
 
     async def set_voice(self, session_id: str, voice_id: str) -> None:
         try:
-            reference = self.store.audio(voice_id)
+            reference = await self.references.audio(voice_id)
         except VoiceNotFound as error:
             raise UnknownVoice(f"unknown voice {voice_id}") from error
-        held = self._held.get(session_id)
-        if held is None:
-            raise SessionLost(session_id)
 
         def switch() -> None:
-            voice = self.voices.get(reference, held.settings.max_prompt, label=voice_id)
-            self.engine.session(session_id).stream.voice = voice
-            held.voice_id = voice_id
+            session = self.sessions.get(session_id)
+            if session is None:
+                raise SessionLost(session_id)
+            session.stream.voice = self.voices.get(reference, session.settings.max_prompt, label=voice_id)
+            session.voice_id = voice_id
 
         await self._on_engine_thread(switch)
 
-    async def close(self, session_id: str, lease: int | None = None) -> None:
+    async def close_session(self, session_id: str, lease: int | None = None) -> None:
         """Close a session; with `lease`, only if that attachment still holds it (a resumed client must not lose
         its session to the old connection's cleanup)."""
 
         def close_if_held() -> None:
-            held = self._held.get(session_id)
-            if held is not None and lease in (None, held.lease):
+            session = self.sessions.get(session_id)
+            if session is not None and lease in (None, session.lease):
                 self._close(session_id)
 
         await self._on_engine_thread(close_if_held)
 
     def _close(self, session_id: str) -> None:
-        self.engine.close(session_id)
-        self._held.pop(session_id, None)
-        self.metrics.record("seedvc_sessions", len(self.engine))
+        self.sessions.remove(session_id)
+        self.metrics.record("seedvc_sessions", len(self.sessions))
 
     def forget_all(self) -> None:
         """Drop every session at once, as a replica that crashed or was replaced loses them."""
-        for session_id in list(self._held):
+        for session_id, _ in self.sessions.items():
             self._close(session_id)
 
     # -- blocks ------------------------------------------------------------------------------------------------
@@ -343,8 +361,8 @@ class ConverterService:
         replies: dict[str, BlockOut | ConverterError] = {sid: r for sid, r in refusals.items() if r is not None}
         known = [block for block in blocks if refusals[block.session_id] is None]
         for block in known:
-            held = self._held[block.session_id]
-            held.next_index, held.last_call = block.index + 1, time.monotonic()
+            session = self._served(block.session_id)
+            session.next_index, session.last_call = block.index + 1, self.clock()
         if known:
             rows = self._identity_rows(known) if self.config.identity else self._engine_rows(known)
             computed = time.time() - started
@@ -357,8 +375,9 @@ class ConverterService:
                         "this block did not fit in the converter's GPU memory; retry on another replica"
                     )
                     continue
-                self._count_block(block.session_id)
-                stream = self.engine.session(block.session_id).stream
+                session = self._served(block.session_id)
+                session.blocks_converted += 1
+                stream = session.stream
                 replies[block.session_id] = BlockOut(
                     session_id=block.session_id,
                     index=block.index,
@@ -372,11 +391,16 @@ class ConverterService:
                 )
         return [replies[block.session_id] for block in blocks]
 
+    def _served(self, session_id: str) -> ServedSession:
+        session = self.sessions.get(session_id)
+        assert session is not None, "a block of an unknown session is refused before it gets this far"
+        return session
+
     def _refusal(self, block: BlockIn) -> ConverterError | None:
-        held = self._held.get(block.session_id)
-        if held is None:
+        session = self.sessions.get(block.session_id)
+        if session is None:
             return SessionLost(block.session_id)
-        if block.lease != held.lease:
+        if block.lease != session.lease:
             return SessionTakenOver(f"session {block.session_id} was resumed by another connection")
         return None
 
@@ -396,13 +420,7 @@ class ConverterService:
 
     def _budget(self, blocks: Sequence[BlockIn]) -> float:
         """The time one step may take: a share of the shortest block among the rows."""
-        return self.config.deadline_fraction * min(self._held[b.session_id].settings.block_time for b in blocks)
-
-    def _count_block(self, session_id: str) -> None:
-        self.blocks_by_session[session_id] = self.blocks_by_session.get(session_id, 0) + 1
-        self.blocks_by_session.move_to_end(session_id)
-        if len(self.blocks_by_session) > RECENT_SESSIONS:
-            self.blocks_by_session.popitem(last=False)
+        return self.config.deadline_fraction * min(self._served(b.session_id).settings.block_time for b in blocks)
 
     def _engine_rows(self, blocks: Sequence[BlockIn]) -> list[tuple[np.ndarray | None, int, bool]]:
         """The engine's step; a refused row (it did not fit in GPU memory) comes back with no audio."""
@@ -438,7 +456,7 @@ class ConverterService:
         """
         rows = []
         for block in blocks:
-            stream = self.engine.session(block.session_id).stream
+            stream = self._served(block.session_id).stream
             samples = torch.from_numpy(block.samples_16k)
             stream.push(samples)
             stream.blocks_done += 1
@@ -448,10 +466,10 @@ class ConverterService:
 
     def stats(self) -> dict[str, Any]:
         return {
-            "sessions": len(self.engine),
+            "sessions": len(self.sessions),
             "capacity": self.config.max_sessions,
             "batch_sizes": dict(self.batch_sizes),
             "blocks_converted": self.blocks_converted,
-            "blocks_by_session": dict(self.blocks_by_session),
+            "blocks_by_session": self.sessions.blocks_by_session(),
             "real_time_factor": self.speed.real_time_factor,
         }

@@ -37,7 +37,7 @@ class LocalConverterClient:
         return [(name, service) for name, service in self.services.items() if name not in self.lost]
 
     async def open(self, request: OpenRequest) -> OpenReply:
-        candidates = sorted(self._live(), key=lambda item: len(item[1].engine))
+        candidates = sorted(self._live(), key=lambda item: len(item[1].sessions))
         for _, service in candidates:
             try:
                 return await service.open(request)
@@ -66,4 +66,4 @@ class LocalConverterClient:
 
     async def close(self, session_id: str, replica: str, lease: int) -> None:
         if replica not in self.lost:
-            await self.services[replica].close(session_id, lease)
+            await self.services[replica].close_session(session_id, lease)

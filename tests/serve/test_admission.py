@@ -4,18 +4,20 @@ and the sessions already admitted keep running."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 
 import pytest
-
-from client.stream_client import StreamResult, stream_audio
 from tests.parity import ParitySet
 from tests.serve.harness import BASE_URL, ServeApp, local_ray, start_app
+
+from client.stream_client import StreamResult, stream_audio
+from tests.serve.started import started_stream
 
 pytestmark = pytest.mark.serve
 
 
 @pytest.fixture(scope="module")
-def full_after_one(parity: ParitySet, tmp_path_factory: pytest.TempPathFactory) -> ServeApp:
+def full_after_one(parity: ParitySet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeApp]:
     with local_ray():
         yield start_app(parity, tmp_path_factory.mktemp("voices"), converters=1, max_sessions=1)
 
@@ -25,8 +27,7 @@ def test_excess_session_is_refused_and_the_admitted_one_continues(full_after_one
     audio = app.source_48k(3.0)
 
     async def two() -> tuple[StreamResult, StreamResult]:
-        admitted = asyncio.create_task(stream_audio(BASE_URL, app.token, app.voice_id, audio, realtime=True))
-        await asyncio.sleep(1.0)  # the first session is open and streaming
+        admitted = await started_stream(BASE_URL, app.token, app.voice_id, audio)
         refused = await stream_audio(BASE_URL, app.token, app.voice_id, audio, realtime=True)
         return await admitted, refused
 
