@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -15,8 +16,14 @@ FRAME_S = 0.02
 
 
 def limits(**changes: float) -> MessageLimits:
-    base = {"audio_speed": 3.0, "audio_burst_s": 1.0, "text_per_s": 2.0, "text_burst": 4, "max_session_s": 60.0}
-    return MessageLimits(**{**base, **changes})  # type: ignore[arg-type]
+    base: dict[str, Any] = {
+        "audio_speed": 3.0,
+        "audio_burst_s": 1.0,
+        "text_per_s": 2.0,
+        "text_burst": 4,
+        "max_session_s": 60.0,
+    }
+    return MessageLimits(**{**base, **changes})
 
 
 def test_bucket_allows_the_burst_then_the_rate() -> None:

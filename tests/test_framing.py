@@ -64,5 +64,5 @@ def test_refuses_mixed_kinds_and_shapes() -> None:
     with pytest.raises(TypeError, match="holds ndarray float32 samples, got ndarray float64"):
         chunker.push(np.zeros(1, dtype=np.float64))
     with pytest.raises(TypeError, match=r"got Tensor torch\.float32"):
-        chunker.push(torch.zeros(1))  # type: ignore[arg-type]
+        chunker.push(torch.zeros(1))  # type: ignore[arg-type]  # a Tensor, on purpose
     assert chunker.pending == 1

@@ -38,8 +38,8 @@ def request(host: str | None = "127.0.0.1") -> Request:
     return Request(scope if host is not None else {**scope, "client": None})
 
 
-def replica(tmp_path: Path, environment: str | None = None, **overrides: Any) -> SimpleNamespace:
-    """What the routes use of an Ingress replica, built as Ingress.__init__ builds it."""
+def replica(tmp_path: Path, environment: str | None = None, **overrides: Any) -> Any:
+    """What the routes use of an Ingress replica, built as Ingress.__init__ builds it (a stand-in, so: Any)."""
     static = static_keys({"dev": DEV_KEY}, environment)
     parts: dict[str, Any] = {
         "keys": KeyStore(str(tmp_path / "_keys"), static=static.keys),
@@ -51,12 +51,12 @@ def replica(tmp_path: Path, environment: str | None = None, **overrides: Any) ->
         "ice_rate": KeyRate(1.0, 3),
         "rtc_services": SimpleNamespace(browser_ice_servers=lambda key_id, now: [{"urls": ["stun:203.0.113.7"]}]),
     }
-    replica = SimpleNamespace(**(parts | overrides))
+    replica: Any = SimpleNamespace(**(parts | overrides))
     replica._caller = lambda authorization: Ingress._caller(replica, authorization)
     return replica
 
 
-async def token(replica: SimpleNamespace, key: str, host: str | None = "127.0.0.1") -> str:
+async def token(replica: Any, key: str, host: str | None = "127.0.0.1") -> str:
     return (await Ingress.issue_token(replica, request(host), f"Bearer {key}"))["token"]
 
 
@@ -182,7 +182,7 @@ def test_ice_servers_are_rate_limited_per_key(tmp_path: Path) -> None:
         answers = [await Ingress.ice_servers(ingress, mine) for _ in range(4)]
         assert [answer.status_code for answer in answers] == [200, 200, 200, 429]
         assert answers[-1].headers["retry-after"] == "1"
-        assert json.loads(answers[0].body)["iceServers"] == [{"urls": ["stun:203.0.113.7"]}]
+        assert json.loads(bytes(answers[0].body))["iceServers"] == [{"urls": ["stun:203.0.113.7"]}]
         theirs = f"Bearer {await token(ingress, other, '203.0.113.9')}"
         assert (await Ingress.ice_servers(ingress, theirs)).status_code == 200
 
@@ -202,8 +202,8 @@ def test_readyz_shows_the_real_time_factor_but_no_session_ids() -> None:
     async def remote() -> dict[str, Any]:
         return stats
 
-    ingress = SimpleNamespace(converter=SimpleNamespace(stats=SimpleNamespace(remote=remote)))
-    answer = json.loads(asyncio.run(Ingress.readyz(ingress)).body)
+    ingress: Any = SimpleNamespace(converter=SimpleNamespace(stats=SimpleNamespace(remote=remote)))
+    answer = json.loads(bytes(asyncio.run(Ingress.readyz(ingress)).body))
     assert answer == {"status": "ready", "converter": {"real_time_factor": 0.4, "sessions": 2, "capacity": 16}}
     assert "0123abcd" not in json.dumps(answer)
 

@@ -23,7 +23,9 @@ def test_one_username_per_key_and_window_valid_for_half_to_all_of_the_lifetime()
     following = turn.for_key("partner", start + 300)
     assert following.username != first.username
     for now in (start, start + 299.9, start + 300, start + 431.5):
-        expiry, _, key_id = turn.for_key("partner", now).username.partition(":")
+        username = turn.for_key("partner", now).username
+        assert username is not None
+        expiry, _, key_id = username.partition(":")
         assert key_id == "partner" and 300 < int(expiry) - now <= 600
 
 

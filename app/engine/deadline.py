@@ -9,7 +9,7 @@ steps are the only knob that trades quality for time without changing the stream
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 
@@ -48,7 +48,7 @@ class StepCostModel:
         cost = self._costs.get(shape)
         return None if cost is None else rows * (cost.fixed_per_row + steps * cost.step_per_row)
 
-    def choose_steps(self, groups: list[tuple[Hashable, int, int]], budget_seconds: float | None) -> list[int]:
+    def choose_steps(self, groups: Sequence[tuple[Hashable, int, int]], budget_seconds: float | None) -> list[int]:
         """Steps per group (shape, rows, configured steps) so that the whole step fits the budget if it can.
 
         Every group is lowered by the same amount, never below the floor nor above its configured steps.
