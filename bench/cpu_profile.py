@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 import tempfile
@@ -52,12 +51,10 @@ from app.serving.config import CPU_REALTIME_PROFILE
 from app.streaming.deviation import mel_l1, snr_db
 from app.streaming.settings import CONTENT_RATE, SettingsError, StreamGeometry, StreamSettings
 from app.streaming.voice import prepare_voice
+from bench.common import write_json
+from bench.fixtures import PARITY_A_REFERENCE, PARITY_A_SOURCE
 from bench.full_size import write_full_size_bundle
-from tests.parity import FIXTURES
 
-FIXTURE_INPUTS = FIXTURES / "parity_a" / "inputs"
-SOURCE = FIXTURE_INPUTS / "source_16k.wav"
-REFERENCE = FIXTURE_INPUTS / "reference_22k.wav"
 README = StreamSettings()
 
 
@@ -106,7 +103,7 @@ def model_source(model: str | None, seed: int) -> Iterator[str]:
 
 
 def source_16k(seconds: float) -> Tensor:
-    audio = read_audio(SOURCE)
+    audio = read_audio(PARITY_A_SOURCE)
     samples = resample(torch.from_numpy(audio.samples), audio.rate, CONTENT_RATE)
     repeats = -(-int(seconds * CONTENT_RATE) // samples.numel())
     return samples.repeat(repeats)[: int(seconds * CONTENT_RATE)]
@@ -120,7 +117,7 @@ def blocks_of(samples: Tensor, block_16k: int, count: int) -> list[Tensor]:
 
 
 def reference_audio() -> Audio:
-    return read_audio(REFERENCE)
+    return read_audio(PARITY_A_REFERENCE)
 
 
 # ---- sweep --------------------------------------------------------------------------------------------------------
@@ -268,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             result = deviation(source, args.precision, args.seconds)
             print(format_deviation(result))
     if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result, "result")
     return result
 
 

@@ -52,7 +52,6 @@ keep `--warmup` >= 1). A warm-up step that fails under either option drops it, r
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -72,6 +71,7 @@ from app.model.seedvc import SeedVC
 from app.streaming.noise import draw_block_noise
 from app.streaming.settings import StreamGeometry, StreamSettings
 from app.streaming.voice import Voice, prepare_voice
+from bench.common import positive_ints, write_json
 from bench.stages import (
     STAGES,
     Stats,
@@ -423,14 +423,13 @@ def format_draws(variant: str, draws: float, summary: BatchSummary) -> str:
     )
 
 
-def write_json(
-    path: Path,
+def json_document(
     rows: Sequence[Mapping[str, Any]],
     summaries: Sequence[BatchSummary],
     draws: Mapping[str, float] | None,
     meta: Mapping[str, Any],
-) -> None:
-    document = {
+) -> dict[str, Any]:
+    return {
         "meta": dict(meta),
         "rows": list(rows),
         "summary": [
@@ -449,14 +448,9 @@ def write_json(
         ],
         "cpu_draws": draws,
     }
-    path.write_text(json.dumps(document, indent=2) + "\n")
 
 
 # ---- entry point --------------------------------------------------------------------------------------------------
-
-
-def int_list(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in text.split(","))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> BenchArgs:
@@ -464,7 +458,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchArgs:
     parser.add_argument("--model", help="'hub' or a model bundle dir; default: full-size random weights")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads; default: torch's default")
-    parser.add_argument("--batches", type=int_list, default=(1, 2, 4, 8, 16), help="comma-separated batch sizes")
+    parser.add_argument("--batches", type=positive_ints, default=(1, 2, 4, 8, 16), help="comma-separated batch sizes")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from: {', '.join(VARIANTS)}")
     parser.add_argument("--warmup", type=int, default=1, help="steps run per batch size before measuring")
     parser.add_argument("--steps", type=int, default=3, help="measured steps per batch size")
@@ -476,8 +470,8 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchArgs:
     variants = tuple(ns.variants.split(","))
     if unknown := [name for name in variants if name not in VARIANTS]:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
-    if ns.steps < 1 or ns.warmup < 0 or min(ns.batches) < 1:
-        parser.error("--steps and every batch size must be at least 1, --warmup at least 0")
+    if ns.steps < 1 or ns.warmup < 0:
+        parser.error("--steps must be at least 1, --warmup at least 0")
     return BenchArgs(**{**vars(ns), "variants": variants, "batches": tuple(sorted(set(ns.batches)))})
 
 
@@ -557,8 +551,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             report.append(format_draws(variant, draws["seconds"], at_draw_batch))
     print("\n".join(report))
     if args.json is not None:
-        write_json(args.json, rows, summaries, draws, meta)
-        print(f"rows and summary written to {args.json}")
+        write_json(args.json, json_document(rows, summaries, draws, meta), "rows and summary")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ allocator noise (a few MiB).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import time
@@ -38,12 +37,13 @@ import torch
 from app.engine.engine import Engine
 from app.model.seedvc import SeedVC
 from app.streaming.settings import StreamSettings
+from bench.common import percentile, write_json
 from bench.engine_throughput import VoicePool, open_sessions, session_inputs
+from bench.fixtures import PARITY_A, ROOT
 from bench.full_size import build_full_size
-from bench.stages import percentile, synchronize
+from bench.stages import run_meta, synchronize
 
-ROOT = Path(__file__).resolve().parent.parent
-FIXTURE_MODEL = ROOT / "tests" / "fixtures" / "parity_a" / "model"
+FIXTURE_MODEL = PARITY_A / "model"
 MIB = 1024 * 1024
 
 
@@ -177,13 +177,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.json is not None:
         document = {
             "meta": {
-                "weights": weights,
-                "device": str(device),
-                "threads": torch.get_num_threads(),
+                **run_meta(weights, device, load_before, load_after),
                 "sessions": args.sessions,
                 "warmup": args.warmup,
                 "steps": args.steps,
-                "load_average_1min": [load_before, load_after],
                 "torch": torch.__version__,
                 "settings": asdict(settings),
                 "measured_seconds": sum(seconds),
@@ -198,8 +195,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "cpu_ratio": cpu_last / cpu_first,
             },
         }
-        args.json.write_text(json.dumps(document, indent=2) + "\n")
-        print(f"per-step times and memory written to {args.json}")
+        write_json(args.json, document, "per-step times and memory")
 
 
 if __name__ == "__main__":

@@ -60,6 +60,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bench.fixtures import PARITY_A, ROOT  # the standard library only
+
 if TYPE_CHECKING:
     import torch
     from torch import Tensor
@@ -68,8 +70,6 @@ if TYPE_CHECKING:
     from app.streaming.settings import StreamSettings
     from app.streaming.voice import Voice
 
-ROOT = Path(__file__).resolve().parent.parent
-FIXTURE = ROOT / "tests" / "fixtures" / "parity_a"
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 THIRD_PARTY = ("numpy", "torch", "torchaudio", "transformers", "huggingface_hub", "safetensors", "yaml", "soundfile")
@@ -81,6 +81,7 @@ PROJECT_MODULES = (
     "app.streaming.stream",
     "app.streaming.voice",
     "app.engine.engine",
+    "bench.common",
     "bench.full_size",
     "bench.stages",
 )
@@ -147,7 +148,7 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         budget_s=ns.budget_s,
         reserve_s=ns.reserve_s,
         precisions=precisions,
-        model=ns.model if ns.model is not None else (str(FIXTURE / "model") if dry else None),
+        model=ns.model if ns.model is not None else (str(PARITY_A / "model") if dry else None),
         diffusion_steps=ns.diffusion_steps if ns.diffusion_steps is not None else (2 if dry else None),
         max_batch=pick(ns.max_batch, 1024, 2),
         steps=pick(ns.steps, 50, 3),
@@ -572,7 +573,7 @@ def stage_times(
 
 
 def percentile(values: Sequence[float], q: float) -> float:
-    from bench.stages import percentile as linear_percentile
+    from bench.common import percentile as linear_percentile
 
     return linear_percentile(values, q)
 
@@ -1075,7 +1076,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     with report.phase("parity"):
-        report.data["parity"] = run_parity(FIXTURE, options.device)
+        report.data["parity"] = run_parity(PARITY_A, options.device)
         print(f"    parity passed: {report.data['parity']['passed']}", flush=True)
 
     device = torch.device(options.device)

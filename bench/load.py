@@ -28,7 +28,7 @@ send no settings, as serve_config.yaml does without a GPU; by default the README
 What runs: every stream is the client library's own (client/stream_client.py: run_stream), so the protocol is the
 real one: a start message, the input as 20 ms Opus packets (32 kbit/s, the client's encoder) sent in real time
 against an absolute clock, `realtime: true` (the server paces its output at 20 ms a packet), then `end`. `--local`
-starts Ray and the app as bench/serving_overhead.py does (tests/serve/harness.py: one converter replica with
+starts Ray and the app as bench/serving_overhead.py does (bench/local_app.py: one converter replica with
 serve_config.yaml's deployment options, replicas at num_cpus 0 and one torch thread, room for 2N + 1 sessions so that
 restarts in bench/soak.py are not refused) and runs one 1.5 s warm-up stream first.
 
@@ -68,7 +68,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -85,19 +85,15 @@ from app.model.precision import Precision
 from app.serving.config import CPU_REALTIME_PROFILE
 from app.streaming.settings import CONTENT_RATE, StreamSettings
 from app.transport.protocol import FRAME_MS, ErrorCode
+from bench import client_pool
+from bench.common import distribution, figure, machine_meta, write_json
+from bench.cpu_usage import cpu_snapshot, format_cpu, neighbour_cpu, own_tree
+from bench.fixtures import PARITY_A, PARITY_A_SOURCE
 from bench.full_size import write_full_size_bundle
-from bench.serving_overhead import (
-    FIXTURE,
-    CpuSnapshot,
-    cpu_snapshot,
-    deploy,
-    distribution,
-    dropped_block,
-    kept_block,
-    looped,
-    phases,
-    process_table,
-)
+from bench.harness import API_KEY, BASE_URL, local_ray
+from bench.local_app import deploy
+from bench.parity import ParitySet
+from bench.streams import dropped_block, kept_block, looped, phases
 from client.api import ClientError, get_token, upload_voice
 from client.stream_client import (
     Event,
@@ -109,17 +105,13 @@ from client.stream_client import (
     run_stream,
     start_message,
 )
-from tests.parity import ParitySet
-from tests.serve.harness import API_KEY, local_ray
 
 GOAL_KBPS = 64.0  # issue 6: at most this each way per stream
 QUANTILES = (50, 90, 99)
 REFUSAL_CODES = frozenset({ErrorCode.overloaded.value, ErrorCode.rate_limited.value})
-DEFAULT_INPUT = FIXTURE / "inputs" / "source_16k.wav"
-WARMUP_SECONDS = 1.5
+DEFAULT_INPUT = PARITY_A_SOURCE
 # Tokens expire (900 s by default); a soak outlives several. A fresh one well before then costs one HTTP call.
 TOKEN_REFRESH_S = 300.0
-LOCAL_URL = "http://127.0.0.1:8000"
 # The connection failures a load run counts as errors and goes on; anything else is a bug in this tool.
 STREAM_FAILURES = (StreamError, OSError, InvalidHandshake, InvalidURI)
 Outcome = Literal["ok", "miss", "dropped"]
@@ -319,47 +311,6 @@ class Ledger:
         return done
 
 
-def descendants(parents: Mapping[int, int], root: int) -> set[int]:
-    """Every process below `root` in the tree given as pid -> parent pid."""
-    children: dict[int, list[int]] = defaultdict(list)
-    for pid, parent in parents.items():
-        children[parent].append(pid)
-    found: set[int] = set()
-    todo = [root]
-    while todo:
-        for child in children[todo.pop()]:
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def own_tree() -> set[int]:
-    """This process and every process below it (with --local: the Ray it started, the app's replicas)."""
-    parents = {pid: int(fields[1]) for pid, _, fields in process_table()}
-    return {os.getpid(), *descendants(parents, os.getpid())}
-
-
-def neighbour_cpu(before: CpuSnapshot, after: CpuSnapshot, ours: set[int]) -> dict[str, float]:
-    """% of one core between two snapshots: the whole machine's, this tool's process tree's, and the rest (whoever
-    else uses the machine: on a shared one, the noise in the figures)."""
-    wall = after.wall - before.wall
-    own_s = sum(
-        seconds - before.processes.get(pid, ("", 0.0))[1]
-        for pid, (_, seconds) in after.processes.items()
-        if pid in ours
-    )
-    machine = 100 * (after.machine_busy_s - before.machine_busy_s) / wall
-    return {"machine": machine, "this_tool": 100 * own_s / wall, "others": max(0.0, machine - 100 * own_s / wall)}
-
-
-def format_cpu(cpu: Mapping[str, float]) -> str:
-    return (
-        f"CPU over the run, % of one core ({os.cpu_count()} cores): machine {cpu['machine']:.0f}, this tool's "
-        f"processes {cpu['this_tool']:.0f}, others {cpu['others']:.0f}"
-    )
-
-
 # ---- streams ------------------------------------------------------------------------------------------------------
 
 
@@ -507,12 +458,9 @@ async def load_run(target: Target, packets: Sequence[bytes], streams: int, ramp_
 
 
 def warm_up(target: Target, audio_48k: np.ndarray) -> None:
-    """One short stream before measuring (a fresh replica's first blocks are slow); fails loudly if it fails."""
-    ledger = Ledger()
-    asyncio.run(load_run(target, encode_packets(audio_48k[: int(SAMPLE_RATE * WARMUP_SECONDS)]), 1, 0.0, ledger))
-    tally = ledger.current
-    if tally.errors or tally.refusals or not tally.blocks:
-        raise RuntimeError(f"the warm-up stream failed: {tally.errors or dict(tally.refusals) or 'no block'}")
+    """bench.client_pool's warm-up stream, with the settings the target's streams send."""
+    token = asyncio.run(target.tokens.get())
+    client_pool.warm_up(target.base_url, token, target.voice_id, audio_48k, target.settings)
 
 
 # ---- targets ------------------------------------------------------------------------------------------------------
@@ -561,9 +509,9 @@ def local_target(
     """A local Ray with the app on it (the tiny fixture bundle unless `local` says otherwise; `converter` identity or
     model), torn down after."""
     local = local or LocalModel()
-    if port_in_use(LOCAL_URL):
+    if port_in_use(BASE_URL):
         raise SystemExit(
-            f"something already listens on {LOCAL_URL} (another Serve?): run in a private network namespace, "
+            f"something already listens on {BASE_URL} (another Serve?): run in a private network namespace, "
             "unshare -n sh -c 'ip link set lo up && ...'"
         )
     with (
@@ -576,7 +524,7 @@ def local_target(
         overrides |= {"model": bundle} if bundle is not None else {}
         overrides |= {"precision": local.precision} if local.precision is not None else {}
         overrides |= {"cpu_settings": CPU_REALTIME_PROFILE} if local.cpu_profile else {}
-        app, _ = deploy(ParitySet(FIXTURE), Path(voices), max_sessions, 1, "config", identity, **overrides)
+        app, _ = deploy(ParitySet(PARITY_A), Path(voices), max_sessions, 1, "config", identity, **overrides)
         tokens = Tokens(app.base_url, API_KEY, app.token)
         yield Target(app.base_url, app.voice_id, tokens, f"local app, {local.describe(converter)}, 1 replica", settings)
 
@@ -672,22 +620,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
-
-
-def _kbps(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
-
-
 def format_report(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     block_ms = meta["block_ms"]
     lines = [
         f"{meta['title']} | {meta['target']} | {meta['streams']} streams x {meta['seconds']:.0f} s, real time, ramp "
-        f"{meta['ramp_s']:.2f} s | {meta['machine']} | load avg {meta['load_1min'][0]:.2f} -> "
-        f"{meta['load_1min'][1]:.2f}",
+        f"{meta['ramp_s']:.2f} s | {meta['cpus']} CPUs | load avg {meta['load_average_1min'][0]:.2f} -> "
+        f"{meta['load_average_1min'][1]:.2f}",
         f"streams: {summary['streams_started']} started, {summary['streams_ended']} ended normally; session open "
-        f"p50/max {_ms(summary['open_ms']['p50'])}/{_ms(summary['open_ms']['max'])} ms",
+        f"p50/max {figure(summary['open_ms']['p50'])}/{figure(summary['open_ms']['max'])} ms",
         "",
         f"latency per block, ms {'blocks':>8}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}",
     ]
@@ -695,7 +635,8 @@ def format_report(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     for name, key in (("server latency_ms", "server_ms"), ("client last in->first out", "client_ms")):
         d = summary[key]
         lines.append(
-            f"  {name:<26}{converted:>5}{_ms(d['p50']):>8}{_ms(d['p90']):>8}{_ms(d['p99']):>8}{_ms(d['max']):>8}"
+            f"  {name:<26}{converted:>5}{figure(d['p50']):>8}{figure(d['p90']):>8}{figure(d['p99']):>8}"
+            f"{figure(d['max']):>8}"
         )
     refusals = summary["refusals"]
     by_code = ", ".join(f"{code} {count}" for code, count in refusals.items())
@@ -718,7 +659,7 @@ def format_report(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     for key, label in labels.items():
         b = summary["bandwidth_kbps"][key]
         verdict = "-" if b["within_goal"] is None else "ok" if b["within_goal"] else "OVER"
-        lines.append(f"  {label:<46}{_kbps(b['median']):>8}{_kbps(b['max']):>8}   {verdict}")
+        lines.append(f"  {label:<46}{figure(b['median']):>8}{figure(b['max']):>8}   {verdict}")
     lines.append("  (TCP/IP and TLS headers below the WebSocket are not counted; see the docstring)")
     lines.append(format_cpu(meta["cpu_percent"]))
     for message in summary["error_messages"][:5]:
@@ -726,7 +667,7 @@ def format_report(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_meta(
+def report_meta(
     title: str,
     args: argparse.Namespace,
     target: Target,
@@ -742,17 +683,11 @@ def run_meta(
         "seconds": seconds,
         "ramp_s": args.ramp,
         "block_ms": block_ms,
-        "machine": f"{os.cpu_count()} CPUs",
-        "load_1min": list(load),
+        **machine_meta(load),
         "input": str(args.input),
         "goal_kbps": GOAL_KBPS,
         "cpu_percent": dict(cpu),
     }
-
-
-def write_json(path: Path, document: dict[str, Any]) -> None:
-    path.write_text(json.dumps(document, indent=2) + "\n")
-    print(f"report written to {path}")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -770,8 +705,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         cpu = neighbour_cpu(cpu_before, cpu_after, own_tree())  # while the app's processes still exist
     tally = ledger.current
     block_ms = tally.blocks[0].block_ms if tally.blocks else 1000 * StreamSettings().block_time
-    report = {
-        "meta": run_meta("Load", args, target, args.seconds, block_ms, (load_before, load_after), cpu),
+    report: dict[str, Any] = {
+        "meta": report_meta("Load", args, target, args.seconds, block_ms, (load_before, load_after), cpu),
         "summary": tally.summary(),
         "streams": [{"stream": t.stream, **t.rates()} for t in sorted(tally.traffic, key=lambda t: t.stream)],
         "blocks": [asdict(sample) for sample in tally.blocks],

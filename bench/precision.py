@@ -24,7 +24,6 @@ on the real checkpoints may differ.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -40,6 +39,7 @@ from app.streaming.deviation import Deviation, predicted_f0, stream_blocks
 from app.streaming.settings import StreamGeometry, StreamSettings
 from app.streaming.stream import Stream
 from app.streaming.voice import Voice, prepare_voice
+from bench.common import positive_ints, write_json
 from bench.full_size import build_full_size
 from bench.stages import (
     REFERENCE_SECONDS,
@@ -71,19 +71,12 @@ class PrecisionArgs:
     json: Path | None
 
 
-def parse_batches(text: str) -> tuple[int, ...]:
-    batches = tuple(int(part) for part in text.split(",") if part.strip())
-    if not batches or min(batches) < 1:
-        raise argparse.ArgumentTypeError(f"batches must be positive integers separated by commas, got {text!r}")
-    return batches
-
-
 def parse_args(argv: Sequence[str] | None = None) -> PrecisionArgs:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--blocks", type=int, default=6, help="measured blocks per batch size and precision")
     parser.add_argument("--warmup", type=int, default=2, help="blocks run before measuring, not recorded")
-    parser.add_argument("--batches", type=parse_batches, default=(1, 4, 8), help="batch sizes, e.g. 1,4,8")
+    parser.add_argument("--batches", type=positive_ints, default=(1, 4, 8), help="batch sizes, e.g. 1,4,8")
     parser.add_argument("--seed", type=int, default=0, help="random weights, synthetic audio, stream noise")
     parser.add_argument("--json", type=Path, help="write the summaries, ratios and deviation here")
     ns = parser.parse_args(argv)
@@ -249,8 +242,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             },
             "deviation": {**asdict(deviation), "voiced_fraction": voiced},
         }
-        args.json.write_text(json.dumps(document, indent=2) + "\n")
-        print(f"summaries and deviation written to {args.json}")
+        write_json(args.json, document, "summaries and deviation")
 
 
 if __name__ == "__main__":

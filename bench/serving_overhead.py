@@ -1,6 +1,6 @@
 """Serving-stack overhead per block: ingress block latency minus the engine's own step, for 1, 8 and 32 live streams.
 
-Usage (from the repo root, so that `tests` is importable; nothing else may run Ray or use port 8000 meanwhile):
+Usage (from the repo root; nothing else may run Ray or use port 8000 meanwhile):
 
     .venv/bin/python -m bench.serving_overhead                          # 1, 8, 32 streams; 6 s each; table
     .venv/bin/python -m bench.serving_overhead --streams 1,8,32 --seconds 6 --json /tmp/overhead.json
@@ -9,7 +9,7 @@ Usage (from the repo root, so that `tests` is importable; nothing else may run R
     .venv/bin/python -m bench.serving_overhead --pacing paced --no-real-model
     .venv/bin/python -m bench.serving_overhead --serve-options harness  # tests' start_app as is (see below)
 
-What runs: a local Ray (2 CPUs) and the real Serve application, started with the test harness (tests/serve/harness.py:
+What runs: a local Ray (2 CPUs) and the real Serve application, started with the Serve harness (bench/harness.py:
 local_ray, the tiny fixture bundle tests/fixtures/parity_a/model, replicas with num_cpus 0 and one torch thread),
 real WebSockets through Serve's proxy, real libopus. The converter runs in identity mode (ConverterConfig.identity:
 each block comes back unconverted, resampled 16 kHz -> model rate), so a block's latency IS the serving overhead:
@@ -19,10 +19,10 @@ identity work, and the way back. `latency_ms` of a block event runs from the arr
 completes the block to the ingress holding the converted block (app/serving/live.py); the network to the client
 and the output Opus encoding are outside it.
 
-Deployment options (`--serve-options`): `config` (default) uses serve_config.yaml's Converter and Ingress
-`max_ongoing_requests` and the Converter's `user_config` (batching: max_batch_size, batch_wait_s), with the
-harness's num_cpus 0, `--converters` replicas (default 1, as serve_config.yaml) and max_sessions = the most streams.
-`harness` calls tests.serve.harness.start_app unchanged: Serve's default max_ongoing_requests of 5 then caps the
+Deployment options (`--serve-options`, bench/local_app.py): `config` (default) uses serve_config.yaml's Converter
+and Ingress `max_ongoing_requests` and the Converter's `user_config` (batching: max_batch_size, batch_wait_s), with
+the harness's num_cpus 0, `--converters` replicas (default 1, as serve_config.yaml) and max_sessions = the most
+streams. `harness` calls bench.harness.start_app unchanged: Serve's default max_ongoing_requests of 5 then caps the
 ingress at 5 open WebSockets (and the converter's batches at 5): at 8 streams the 6th to 8th wait for a slot (the
 table's `late` column: measured 3 of 8) and run after the others.
 
@@ -45,11 +45,12 @@ realtime=false also switches the server from dropping input to backpressure (it 
 blocks wait): when the stack cannot keep up, unpaced input waits unread before a block's clock starts, so an
 overloaded unpaced run understates latency; the paced run's dropped blocks are the overload signal.
 
-Direct converter probe: after each (re)start, this process opens a session on the converter itself and sends it 24
-blocks of the source through a DeploymentHandle (no WebSocket, no ingress), one in flight at real-time pace, and
-reads each reply's BlockOut: the round trip here, the replica's queue_seconds (the `@serve.batch` wait, since nothing
-else is in flight) and compute_seconds (the engine step, or the identity work). It splits the single-stream overhead
-into the Ray handle hop + batching wait vs what the WebSocket path and the ingress add on top.
+Direct converter probe (bench/converter_probe.py): after each (re)start, this process opens a session on the
+converter itself and sends it 24 blocks of the source through a DeploymentHandle (no WebSocket, no ingress), one in
+flight at real-time pace, and reads each reply's BlockOut: the round trip here, the replica's queue_seconds (the
+`@serve.batch` wait, since nothing else is in flight) and compute_seconds (the engine step, or the identity work).
+It splits the single-stream overhead into the Ray handle hop + batching wait vs what the WebSocket path and the
+ingress add on top.
 
 Engine step with the real model (on by default; `--no-real-model` skips it): one stream with the tiny model
 converting, in each pacing. The block event carries no compute time, so its overhead is latency_ms minus the median
@@ -60,98 +61,75 @@ input, and then latency is backlog, not overhead. queue_ms is not subtracted: at
 waiting out its timeout for a batch that never fills, which is serving overhead. Identity mode is the measurement;
 this is a cross-check.
 
-CPU: per process group (ingress replica, converter replica, Serve proxy, Serve controller, other Ray processes, this
-bench process = Ray driver + the clients unless `--client-procs`, client subprocesses, everything else) from
-/proc/<pid>/stat, and the machine's busy share from /proc/stat, each in % of ONE core over the run (the machine has
-2: 200 % is saturation). An idle row (app up, no stream, 3 s) shows Serve's own background load. ms/pkt: the
-ingress's and the proxy's CPU above idle per stream-packet (one 20 ms packet in and one out, and 1/9 of a block's
-converter call); compare them with the ingress's own audio work per stream-packet (Opus decode and encode, both
-resamplers), timed in this process and printed in the header: the rest is Serve's WebSocket forwarding, ASGI,
-asyncio and Ray calls. The busiest threads of the ingress, converter and proxy show whether one thread (an event loop)
-is the limit; Ray names most of them ray::IDLE. A warning marks runs during which other work used more than 20 % of a
-core. The 1-minute load average before and after each run is reported too, but it lags a 10 s run by design.
+CPU (bench/cpu_usage.py): per process group (ingress replica, converter replica, Serve proxy, Serve controller,
+other Ray processes, this bench process = Ray driver + the clients unless `--client-procs`, client subprocesses,
+everything else) from /proc/<pid>/stat, and the machine's busy share from /proc/stat, each in % of ONE core over the
+run (the machine has 2: 200 % is saturation). An idle row (app up, no stream, 3 s) shows Serve's own background
+load. ms/pkt: the ingress's and the proxy's CPU above idle per stream-packet (one 20 ms packet in and one out, and
+1/9 of a block's converter call); compare them with the ingress's own audio work per stream-packet (Opus decode and
+encode, both resamplers), timed in this process and printed in the header: the rest is Serve's WebSocket forwarding,
+ASGI, asyncio and Ray calls. The busiest threads of the ingress, converter and proxy show whether one thread (an
+event loop) is the limit; Ray names most of them ray::IDLE. A warning marks runs during which other work used more
+than 20 % of a core. The 1-minute load average before and after each run is reported too, but it lags a 10 s run by
+design.
 
-Statistics are over every kept block of every stream of a run (p50/p95/p99/max; bench.stages.percentile). At one
+Statistics are over every kept block of every stream of a run (p50/p95/p99/max; bench.common.percentile). At one
 stream a run has ~30 blocks, so its p99 is close to its max.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import os
 import sys
 import tempfile
 import time
-import uuid
 from collections import Counter
-from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
-from multiprocessing import get_context
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
-from ray import serve
 
 from app.audio.files import resample
 from app.audio.opus import SAMPLE_RATE, OpusDecoder, OpusEncoder
 from app.audio.stream_resample import StreamingResampler
-from app.serving.wire import BlockIn, OpenRequest
 from app.streaming.settings import CONTENT_RATE, StreamSettings
 from app.transport.protocol import FRAME_MS
-from bench.stages import percentile
-from client.stream_client import Event, Outgoing, StreamError, encode_packets, paced_packets, run_stream, start_message
-from deployments.router import pin
-from tests.parity import FIXTURES, ParitySet
-from tests.serve.harness import (
-    APP,
-    BASE_URL,
-    ServeApp,
-    converter_replicas,
-    local_ray,
-    replica_stats,
-    start_app,
+from bench.client_pool import ClientJob, run_clients, start_pool, warm_up
+from bench.common import distribution, figure, percentile, positive_ints, write_json
+from bench.converter_probe import PROBE_BLOCKS, PROBE_WARMUP, describe_probe, probe_blocks, probe_converter
+from bench.cpu_usage import (
+    BENCH,
+    CLIENTS,
+    CONTROLLER,
+    CONVERTER,
+    INGRESS,
+    OTHER,
+    PROXY,
+    RAY_OTHER,
+    busiest_threads,
+    cpu_percent,
+    cpu_snapshot,
+    ray_running,
 )
+from bench.fixtures import PARITY_A
+from bench.harness import ServeApp, local_ray
+from bench.local_app import all_replica_stats, deploy
+from bench.parity import ParitySet
+from bench.streams import dropped_block, kept_block, looped, phases
+from client.stream_client import Event, encode_packets
 
-SERVE_CONFIG = Path(__file__).resolve().parent.parent / "serve_config.yaml"
-FIXTURE = FIXTURES / "parity_a"
-WARMUP_SECONDS = 1.5
 IDLE_SECONDS = 3.0
-SETTLE_SECONDS = 5.0
 OTHER_CPU_WARNING = 20.0  # % of one core used outside this bench during a run: its numbers are contaminated
-# Input after the block's end that must still come from real packets (the 48 -> 16 kHz resampler's delay is well
-# under one packet), so that a kept block was completed by a live packet and not by the end message's flush.
-COMPLETE_MARGIN_MS = 2 * FRAME_MS
 READY_GRACE_S = 1.0  # before the first packet: every stream connects and opens its session first
 READY_GRACE_PER_STREAM_S = 0.05
-PROBE_BLOCKS = 24
-PROBE_WARMUP = 2
-PERCENTILES = (50, 95, 99)
 
 
 # ---- pure metrics -------------------------------------------------------------------------------------------------
-
-
-def distribution(values: Sequence[float], quantiles: Sequence[int] = PERCENTILES) -> dict[str, float | None]:
-    """p50/p95/p99/max (or the given percentiles and max) of the values (None for each when there are none)."""
-    if not values:
-        return {**{f"p{q}": None for q in quantiles}, "max": None}
-    return {**{f"p{q}": percentile(values, q) for q in quantiles}, "max": max(values)}
-
-
-def kept_block(event: Event, block_ms: float, input_ms: float) -> bool:
-    """A block event whose input was complete, with margin, before the input ended (not a padded or flush block)."""
-    return event["type"] == "block" and (event["index"] + 1) * block_ms + COMPLETE_MARGIN_MS <= input_ms
-
-
-def dropped_block(event: Event) -> bool:
-    """A block the server dropped for falling behind: answered with silence, reported with latency 0 (live.py)."""
-    return bool(event["silent"]) and event["latency_ms"] == 0.0 and event["queue_ms"] == 0.0
 
 
 def block_rows(
@@ -195,196 +173,12 @@ def describe_batches(counts: Mapping[int, int]) -> str:
     return " ".join(f"{size}x{count}" for size, count in sorted(counts.items())) or "-"
 
 
-def phases(streams: int, block_s: float, aligned: bool) -> list[float]:
-    """When each stream sends its first packet, after the common start: spread evenly over one block, or all at 0."""
-    return [0.0 if aligned else index * block_s / streams for index in range(streams)]
-
-
-def looped(audio: np.ndarray, seconds: float, rate: int) -> np.ndarray:
-    """The audio repeated to exactly `seconds`."""
-    samples = int(seconds * rate)
-    return np.tile(audio, -(-samples // audio.size))[:samples].astype(np.float32)
-
-
-# ---- CPU accounting (/proc) ---------------------------------------------------------------------------------------
-
-INGRESS, CONVERTER, PROXY, CONTROLLER, RAY_OTHER, BENCH, CLIENTS, OTHER = (
-    "ingress", "converter", "proxy", "controller", "ray other", "bench", "clients", "other",
-)  # fmt: skip
-CPU_GROUPS = (INGRESS, CONVERTER, PROXY, CONTROLLER, RAY_OTHER, BENCH, CLIENTS, OTHER)
-TICKS = os.sysconf("SC_CLK_TCK")
-RAY_PROGRAMS = {"raylet", "gcs_server"}
-THREAD_GROUPS = (INGRESS, CONVERTER, PROXY)  # whose threads are reported
-
-
-def classify(pid: int, parent: int, command: str, me: int) -> str:
-    """Which group a process's CPU belongs to, by pid and command line (Ray sets its workers' process titles)."""
-    if pid == me:
-        return BENCH
-    if "ServeReplica" in command and "Ingress" in command:
-        return INGRESS
-    if "ServeReplica" in command and "Converter" in command:
-        return CONVERTER
-    if "ProxyActor" in command:
-        return PROXY
-    if "ServeController" in command:
-        return CONTROLLER
-    if command.startswith("ray::") or "/ray/" in command or Path(command.split(" ")[0]).name in RAY_PROGRAMS:
-        return RAY_OTHER
-    if parent == me and "multiprocessing" in command:
-        return CLIENTS
-    return OTHER
-
-
-@dataclass(frozen=True)
-class CpuSnapshot:
-    wall: float
-    machine_busy_s: float  # busy CPU seconds summed over all cores since boot
-    processes: dict[int, tuple[str, float]]  # pid -> (group, CPU seconds since the process started)
-    threads: dict[int, tuple[str, str, float]]  # tid -> (group, thread name, CPU seconds), for THREAD_GROUPS only
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path, "rb") as file:
-            return file.read().decode(errors="replace")
-    except OSError:  # the process ended meanwhile
-        return None
-
-
-def _stat_fields(stat: str) -> list[str]:
-    """/proc/.../stat after "pid (comm) ": state ppid ...; utime and stime are [11] and [12], rss (pages) [21]."""
-    return stat[stat.rindex(")") + 2 :].split()
-
-
-def process_table() -> Iterator[tuple[int, str, list[str]]]:
-    """(pid, group, /proc/<pid>/stat fields after the command: see _stat_fields) of every process now."""
-    me = os.getpid()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        stat, command = _read(f"/proc/{entry}/stat"), _read(f"/proc/{entry}/cmdline")
-        if stat is None or command is None:
-            continue
-        fields = _stat_fields(stat)
-        yield int(entry), classify(int(entry), int(fields[1]), command.replace("\0", " "), me), fields
-
-
-def cpu_snapshot() -> CpuSnapshot:
-    processes, threads = {}, {}
-    for pid, group, fields in process_table():
-        processes[pid] = (group, (int(fields[11]) + int(fields[12])) / TICKS)
-        if group in THREAD_GROUPS:
-            for tid in os.listdir(f"/proc/{pid}/task") if os.path.isdir(f"/proc/{pid}/task") else []:
-                task_stat = _read(f"/proc/{pid}/task/{tid}/stat")
-                if task_stat is not None:
-                    name = task_stat[task_stat.index("(") + 1 : task_stat.rindex(")")]
-                    task = _stat_fields(task_stat)
-                    threads[int(tid)] = (group, name, (int(task[11]) + int(task[12])) / TICKS)
-    cpu = (_read("/proc/stat") or "cpu 0 0 0 0").splitlines()[0].split()[1:]
-    ticks = [int(value) for value in cpu]
-    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
-    return CpuSnapshot(time.monotonic(), (sum(ticks[:8]) - idle) / TICKS, processes, threads)
-
-
-def cpu_percent(before: CpuSnapshot, after: CpuSnapshot) -> dict[str, float]:
-    """% of one core per group over the interval, and `machine` for the whole machine (all cores)."""
-    wall = after.wall - before.wall
-    used: dict[str, float] = dict.fromkeys(CPU_GROUPS, 0.0)
-    for pid, (group, seconds) in after.processes.items():
-        used[group] += seconds - before.processes.get(pid, (group, 0.0))[1]
-    result = {group: 100 * seconds / wall for group, seconds in used.items()}
-    result["machine"] = 100 * (after.machine_busy_s - before.machine_busy_s) / wall
-    return result
-
-
-def busiest_threads(before: CpuSnapshot, after: CpuSnapshot, top: int = 3) -> dict[str, list[str]]:
-    """Per group in THREAD_GROUPS, its busiest threads as 'name pct' (% of one core): one thread near 100 % while the
-    process is below its core count means that thread (an event loop, under the GIL) is the limit."""
-    wall = after.wall - before.wall
-    used: dict[str, list[tuple[float, str]]] = {group: [] for group in THREAD_GROUPS}
-    for tid, (group, name, seconds) in after.threads.items():
-        share = 100 * (seconds - before.threads.get(tid, (group, name, 0.0))[2]) / wall
-        used[group].append((share, f"{name.strip()} {share:.0f}%"))
-    return {group: [label for _, label in sorted(rows, reverse=True)[:top]] for group, rows in used.items()}
-
-
-def ray_running() -> list[str]:
-    """Command lines of running raylets (another Ray on this machine: Serve tests share port 8000)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        command = _read(f"/proc/{entry}/cmdline") if entry.isdigit() else None
-        if command and Path(command.split("\0")[0]).name == "raylet":  # the program, not a shell that names it
-            found.append(command.replace("\0", " ")[:120])
-    return found
-
-
-# ---- clients ------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ClientJob:
-    """Streams one client process runs: all connect now, streams[i] sends its first packet at start_at + offsets[i]."""
-
-    token: str
-    voice_id: str
-    packets: list[bytes]
-    streams: list[int]  # stream numbers (also their seeds)
-    offsets: list[float]
-    start_at: float  # time.time(): a clock every process shares
-    realtime_output: bool
-
-
-async def _delayed(packets: Sequence[bytes], start_at: float) -> AsyncGenerator[Outgoing, None]:
-    await asyncio.sleep(max(0.0, start_at - time.time()))
-    async for packet in paced_packets(packets, realtime=True):
-        yield packet
-
-
-async def _one_stream(job: ClientJob, stream: int, offset: float) -> dict[str, Any]:
-    ready_at: list[float] = []
-
-    def on_event(event: Event) -> None:
-        if event["type"] == "ready":
-            ready_at.append(time.time())
-
-    start = start_message(job.token, job.voice_id, realtime=job.realtime_output, seed=stream)
-    due = job.start_at + offset
-    try:
-        result = await run_stream(BASE_URL, start, _delayed(job.packets, due), on_event=on_event)
-    except (StreamError, OSError) as error:
-        return {"stream": stream, "events": [], "error": f"{type(error).__name__}: {error}", "late_start": False}
-    error = None if result.error is None else f"{result.error['code']}: {result.error['message']}"
-    return {
-        "stream": stream,
-        "events": result.events,
-        "error": error,
-        "late_start": bool(ready_at and ready_at[0] > due),
-    }
-
-
-async def _run_job(job: ClientJob) -> list[dict[str, Any]]:
-    streams = [_one_stream(job, stream, offset) for stream, offset in zip(job.streams, job.offsets, strict=True)]
-    return list(await asyncio.gather(*streams))
-
-
-def client_worker(job: ClientJob) -> dict[str, Any]:
-    """Runs a job's streams on this process's own event loop; also reports this process's CPU time for them."""
-    started = time.process_time()
-    streams = asyncio.run(_run_job(job))
-    return {"pid": os.getpid(), "cpu_s": time.process_time() - started, "streams": streams}
-
-
-def _ping(_: int) -> int:
-    return os.getpid()
-
-
 # ---- the service --------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class BenchArgs:
-    streams: list[int]
+    streams: tuple[int, ...]
     seconds: float
     pacing: list[str]
     aligned: bool
@@ -395,92 +189,9 @@ class BenchArgs:
     json: Path | None
 
 
-def config_options() -> tuple[dict[str, Any], dict[str, Any]]:
-    """Converter and Ingress deployment options that matter here, as serve_config.yaml sets them."""
-    document = yaml.safe_load(SERVE_CONFIG.read_text())
-    deployments = {d["name"]: d for d in document["applications"][0]["deployments"]}
-    converter = {k: deployments["Converter"][k] for k in ("max_ongoing_requests", "user_config")}
-    ingress = {"max_ongoing_requests": deployments["Ingress"]["max_ongoing_requests"]}
-    return converter, ingress
-
-
 def start_service(parity: ParitySet, voices: Path, args: BenchArgs, identity: bool) -> tuple[ServeApp, dict[str, Any]]:
     """The app (re)deployed for this bench's largest run; see `deploy`."""
     return deploy(parity, voices, max(args.streams) + 1, args.converters, args.serve_options, identity)
-
-
-def deploy(
-    parity: ParitySet,
-    voices: Path,
-    max_sessions: int,
-    converters: int,
-    serve_options: str,
-    identity: bool,
-    **converter: Any,
-) -> tuple[ServeApp, dict[str, Any]]:
-    """The app (re)deployed with the tiny bundle, a token and an uploaded voice; and the options it runs with
-    (`serve_options`: "config" or "harness", see the module docstring). `converter` overrides ConverterConfig fields
-    (tests/serve/harness.py: app_args)."""
-    if serve_options == "harness":
-        options: dict[str, Any] = {"mode": "harness start_app (Serve defaults: max_ongoing_requests 5)"}
-        deployment_options = None
-    else:
-        converter_options, ingress_options = config_options()
-        options = {"mode": "serve_config.yaml options", "converter": converter_options, "ingress": ingress_options}
-        deployment_options = {"Converter": converter_options, "Ingress": ingress_options}
-    app = start_app(
-        parity,
-        voices,
-        converters=converters,
-        max_sessions=max_sessions,
-        options=deployment_options,
-        identity=identity,
-        **converter,
-    )
-    time.sleep(SETTLE_SECONDS)  # the replicas a redeploy replaced stop, and Ray's workers settle, before measuring
-    return app, options
-
-
-def all_replica_stats() -> dict[str, dict[str, Any]]:
-    return {replica: replica_stats(replica) for replica in converter_replicas()}
-
-
-def probe_converter(voice_id: str, blocks: Sequence[np.ndarray], block_s: float) -> list[dict[str, float]]:
-    """Blocks sent straight to the converter from this process through a DeploymentHandle (no WebSocket, no ingress),
-    one at a time at real-time pace, like one stream: per block the round trip here, and the replica's own queue and
-    compute time (BlockOut: compute = the engine step). The first PROBE_WARMUP blocks are left out."""
-    handle = serve.get_deployment_handle("Converter", app_name=APP)
-    session = f"probe-{uuid.uuid4().hex[:8]}"
-    opened = handle.open.remote(OpenRequest(session, voice_id, StreamSettings(), seed=0)).result(timeout_s=60)
-    pinned = handle.options(session_id=pin(opened.replica))
-    rows = []
-    start = time.monotonic()
-    try:
-        for index, block in enumerate(blocks):
-            time.sleep(max(0.0, start + index * block_s - time.monotonic()))
-            sent = time.perf_counter()
-            out = pinned.convert.remote(BlockIn(session, index, block, lease=opened.lease)).result(timeout_s=60)
-            rows.append(
-                {
-                    "round_trip_ms": 1000 * (time.perf_counter() - sent),
-                    "queue_ms": 1000 * out.queue_seconds,
-                    "compute_ms": 1000 * out.compute_seconds,
-                }
-            )
-    finally:
-        pinned.close.remote(session).result(timeout_s=60)
-    return rows[PROBE_WARMUP:]
-
-
-def probe_blocks(audio_48k: np.ndarray, block_16k: int, count: int) -> list[np.ndarray]:
-    """`count` consecutive 16 kHz blocks of the (looped) source."""
-    samples = resample(torch.from_numpy(audio_48k), SAMPLE_RATE, CONTENT_RATE).numpy()
-    samples = np.tile(samples, -(-count * block_16k // samples.size))
-    return [np.ascontiguousarray(samples[i * block_16k : (i + 1) * block_16k]) for i in range(count)]
-
-
-def describe_probe(rows: Sequence[Mapping[str, float]]) -> dict[str, dict[str, float | None]]:
-    return {key: distribution([row[key] for row in rows]) for key in ("round_trip_ms", "queue_ms", "compute_ms")}
 
 
 def identity_work_ms(model_rate: int, block_16k: int, repeats: int = 50) -> float:
@@ -588,13 +299,6 @@ class RunResult:
         }
 
 
-def run_clients(jobs: Sequence[ClientJob], pool: ProcessPoolExecutor | None) -> tuple[list[dict[str, Any]], float]:
-    """Every job's stream results, and the CPU seconds the clients spent (this process's, when there is no pool)."""
-    # Without a pool there is one job: every stream on this process's event loop.
-    reports = [client_worker(job) for job in jobs] if pool is None else list(pool.map(client_worker, jobs))
-    return [stream for report in reports for stream in report["streams"]], sum(r["cpu_s"] for r in reports)
-
-
 def measure(
     app: ServeApp,
     audio: np.ndarray,
@@ -615,7 +319,16 @@ def measure(
     # Job j runs streams j, j + parts, ...: interleaved, so that every client process has phases all over the block.
     numbers = list(range(streams))
     jobs = [
-        ClientJob(app.token, app.voice_id, packets, numbers[j::parts], offsets[j::parts], start_at, realtime_output)
+        ClientJob(
+            app.base_url,
+            app.token,
+            app.voice_id,
+            packets,
+            numbers[j::parts],
+            offsets[j::parts],
+            start_at,
+            realtime_output,
+        )
         for j in range(parts)
     ]
     stats_before = all_replica_stats()
@@ -667,19 +380,7 @@ def idle_cpu(seconds: float = IDLE_SECONDS) -> dict[str, float]:
     return cpu_percent(before, cpu_snapshot())
 
 
-def warm_up(app: ServeApp, audio: np.ndarray, pool: ProcessPoolExecutor | None) -> None:
-    packets = encode_packets(audio[: int(48000 * WARMUP_SECONDS)])
-    job = ClientJob(app.token, app.voice_id, packets, [0], [0.0], time.time() + 0.2, True)
-    results, _ = run_clients([job], pool)
-    if results[0]["error"] is not None:
-        raise RuntimeError(f"the warm-up stream failed: {results[0]['error']}")
-
-
 # ---- reporting ----------------------------------------------------------------------------------------------------
-
-
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
 
 
 def format_report(summaries: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> str:
@@ -702,9 +403,9 @@ def format_report(summaries: Sequence[Mapping[str, Any]], meta: Mapping[str, Any
     for s in summaries:
         o, q, r = s["overhead_ms"], s["queue_ms"], s["rest_ms"]
         lines.append(
-            f"{s['label']:<17}{s['streams']:>3}{s['blocks']:>7} | {_ms(o['p50']):>12}{_ms(o['p95']):>7}"
-            f"{_ms(o['p99']):>7}{_ms(o['max']):>7} | {_ms(q['p50']):>9}{_ms(q['p95']):>6} | "
-            f"{_ms(r['p50']):>8}{_ms(r['p95']):>6} | {_ms(s['first_block_latency_ms']['p50']):>5} | "
+            f"{s['label']:<17}{s['streams']:>3}{s['blocks']:>7} | {figure(o['p50']):>12}{figure(o['p95']):>7}"
+            f"{figure(o['p99']):>7}{figure(o['max']):>7} | {figure(q['p50']):>9}{figure(q['p95']):>6} | "
+            f"{figure(r['p50']):>8}{figure(r['p95']):>6} | {figure(s['first_block_latency_ms']['p50']):>5} | "
             f"{s['dropped_blocks']:>4} {s['late_starts']:>4} {s['errors']:>3} | "
             f"{describe_batches(s['batch_sizes'])}"
         )
@@ -717,7 +418,7 @@ def format_report(summaries: Sequence[Mapping[str, Any]], meta: Mapping[str, Any
         lines.append(
             f"  {mode:<9}"
             + " | ".join(
-                f"{name.removesuffix('_ms')} {_ms(d['p50'])} / {_ms(d['p95'])} / {_ms(d['max'])}"
+                f"{name.removesuffix('_ms')} {figure(d['p50'])} / {figure(d['p95'])} / {figure(d['max'])}"
                 for name, d in probe.items()
             )
         )
@@ -746,13 +447,6 @@ def format_report(summaries: Sequence[Mapping[str, Any]], meta: Mapping[str, Any
 # ---- entry point --------------------------------------------------------------------------------------------------
 
 
-def _ints(text: str) -> list[int]:
-    values = [int(part) for part in text.split(",") if part.strip()]
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers like 1,8,32, got {text!r}")
-    return values
-
-
 def _pacings(text: str) -> list[str]:
     values = [part.strip() for part in text.split(",") if part.strip()]
     if not values or not set(values) <= {"paced", "unpaced"}:
@@ -765,7 +459,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchArgs:
         prog="python -m bench.serving_overhead",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
-    parser.add_argument("--streams", type=_ints, default=[1, 8, 32], help="concurrent streams per run (1,8,32)")
+    parser.add_argument("--streams", type=positive_ints, default=(1, 8, 32), help="concurrent streams per run (1,8,32)")
     parser.add_argument("--seconds", type=float, default=6.0, help="input per stream, in seconds (6)")
     parser.add_argument("--pacing", type=_pacings, default=["paced", "unpaced"], help="output pacing: paced,unpaced")
     parser.add_argument("--aligned", action="store_true", help="start every stream at the same phase")
@@ -787,16 +481,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     pool = None
     if args.client_procs:
-        pool = ProcessPoolExecutor(args.client_procs, mp_context=get_context("spawn"))
-        list(pool.map(_ping, range(args.client_procs)))  # spawn and import before anything is timed
-    parity = ParitySet(FIXTURE)
+        pool = start_pool(args.client_procs)
+    parity = ParitySet(PARITY_A)
     settings = StreamSettings()
     runs: list[RunResult] = []
     try:
         with tempfile.TemporaryDirectory(prefix="bench-voices-") as voices, local_ray():
             app, options = start_service(parity, Path(voices), args, identity=True)
             audio = looped(app.source_48k(), args.seconds, 48000)
-            warm_up(app, audio, pool)
+            warm_up(app.base_url, app.token, app.voice_id, audio, pool=pool)
             idle = idle_cpu()
             blocks = probe_blocks(audio, round(settings.block_time * CONTENT_RATE), PROBE_BLOCKS)
             probes = {"identity": describe_probe(probe_converter(app.voice_id, blocks, settings.block_time))}
@@ -808,7 +501,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.real_model:
                 app, _ = start_service(parity, Path(voices), args, identity=False)
                 speed = {r: s["real_time_factor"] * settings.block_time * 1000 for r, s in all_replica_stats().items()}
-                warm_up(app, audio, pool)
+                warm_up(app.base_url, app.token, app.voice_id, audio, pool=pool)
                 probes["model"] = describe_probe(probe_converter(app.voice_id, blocks, settings.block_time))
                 step = probes["model"]["compute_ms"]["p50"] or 0.0
                 for pacing in args.pacing:
@@ -859,17 +552,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "rows": [{"run": run.label, "streams": run.streams, **row} for run in runs for row in run.rows],
             "errors": {f"{run.label} x{run.streams}": run.errors for run in runs},
         }
-        args.json.write_text(json.dumps(document, indent=2, default=_plain) + "\n")
-        print(f"rows and summaries written to {args.json}")
+        write_json(args.json, document, "rows and summaries")
     return 0
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if hasattr(value, "__dataclass_fields__"):
-        return asdict(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ figures and their definitions are bench/load.py's (its docstring): a row counts 
 back during its interval and the streams that started in it.
 
 Memory: RSS of the processes Ray titles ServeReplica...Ingress, ServeReplica...Converter and ProxyActor, summed per
-kind, read from /proc at the end of each interval (bench/serving_overhead.py's process table). With --local only the
+kind, read from /proc at the end of each interval (bench/cpu_usage.py's process table). With --local only the
 processes this tool started (its descendants) count, so other Ray users on the machine do not; with --url every such
 process on this machine counts (none when the deployment runs elsewhere: the columns show -).
 
@@ -32,14 +32,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict
 from typing import Any
 
 from app.transport.protocol import FRAME_MS
+from bench.common import figure, write_json
+from bench.cpu_usage import CONVERTER, INGRESS, PROXY, cpu_snapshot, descendants, neighbour_cpu, own_tree, process_table
 from bench.load import (
     Flatness,
     Ledger,
@@ -47,19 +47,15 @@ from bench.load import (
     Target,
     add_target_args,
     check_target_args,
-    descendants,
     flatness,
     format_report,
-    neighbour_cpu,
     open_target,
-    own_tree,
     read_input,
-    run_meta,
+    report_meta,
     run_one_stream,
     warm_up,
-    write_json,
 )
-from bench.serving_overhead import CONVERTER, INGRESS, PROXY, cpu_snapshot, phases, process_table
+from bench.streams import phases
 from client.stream_client import encode_packets
 
 LATENCY_FLAT = 1.25  # last / first interval p50; the shared 2-core machines move a p50 by ~10-20 % on their own
@@ -189,10 +185,6 @@ async def soak(
 # ---- reporting ----------------------------------------------------------------------------------------------------
 
 
-def _num(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 HEADER = (
     f"{'t':>6} {'new':>4}{'blocks':>7} | {'server p50':>10}{'p99':>7} | {'client p50':>10}{'p99':>7} | "
     f"{'miss':>4}{'drop':>5}{'refused':>8}{'err':>4} | RSS MiB {'ingress':>8}{'convert':>8}{'proxy':>7} | "
@@ -204,10 +196,10 @@ def format_row(row: Mapping[str, Any]) -> str:
     rss = row["rss_mib"]
     return (
         f"{row['end_s'] / 60:>5.1f}m {row['streams_started']:>4}{row['blocks']:>7} | "
-        f"{_num(row['server_p50_ms']):>10}{_num(row['server_p99_ms']):>7} | "
-        f"{_num(row['client_p50_ms']):>10}{_num(row['client_p99_ms']):>7} | "
+        f"{figure(row['server_p50_ms']):>10}{figure(row['server_p99_ms']):>7} | "
+        f"{figure(row['client_p50_ms']):>10}{figure(row['client_p99_ms']):>7} | "
         f"{row['misses']:>4}{row['dropped_blocks']:>5}{row['refusals']:>8}{row['errors']:>4} | "
-        f"{'':>7} {_num(rss[INGRESS], 0):>8}{_num(rss[CONVERTER], 0):>8}{_num(rss[PROXY], 0):>7} | "
+        f"{'':>7} {figure(rss[INGRESS], 0):>8}{figure(rss[CONVERTER], 0):>8}{figure(rss[PROXY], 0):>7} | "
         f"{row['cpu_percent']['this_tool']:>11.0f}{row['cpu_percent']['others']:>7.0f}"
     )
 
@@ -215,7 +207,7 @@ def format_row(row: Mapping[str, Any]) -> str:
 def _judged(name: str, check: Flatness, limit: float, unit: str, judged: bool = True) -> str:
     if check.ratio is None:
         return f"{name}: no data"
-    change = f"{name}: {_num(check.first)} -> {_num(check.last)} {unit} (x{check.ratio:.2f}"
+    change = f"{name}: {figure(check.first)} -> {figure(check.last)} {unit} (x{check.ratio:.2f}"
     if not judged:
         return f"{change}; shown, not judged)"
     return f"{change}, limit x{limit:.2f}) {'flat' if check.flat else 'NOT flat'}"
@@ -239,12 +231,6 @@ def format_verdict(result: Mapping[str, Any]) -> str:
     overall_state = {True: "FLAT", False: "NOT FLAT", None: "UNKNOWN (no figures to compare)"}[result["flat"]]
     lines.append(f"verdict: {overall_state} (last interval vs first)")
     return "\n".join(lines)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Flatness):
-        return asdict(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 # ---- entry point --------------------------------------------------------------------------------------------------
@@ -286,14 +272,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     total = Tally.merged(tallies)
     block_ms = total.blocks[0].block_ms if total.blocks else 0.0
     load = (load_before, load_after)
-    meta = run_meta("Soak, all intervals", args, target, args.stream_seconds, block_ms, load, cpu)
-    report = {"meta": meta, "rows": rows, "verdict": verdict(rows, os.cpu_count() or 1), "total": total.summary()}
+    meta = report_meta("Soak, all intervals", args, target, args.stream_seconds, block_ms, load, cpu)
+    report: dict[str, Any] = {
+        "meta": meta,
+        "rows": rows,
+        "verdict": verdict(rows, os.cpu_count() or 1),
+        "total": total.summary(),
+    }
     print()
     print(format_report(report["total"], meta))
     print()
     print(format_verdict(report["verdict"]))
     if args.json is not None:
-        write_json(args.json, json.loads(json.dumps(report, default=_plain)))
+        write_json(args.json, report)
     return report
 
 

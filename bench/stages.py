@@ -30,8 +30,6 @@ device buffers.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -49,6 +47,7 @@ from app.model.seedvc import SeedVC
 from app.streaming.settings import CONTENT_RATE, StreamGeometry, StreamSettings
 from app.streaming.stream import Stream, step_streams
 from app.streaming.voice import Voice, prepare_voice
+from bench.common import machine_meta, percentile, write_json
 from bench.full_size import build_full_size, parameter_counts
 
 STAGES = ("content_encoder", "length_regulator", "cfm", "vocoder", "sola")
@@ -67,17 +66,6 @@ class Stats:
     p90_ms: float
     min_ms: float
     max_ms: float
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0..100), linear between the closest ranks (numpy's default method)."""
-    if not values:
-        raise ValueError("percentile of no values")
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 def summarize(rows: Sequence[Mapping[str, float]], columns: Sequence[str] = COLUMNS) -> dict[str, Stats]:
@@ -231,17 +219,15 @@ def format_report(
     return "\n".join(lines)
 
 
-def write_json(
-    path: Path, rows: Sequence[Mapping[str, float]], summary: Mapping[str, Stats], meta: Mapping[str, Any]
-) -> None:
-    block_ms = meta["block_ms"]
-    document = {
+def json_document(
+    rows: Sequence[Mapping[str, float]], summary: Mapping[str, Stats], meta: Mapping[str, Any]
+) -> dict[str, Any]:
+    return {
         "meta": dict(meta),
         "rows": [{"block": index, **{f"{k}_ms": v for k, v in row.items()}} for index, row in enumerate(rows)],
         "summary": {column: asdict(stats) for column, stats in summary.items()},
-        "real_time_factor": summary[TOTAL].median_ms / block_ms,
+        "real_time_factor": summary[TOTAL].median_ms / meta["block_ms"],
     }
-    path.write_text(json.dumps(document, indent=2) + "\n")
 
 
 # ---- entry point --------------------------------------------------------------------------------------------------
@@ -268,13 +254,12 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchArgs:
 
 
 def run_meta(model: str | None, device: torch.device, load_before: float, load_after: float) -> dict[str, Any]:
-    """What every bench records about the machine and weights it ran on."""
+    """What the engine benches record about the weights, device and machine they ran on."""
     return {
         "weights": model or "full-size random weights",
         "device": str(device),
         "threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
-        "load_average_1min": [load_before, load_after],  # other work on the machine makes the numbers noisy
+        **machine_meta((load_before, load_after)),
     }
 
 
@@ -308,8 +293,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     }
     print(format_report(summary, meta, counts, geometry))
     if args.json is not None:
-        write_json(args.json, rows, summary, meta)
-        print(f"rows and summary written to {args.json}")
+        write_json(args.json, json_document(rows, summary, meta), "rows and summary")
 
 
 if __name__ == "__main__":

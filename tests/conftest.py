@@ -6,7 +6,7 @@ import pytest
 
 from app.model.seedvc import SeedVC
 from app.voices.store import VoiceStore
-from tests.parity import ParitySet, parity_sets
+from bench.parity import ParitySet, parity_sets
 
 # Browser tests need a loopback-only network namespace entered before Ray starts: scripts/test runs them as their own
 # pytest invocation inside one (SEEDVC_BROWSER_TESTS=1); every other run leaves them out.

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import torch
 
 from app.streaming.settings import UPSTREAM_SETTING_NAMES, StreamSettings
-from tests.parity import ParitySet
+from bench.parity import ParitySet
 
 BUNDLE_TO_SETTINGS = UPSTREAM_SETTING_NAMES  # bundle.json `stream_settings` key -> StreamSettings field
 

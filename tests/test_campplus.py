@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from app.model.campplus import CAMPPlus, CAMPPlusConfig, speaker_fbank
-from tests.parity import ParitySet
+from bench.parity import ParitySet
 
 
 def _config(parity: ParitySet) -> CAMPPlusConfig:

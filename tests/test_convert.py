@@ -19,7 +19,7 @@ import soundfile
 import yaml
 
 from app.convert import main
-from tests.parity import ParitySet
+from bench.parity import ParitySet
 
 
 def settings_flags(parity: ParitySet) -> list[str]:

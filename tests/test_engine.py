@@ -22,7 +22,7 @@ from app.engine.silence import SilenceGate
 from app.model.seedvc import SeedVC
 from app.streaming.settings import StreamSettings
 from app.streaming.voice import Voice, prepare_voice
-from tests.parity import ParitySet
+from bench.parity import ParitySet
 
 MEL_TOLERANCE = 1e-5  # CFM output, batched vs alone (issue: multi-session engine)
 SOLA_TIE_MARGIN = 1e-3  # offsets must agree wherever the best two scores differ by more than this

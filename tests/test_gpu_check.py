@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 
 from bench import gpu_check
-from tests.parity import FIXTURES, ParitySet
+from bench.fixtures import PARITY_A
+from bench.parity import ParitySet
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,7 +68,7 @@ def dry_run(tmp_path_factory: pytest.TempPathFactory, blocked_env: dict[str, str
 
 @pytest.fixture(scope="module")
 def parity_set() -> ParitySet:
-    return ParitySet(FIXTURES / "parity_a")
+    return ParitySet(PARITY_A)
 
 
 def test_the_blocker_blocks(blocked_env: dict[str, str]) -> None:

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from app.model.hift import HiFTConfig, HiFTNoise, HiFTVocoder
-from tests.parity import ParitySet
+from bench.parity import ParitySet
 
 # Parity README, section 10: "Vocoder with f0 injected from blk_f0 (bypassing the f0 predictor): 0.0001".
 F0_INJECTED_ATOL = 1e-4

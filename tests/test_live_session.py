@@ -21,7 +21,7 @@ from app.serving.local import LocalConverterClient
 from app.serving.metrics import RecordedMetrics
 from app.serving.wire import CapacityExceeded
 from app.streaming.settings import StreamSettings
-from tests.parity import ParitySet
+from bench.parity import ParitySet
 
 SETTINGS = StreamSettings(diffusion_steps=3)
 

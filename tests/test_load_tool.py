@@ -16,6 +16,7 @@ from app.audio.opus import FRAME_SAMPLES, SAMPLE_RATE
 from app.audio.stream_resample import StreamingResampler
 from app.streaming.settings import CONTENT_RATE
 from bench import load, soak
+from bench.cpu_usage import CpuSnapshot, descendants, neighbour_cpu
 from bench.load import (
     BlockSample,
     Flatness,
@@ -32,7 +33,6 @@ from bench.load import (
     kbit_per_s,
     ws_frame_bytes,
 )
-from bench.serving_overhead import CpuSnapshot
 from client.stream_client import encode_packets
 from tests.test_stream_client_unit import BLOCK_FRAMES, EchoConverter, serving, sine
 
@@ -244,9 +244,9 @@ def test_the_soak_verdict_judges_p50_latency_and_the_ingress_and_converter_rss()
 
 def test_descendants_follow_the_process_tree_down_only() -> None:
     parents = {10: 1, 11: 10, 12: 11, 13: 10, 20: 1, 21: 20}
-    assert load.descendants(parents, 10) == {11, 12, 13}
-    assert load.descendants(parents, 12) == set()
-    assert load.descendants(parents, 1) == {10, 11, 12, 13, 20, 21}
+    assert descendants(parents, 10) == {11, 12, 13}
+    assert descendants(parents, 12) == set()
+    assert descendants(parents, 1) == {10, 11, 12, 13, 20, 21}
 
 
 def test_replica_rss_reads_this_machine(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -267,5 +267,5 @@ def test_cpu_is_split_into_this_tools_processes_and_everyone_elses() -> None:
         processes={1: ("bench", 14.0), 2: ("other", 9.0), 3: ("ingress", 2.0)},  # 3 started meanwhile
         threads={},
     )
-    cpu = load.neighbour_cpu(before, after, ours={1, 3})
+    cpu = neighbour_cpu(before, after, ours={1, 3})
     assert cpu == {"machine": pytest.approx(150.0), "this_tool": pytest.approx(60.0), "others": pytest.approx(90.0)}

@@ -31,7 +31,7 @@ from app.model.sources import ModelLoadError, bundle_files
 from app.streaming.settings import StreamSettings
 from app.streaming.stream import Stream, step_streams
 from app.streaming.voice import prepare_voice
-from tests.parity import ParitySet
+from bench.parity import ParitySet
 
 HUB_ENCODER_ID = "facebook/wav2vec2-xls-r-300m"
 

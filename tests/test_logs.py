@@ -32,9 +32,9 @@ from app.streaming.settings import StreamSettings
 from app.transport.sessions import StreamServices
 from app.transport.websocket import StreamConnection
 from app.voices.store import VoiceStore
+from bench.parity import ParitySet
 from client.stream_client import stream_audio
 from tests.fakes import websocket_server
-from tests.parity import ParitySet
 
 SECRET = b"a test secret of at least 32 bytes"
 transport_log = logging.getLogger("app.transport.websocket")

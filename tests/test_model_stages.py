@@ -30,7 +30,7 @@ from app.model.seedvc import SeedVC
 from app.streaming.noise import draw_block_noise
 from app.streaming.settings import StreamGeometry
 from app.streaming.sola import fade_in_window, sola_join
-from tests.parity import ParitySet
+from bench.parity import ParitySet
 from tests.settings_from_bundle import one_torch_thread, stream_settings
 
 

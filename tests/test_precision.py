@@ -36,7 +36,7 @@ from app.audio.files import read_audio
 from app.model.seedvc import SeedVC
 from app.streaming.deviation import Deviation, StreamedOutput, stream_blocks
 from app.streaming.voice import prepare_voice
-from tests.parity import ParitySet
+from bench.parity import ParitySet
 from tests.settings_from_bundle import one_torch_thread, stream_settings
 
 # Measured on the fixture (parity_a, one torch thread, a CPU with AVX512-BF16), bf16 against fp32:

@@ -7,7 +7,7 @@ import torch
 
 from app.model.precision import DeviceCapabilities, Precision, resolve
 from app.model.seedvc import SeedVC
-from tests.parity import ParitySet
+from bench.parity import ParitySet
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from tests.parity import ParitySet
 
 from app.auth.tokens import TokenSigner
 from app.model.seedvc import SeedVC
@@ -26,6 +25,7 @@ from app.streaming.settings import StreamSettings
 from app.transport.protocol import ErrorCode, ProtocolError, ResumeRequest, SettingsOverrides, StartMessage
 from app.transport.sessions import StreamServices
 from app.voices.store import VoiceStore
+from bench.parity import ParitySet
 from tests.fakes import FakeClock
 from tests.test_live_session import SETTINGS, input_48k, make_client, run_session
 

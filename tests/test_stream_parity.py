@@ -32,7 +32,7 @@ from app.model.seedvc import SeedVC
 from app.streaming.settings import SettingsError
 from app.streaming.stream import Stream, step_streams
 from app.streaming.voice import MIN_REFERENCE_SECONDS, Voice, prepare_voice, prompt_audio
-from tests.parity import ParitySet
+from bench.parity import ParitySet
 from tests.settings_from_bundle import one_torch_thread, stream_settings
 
 

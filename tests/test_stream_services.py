@@ -21,7 +21,7 @@ from app.streaming.settings import StreamSettings
 from app.transport.protocol import ErrorCode, ProtocolError, StartMessage, parse_client_message
 from app.transport.sessions import StreamServices
 from app.voices.store import VoiceStore
-from tests.parity import ParitySet
+from bench.parity import ParitySet
 
 
 def test_settings_the_model_cannot_stream_are_bad_settings(model: SeedVC, parity: ParitySet, tmp_path: Path) -> None:

@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from tests.parity import ParitySet
-
 from app.model.seedvc import SeedVC
 from app.serving.config import ConverterConfig
 from app.serving.converter import ConverterService
 from app.serving.wire import OpenRequest
 from app.streaming.settings import StreamSettings
 from app.voices.store import VoiceStore
+from bench.parity import ParitySet
 
 
 def test_a_deleted_voice_leaves_the_converters_cache(parity: ParitySet, model: SeedVC, tmp_path: Path) -> None:

@@ -63,8 +63,8 @@ from app.transport.webrtc import (
     stereo_frame,
 )
 from app.voices.store import VoiceStore
+from bench.parity import ParitySet
 from tests.fakes import websocket_server
-from tests.parity import ParitySet
 
 TAIL_S = 0.3  # silence sent after the audio, so that its last packets arrive before `end`
 EVENT_TIMEOUT_S = 30.0

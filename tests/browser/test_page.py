@@ -21,10 +21,10 @@ import torch
 from playwright.sync_api import Browser, Page, sync_playwright
 
 from app.audio.files import resample
+from bench.harness import API_KEY, BASE_URL, local_ray, start_app
+from bench.parity import ParitySet
 from client.api import delete_voice, upload_voice
 from tests.browser.conftest import CHROMIUM
-from tests.parity import ParitySet
-from tests.serve.harness import API_KEY, BASE_URL, local_ray, start_app
 
 TRANSPORTS = ["webrtc", "websocket"]
 LOOPBACK_ICE = {"ice_host_addresses": ["127.0.0.1"]}

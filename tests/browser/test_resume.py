@@ -29,10 +29,10 @@ import torch
 from playwright.sync_api import Browser, Page, sync_playwright
 
 from app.audio.files import resample
+from bench.harness import APP, ServeApp, local_ray, start_app
+from bench.parity import ParitySet
 from tests.browser.conftest import CHROMIUM
 from tests.browser.test_page import CALL_TIMEOUT_MS, LOOPBACK_ICE, TRANSPORTS, chromium_flags, open_page, state
-from tests.parity import ParitySet
-from tests.serve.harness import APP, ServeApp, local_ray, start_app
 
 BLOCKS_BEFORE = 25  # 4.5 s of 180 ms blocks: well under way before the fault
 BLOCKS_AFTER = 25  # and as many after it

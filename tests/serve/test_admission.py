@@ -7,9 +7,9 @@ import asyncio
 from collections.abc import Iterator
 
 import pytest
-from tests.parity import ParitySet
-from tests.serve.harness import BASE_URL, ServeApp, local_ray, start_app
 
+from bench.harness import BASE_URL, ServeApp, local_ray, start_app
+from bench.parity import ParitySet
 from client.stream_client import StreamResult, stream_audio
 from tests.serve.started import started_stream
 

@@ -32,9 +32,9 @@ from app.transport.protocol import (
     close_code,
     parse_client_message,
 )
+from bench.harness import BASE_URL, ServeApp, local_ray, start_app
+from bench.parity import ParitySet
 from client.stream_client import StreamResult, stream_audio, stream_url
-from tests.parity import ParitySet
-from tests.serve.harness import BASE_URL, ServeApp, local_ray, start_app
 
 pytestmark = pytest.mark.serve
 

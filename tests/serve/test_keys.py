@@ -10,9 +10,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
-from tests.parity import ParitySet
-from tests.serve.harness import API_KEY, BASE_URL, ServeApp, local_ray, start_app
 
+from bench.harness import API_KEY, BASE_URL, ServeApp, local_ray, start_app
+from bench.parity import ParitySet
 from client.api import (
     ClientError,
     create_key,

@@ -25,10 +25,10 @@ import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from app.transport.protocol import CLOSE_POLICY_VIOLATION
+from bench.harness import API_KEY, BASE_URL, ServeApp, local_ray, start_app
+from bench.parity import ParitySet
 from client.api import ClientError, upload_voice
 from client.stream_client import encode_packets, paced_packets, start_message
-from tests.parity import ParitySet
-from tests.serve.harness import API_KEY, BASE_URL, ServeApp, local_ray, start_app
 
 pytestmark = pytest.mark.serve
 

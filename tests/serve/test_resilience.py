@@ -26,10 +26,7 @@ from ray.serve.schema import ApplicationStatus, ServeDeploySchema
 
 from app.audio.pacing import Pacer
 from app.transport.protocol import FRAME_MS
-from client.api import get_token, upload_voice
-from client.stream_client import Event, StreamResult, encode_packets, run_stream, start_message
-from tests.parity import ParitySet
-from tests.serve.harness import (
+from bench.harness import (
     API_KEY,
     APP,
     BASE_URL,
@@ -43,6 +40,9 @@ from tests.serve.harness import (
     replica_stats,
     start_app,
 )
+from bench.parity import ParitySet
+from client.api import get_token, upload_voice
+from client.stream_client import Event, StreamResult, encode_packets, run_stream, start_message
 
 pytestmark = pytest.mark.serve
 

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bench.harness import ServeApp
+from bench.parity import ParitySet
 from client.api import get_token, upload_voice
 from client.stream_client import stream_audio
-from tests.parity import ParitySet
-from tests.serve.harness import ServeApp
 
 ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 240

@@ -18,17 +18,7 @@ import websockets
 
 from app.audio.opus import OpusEncoder
 from app.transport.protocol import MAX_FRAME_BYTES
-from client.api import ClientError, delete_voice, get_token, list_voices, upload_voice
-from client.stream_client import (
-    StreamResult,
-    encode_packets,
-    paced_packets,
-    run_stream,
-    start_message,
-    stream_audio,
-)
-from tests.parity import ParitySet
-from tests.serve.harness import (
+from bench.harness import (
     BASE_URL,
     METRICS_PORT,
     OTHER_API_KEY,
@@ -38,6 +28,16 @@ from tests.serve.harness import (
     local_ray,
     replica_stats,
     start_app,
+)
+from bench.parity import ParitySet
+from client.api import ClientError, delete_voice, get_token, list_voices, upload_voice
+from client.stream_client import (
+    StreamResult,
+    encode_packets,
+    paced_packets,
+    run_stream,
+    start_message,
+    stream_audio,
 )
 
 pytestmark = pytest.mark.serve

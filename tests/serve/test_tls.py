@@ -28,9 +28,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from ray import serve
 
+from bench.harness import BASE_URL, ServeApp, local_ray, start_app
+from bench.parity import ParitySet
 from client.stream_client import stream_url
-from tests.parity import ParitySet
-from tests.serve.harness import BASE_URL, ServeApp, local_ray, start_app
 
 pytestmark = pytest.mark.serve
 

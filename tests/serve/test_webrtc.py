@@ -19,8 +19,8 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed
 
-from tests.parity import ParitySet
-from tests.serve.harness import BASE_URL, ServeApp, converter_replicas, local_ray, replica_stats, start_app
+from bench.harness import BASE_URL, ServeApp, converter_replicas, local_ray, replica_stats, start_app
+from bench.parity import ParitySet
 from tests.test_webrtc_unit import Call, Event, delays_and_correlations, loopback_only_ice, rtc_call
 
 pytestmark = pytest.mark.serve

@@ -1,7 +1,7 @@
 """Access to a Seed-VC parity fixture set (format: tests/fixtures/parity_a/README.md).
 
 Tests read every number they need (settings, geometry, tolerances) from the set itself, so any other set in the
-same format passes with no code change.
+same format passes with no code change. The serving benchmarks read their tiny model and inputs through it too.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import soundfile
 import torch
 
-FIXTURES = Path(__file__).parent / "fixtures"
+from bench.fixtures import FIXTURES
 
 Kind = Literal["stage", "e2e"]
 

@@ -1,4 +1,5 @@
-"""A real local Ray Serve running the application with the tiny fixture model (2 CPUs, loopback only).
+"""A real local Ray Serve running the application with the tiny fixture model (2 CPUs, loopback only): what the Serve
+tests (tests/serve, tests/browser) and the serving benchmarks (bench.serving_overhead, bench.load --local) start.
 
 Replicas get `num_cpus: 0` (a 2-CPU Ray cannot place an ingress and two 1-CPU converters) and one torch thread each
 (two converters with two threads each would oversubscribe the two cores many times over).
@@ -21,12 +22,12 @@ from ray import serve
 
 from app.audio.files import resample
 from app.serving.config import ConverterConfig, IngressConfig
+from bench.parity import ParitySet
 from client.api import get_token, upload_voice
 from client.stream_client import StreamResult, stream_audio
 from deployments.app import AppArgs, build_app
 from deployments.ingress import TOKEN_SECRET_ENV
 from deployments.router import pin
-from tests.parity import ParitySet
 
 API_KEY = "test-key-0123456789abcdef"
 OTHER_API_KEY = "another-key-0123456789abcdef"  # a second tenant, for isolation tests
