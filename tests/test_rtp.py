@@ -121,7 +121,9 @@ def test_a_lost_packet_is_a_gap_with_the_next_packet_for_fec_and_timestamps_keep
         Packet(b"d"),
     ]
     assert buffer.position == 11 * FRAME_SAMPLES and buffer.concealed_samples == 8 * FRAME_SAMPLES
-    assert drain(buffer, until=12 * FRAME_SAMPLES) == [Gap(FRAME_SAMPLES, None)]  # nothing came: conceal, in turn
+    assert drain(buffer, until=12 * FRAME_SAMPLES) == []  # nothing newer came: a pause until a packet says otherwise
+    buffer.push(15, (first + 13 * FRAME_SAMPLES) % 2**32, b"f")  # 14 lost: known once 15 is in
+    assert drain(buffer, until=14 * FRAME_SAMPLES) == [Gap(2 * FRAME_SAMPLES, b"f"), Packet(b"f")]
 
 
 def test_a_sender_that_runs_ahead_is_skipped_to_the_newest_audio() -> None:

@@ -90,6 +90,10 @@ class SessionDriver(ABC):
         """Reads media from a path of its own into `feed` until cancelled (the control socket's end ends it)."""
         await asyncio.Event().wait()
 
+    async def drain_media(self, session: LiveSession) -> None:
+        """After `end`: feeds what the media path still holds (RTP: its jitter buffer), before the input ends."""
+        return  # nothing held, unless a transport says otherwise
+
     @abstractmethod
     async def send_frame(self, frame: np.ndarray) -> None:
         """Sends one 20 ms frame of converted audio (48 kHz mono float32)."""
@@ -224,6 +228,7 @@ class SessionDriver(ABC):
         finally:
             media.cancel()
             await asyncio.gather(media, return_exceptions=True)
+        await self.drain_media(session)
 
     async def _read_control(self, session: LiveSession) -> None:
         while True:

@@ -239,9 +239,15 @@ class RtpCall(SessionDriver):
         while True:
             await pacer.wait(tick)
             tick += 1
-            until = round((loop.time() - self._first_arrival) * SAMPLE_RATE) - delay
-            while (item := self.buffer.next(until)) is not None:
-                await self.feed(session, self._decode(item))
+            await self._play_until(session, round((loop.time() - self._first_arrival) * SAMPLE_RATE) - delay)
+
+    async def drain_media(self, session: LiveSession) -> None:
+        """The packets that arrived before `end` and still wait in the jitter buffer are input too."""
+        await self._play_until(session, self.buffer.position + self.buffer.max_depth_samples)
+
+    async def _play_until(self, session: LiveSession, until: int) -> None:
+        while (item := self.buffer.next(until)) is not None:
+            await self.feed(session, self._decode(item))
 
     def _decode(self, item: Packet | Gap) -> np.ndarray:
         if isinstance(item, Gap):

@@ -1,11 +1,12 @@
 """A receive jitter buffer for RTP audio: packets in sequence order, played out on their RTP timestamps.
 
 UDP reorders, duplicates, delays and loses packets. The buffer holds each packet until its turn, a fixed delay
-after the first packet's arrival; what has not arrived by its turn is a gap, which the caller conceals (in-band FEC
-from the packet after it, or PLC) instead of skipping, so the input's timeline keeps its length: 10 s sent is 10 s
-received. Timestamps, not arrival times, say where a packet belongs: a sender that stops sending during silence
-(Opus DTX) leaves a timestamp jump, which becomes a gap too. A packet that arrives after its turn has passed, or
-twice, is dropped.
+after the first packet's arrival; a packet missing at its turn while later ones have arrived is a gap, which the
+caller conceals (in-band FEC from the packet after it, or PLC) instead of skipping, so the input's timeline keeps
+its length: 10 s sent is 10 s received. Timestamps, not arrival times, say where a packet belongs: a sender that
+stops sending during silence (Opus DTX) leaves a timestamp jump, which becomes a gap when it resumes (a pause longer
+than the buffer's depth is skipped down to it). A packet that arrives after its turn has passed, or twice, is
+dropped.
 
 Positions are in samples at 48 kHz (the RTP clock of Opus, RFC 7587) from the first packet's timestamp.
 """
@@ -75,7 +76,7 @@ class JitterBuffer:
         newest_sequence, newest_timestamp = self._newest
         extended = unwrap(sequence - first_sequence, newest_sequence, SEQUENCE_MODULO)
         position = unwrap(timestamp - first_timestamp, newest_timestamp, TIMESTAMP_MODULO)
-        if extended < self._next_sequence or extended in self._packets or position < self._next_timestamp:
+        if extended < self._next_sequence or extended in self._packets:
             self.late += 1
             return False
         self._packets[extended] = _Held(position, payload)
@@ -91,16 +92,24 @@ class JitterBuffer:
         if self._origin is None or self._next_timestamp >= until:
             return None
         held = self._packets.get(self._next_sequence)
+        if held is None and not self._packets:
+            # Nothing newer either: the sender may just have paused (or stopped). Wait: a loss is concealed once a
+            # later packet shows it, and a pause's length is known when the sender resumes (its timestamps).
+            return None
         if held is None:  # lost, or later than its turn: conceal the frame it held
             following = self._packets.get(self._next_sequence + 1)
             samples = following.timestamp - self._next_timestamp if following is not None else self._frame_samples
             self._next_sequence += 1
             return self._gap(samples, following.payload if following is not None else None)
-        if held.timestamp < self._next_timestamp:  # overlaps audio already played out: worthless now
+        if held.timestamp < self._next_timestamp - self._frame_samples:  # belongs to audio long played out
             del self._packets[self._next_sequence]
             self._next_sequence += 1
             self.late += 1
             return self.next(until)
+        # A packet that starts a little before the previous one's decoded end: the timestamps are right, the decoded
+        # length was not (GStreamer's opusenc stamps its first packet 960 samples long and the next 648 later, the
+        # encoder's lookahead left out). Play it from its own timestamp on.
+        self._next_timestamp = min(self._next_timestamp, held.timestamp)
         if held.timestamp > self._next_timestamp:  # the sender paused (DTX): conceal up to the packet, in turn
             return self._gap(min(held.timestamp, until) - self._next_timestamp, held.payload)
         del self._packets[self._next_sequence]
