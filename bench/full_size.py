@@ -29,11 +29,11 @@ from torch import Tensor, nn
 from transformers import Wav2Vec2Config, Wav2Vec2Model
 
 from app.bundle import write_bundle
-from app.model.campplus import CAMPPlus, CAMPPlusConfig
+from app.model.campplus import CAMPPLUS_LAYOUT, CAMPPlus, CAMPPlusConfig
 from app.model.config import ContentEncoderConfig, SeedVCConfig
 from app.model.content_encoder import ContentEncoder
-from app.model.dit import DiT
-from app.model.hift import HiFTConfig, HiFTVocoder, _is_weight_normed
+from app.model.dit import DIT_LAYOUT, REGULATOR_LAYOUT, DiT
+from app.model.hift import HIFT_LAYOUT, HiFTConfig, HiFTVocoder
 from app.model.length_regulator import LengthRegulator
 from app.model.precision import Precision
 from app.model.seedvc import SeedVC
@@ -149,7 +149,8 @@ def save_model_files(model: SeedVC, dit_config: Mapping[str, Any], directory: Pa
 
     DiT and length regulator: one checkpoint `{'net': {'cfm': {'estimator.*'}, 'length_regulator': ...}}`; XLS-R: a
     transformers folder (with the positional convolution's weight norm, as transformers builds it); HiFT: CosyVoice's
-    weight-norm layout (weight_v, weight_g); CAMPPlus: its state dict. `dit_config` is config_dit.yml's content.
+    weight-norm layout (weight_v, weight_g); CAMPPlus: funasr's (`xvector.dense.*`); each written through its model's
+    CheckpointLayout. `dit_config` is config_dit.yml's content.
     """
     assert model.precision is Precision.FP32, "save the float32 model: reduced precisions convert weights for good"
     directory.mkdir(parents=True, exist_ok=True)
@@ -163,13 +164,17 @@ def save_model_files(model: SeedVC, dit_config: Mapping[str, Any], directory: Pa
         speaker_encoder_config=directory / "campplus.json",
     )
     files.dit_config.write_text(yaml.safe_dump(dict(dit_config), sort_keys=False))
-    cfm = {f"estimator.{key}": value for key, value in _cpu_state(model.dit).items()}
-    torch.save({"net": {"cfm": cfm, "length_regulator": _cpu_state(model.length_regulator)}}, files.dit_checkpoint)
+    net = {
+        "cfm": DIT_LAYOUT.to_file(model.dit, _cpu_state(model.dit)),
+        "length_regulator": REGULATOR_LAYOUT.to_file(model.length_regulator, _cpu_state(model.length_regulator)),
+    }
+    torch.save({"net": net}, files.dit_checkpoint)
     _with_positional_weight_norm(model.content_encoder.model).save_pretrained(files.content_encoder)
-    torch.save(_weight_norm_layout(model.vocoder), files.vocoder_checkpoint)
+    torch.save(HIFT_LAYOUT.to_file(model.vocoder, _cpu_state(model.vocoder)), files.vocoder_checkpoint)
     assert files.vocoder_config is not None and files.speaker_encoder_config is not None
     files.vocoder_config.write_text(yaml.safe_dump(model.vocoder.config.to_yaml_dict(), sort_keys=False))
-    torch.save(_cpu_state(model.speaker_encoder), files.speaker_encoder_checkpoint)
+    speaker_state = CAMPPLUS_LAYOUT.to_file(model.speaker_encoder, _cpu_state(model.speaker_encoder))
+    torch.save(speaker_state, files.speaker_encoder_checkpoint)
     files.speaker_encoder_config.write_text(json.dumps(dataclasses.asdict(model.speaker_encoder.config), indent=1))
     return files
 
@@ -184,15 +189,3 @@ def _with_positional_weight_norm(model: Wav2Vec2Model) -> Wav2Vec2Model:
     model = copy.deepcopy(model).cpu()
     nn.utils.parametrizations.weight_norm(model.encoder.pos_conv_embed.conv, name="weight", dim=2)
     return model
-
-
-def _weight_norm_layout(vocoder: HiFTVocoder) -> dict[str, Tensor]:
-    """HiFT's state dict as CosyVoice stores it: every weight-normed convolution as weight_v (the weight itself) and
-    weight_g (its norm over every dim but 0), which the loader folds back to the same weight."""
-    state = _cpu_state(vocoder)
-    for name, module in vocoder.named_modules():
-        if _is_weight_normed(name, module):
-            weight = state.pop(f"{name}.weight")
-            state[f"{name}.weight_v"] = weight
-            state[f"{name}.weight_g"] = torch.norm_except_dim(weight, 2, 0)
-    return state

@@ -12,7 +12,7 @@ CAM++ has three parts:
 * statistics pooling (mean and unbiased std over time) and a dense layer down to the embedding.
 
 Module and parameter names follow the released checkpoints (after moving `xvector.dense.*` to `dense.*`, see
-`CAMPPlus.from_state_dict`), so a funasr state dict loads strictly.
+`CAMPPLUS_LAYOUT`), so a funasr state dict loads strictly.
 
 Shapes: B - batch, T - fbank frames, F - fbank bins, C - channels.
 """
@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 import torchaudio.compliance.kaldi as kaldi
 from torch import nn
+
+from app.model.checkpoints import CheckpointLayout, RenamePrefix, load_state
 
 SAMPLE_RATE = 16000
 NUM_MEL_BINS = 80
@@ -319,43 +321,15 @@ class CAMPPlus(nn.Module):
         return self.dense(_statistics_pooling(x))  # (B, embedding_size)
 
     @classmethod
-    def from_state_dict(cls, config: CAMPPlusConfig, state_dict: Mapping[str, torch.Tensor]) -> CAMPPlus:
-        """Build, load strictly and return in eval mode. Accepts funasr's layout and the renamed one."""
+    def from_state_dict(
+        cls, config: CAMPPlusConfig, state_dict: Mapping[str, torch.Tensor], source: object = None
+    ) -> CAMPPlus:
+        """Build, load strictly and return in eval mode. Accepts funasr's layout and ours."""
         model = cls(config)
-        renamed = _rename_funasr_keys(state_dict)
-        expected = model.state_dict()
-        missing = sorted(expected.keys() - renamed.keys())
-        unexpected = sorted(renamed.keys() - expected.keys())
-        mismatched = [
-            f"{key}: checkpoint {tuple(renamed[key].shape)} vs model {tuple(expected[key].shape)}"
-            for key in sorted(expected.keys() & renamed.keys())
-            if renamed[key].shape != expected[key].shape
-        ]
-        problems = []
-        if missing:
-            problems.append(f"missing keys {missing}")
-        if unexpected:
-            problems.append(f"unexpected keys {unexpected}")
-        if mismatched:
-            problems.append(f"shape mismatches {mismatched}")
-        if problems:
-            raise ValueError(f"CAMPPlus checkpoint does not match {config}; " + "; ".join(problems))
-        model.load_state_dict(renamed, strict=True)
+        load_state(model, state_dict, CAMPPLUS_LAYOUT, source)
         return model.eval()
 
 
-def _rename_funasr_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """funasr keeps the final dense layer inside `xvector`; this module has it at the top level.
-
-    funasr's statistics pooling (`xvector.stats`) is also moved out upstream, but it holds no tensors, so no
-    checkpoint has keys to rename for it.
-    """
-    renamed: dict[str, torch.Tensor] = {}
-    source: dict[str, str] = {}
-    for key, tensor in state_dict.items():
-        new_key = "dense." + key.removeprefix("xvector.dense.") if key.startswith("xvector.dense.") else key
-        if new_key in renamed:
-            raise ValueError(f"CAMPPlus checkpoint has both {source[new_key]!r} and {key!r} for {new_key!r}")
-        renamed[new_key] = tensor
-        source[new_key] = key
-    return renamed
+# funasr keeps the final dense layer inside `xvector`; this module has it at the top level. funasr's statistics
+# pooling (`xvector.stats`) is moved out too, but it holds no tensors, so no checkpoint has keys to rename for it.
+CAMPPLUS_LAYOUT = CheckpointLayout("CAMPPlus speaker encoder", hooks=(RenamePrefix("xvector.dense.", "dense."),))

@@ -7,19 +7,54 @@ prompt mel (zero outside the prompt) and the content condition. Rows of differen
 mask (`position < x_lens + 2`) keeps padding out of every valid token, and RoPE positions do not depend on padding,
 so a padded row computes what it computes alone.
 
-Parameter names follow the upstream checkpoint (`net.cfm` with the `estimator.` prefix removed), so the official
-files load without renaming. Weights the real-time path never uses (x_embedder, cond_embedder, ...) are not built.
+Parameter names follow the upstream checkpoint (`net.cfm` with the `estimator.` prefix removed: `DIT_LAYOUT`).
+Weights the real-time path never uses (x_embedder, cond_embedder, ...) are not built.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from app.model.checkpoints import CheckpointLayout, RenamePrefix, StripPrefix
 from app.model.config import DiTConfig
+from app.model.sources import ModelLoadError
+
+# Both parts of upstream's DiT checkpoint (`dit_checkpoint_parts`) may sit behind `module.`, when saved from
+# DistributedDataParallel. Their unused weights belong to modules the real-time path never runs, so they are not built;
+# `input_pos` is a position buffer whose stored size (the config's block_size) differs from ours; upstream skips it too.
+_SEEDVC_HINT = "Is it a Seed-VC real-time (xlsr-tiny) checkpoint, with the config it was trained with?"
+DIT_LAYOUT = CheckpointLayout(
+    "DiT estimator",
+    hooks=(StripPrefix("module."), RenamePrefix("estimator.", "")),
+    unused=("input_pos", "x_embedder.", "cond_embedder.", "content_mask_embedder.", "skip_linear."),
+    strict_extras=False,
+    hint=_SEEDVC_HINT,
+)
+REGULATOR_LAYOUT = CheckpointLayout(
+    "length regulator",
+    hooks=(StripPrefix("module."),),
+    unused=("embedding.", "mask_token", "extra_codebooks.", "extra_codebook_mask_tokens."),
+    strict_extras=False,
+    hint=_SEEDVC_HINT,
+)
+
+
+def dit_checkpoint_parts(checkpoint: Any, path: Path) -> tuple[Mapping[str, Tensor], Mapping[str, Tensor]]:
+    """The (estimator, length regulator) state dicts of an upstream DiT checkpoint `{'net': {'cfm', ...}}`, each in
+    its file layout (DIT_LAYOUT and REGULATOR_LAYOUT map them to the modules)."""
+    net = checkpoint.get("net") if isinstance(checkpoint, Mapping) else None
+    if not isinstance(net, Mapping) or not {"cfm", "length_regulator"} <= set(net):
+        raise ModelLoadError(
+            f"{path} is not a Seed-VC DiT checkpoint: expected {{'net': {{'cfm': ..., 'length_regulator': ...}}}}"
+        )
+    return net["cfm"], net["length_regulator"]
 
 
 class RMSNorm(nn.Module):
@@ -119,6 +154,9 @@ class TransformerBlock(nn.Module):
 class Transformer(nn.Module):
     """U-ViT: blocks of the first half push their outputs, blocks after the middle pop the most recent one."""
 
+    # Registered buffers, declared so that they type as tensors rather than as Module.__getattr__'s union.
+    rope: Tensor
+
     def __init__(self, config: DiTConfig) -> None:
         super().__init__()
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.depth))
@@ -139,6 +177,9 @@ class Transformer(nn.Module):
 
 class TimestepEmbedder(nn.Module):
     """Sinusoidal embedding of the flow time t (scaled by 1000) followed by an MLP."""
+
+    # Registered buffers, declared so that they type as tensors rather than as Module.__getattr__'s union.
+    freqs: Tensor
 
     def __init__(self, hidden_dim: int, frequency_embedding_size: int) -> None:
         super().__init__()

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from app.model.checkpoints import CheckpointLayout, FoldWeightNorm, load_state
 from app.model.precision import full_precision
 
 # Snake's guard against alpha = 0 (upstream's value).
@@ -109,7 +110,7 @@ class HiFTConfig:
 
         values = {**hift, **{_ISTFT_KEYS[k]: v for k, v in istft.items()}}
         values |= {_F0_KEYS[k]: v for k, v in f0.items()}
-        kinds = {f.name: f.type for f in fields(cls)}
+        kinds = {f.name: str(f.type) for f in fields(cls)}  # postponed annotations: the type as written
         return cls(**{name: _coerce(kinds[name], value) for name, value in values.items()})
 
     def to_yaml_dict(self) -> dict[str, Any]:
@@ -218,6 +219,9 @@ class F0Predictor(nn.Module):
 class HarmonicSource(nn.Module):
     """NSF excitation from sample-rate f0: sines at f0 * (1..H+1), voicing gate, noise, Linear + tanh."""
 
+    # Registered buffers, declared so that they type as tensors rather than as Module.__getattr__'s union.
+    multiples: Tensor
+
     def __init__(self, config: HiFTConfig) -> None:
         super().__init__()
         self.config = config
@@ -255,6 +259,9 @@ class HarmonicSource(nn.Module):
 
 class HiFTVocoder(nn.Module):
     """Mel (B, in_channels, N) -> waveform (B, N * samples_per_frame), clamped to +-audio_limit."""
+
+    # Registered buffers, declared so that they type as tensors rather than as Module.__getattr__'s union.
+    window: Tensor
 
     def __init__(self, config: HiFTConfig) -> None:
         super().__init__()
@@ -368,45 +375,19 @@ class HiFTVocoder(nn.Module):
         return torch.istft(spec, n_fft, hop, n_fft, window=self.window, center=True)
 
     @classmethod
-    def from_state_dict(cls, config: HiFTConfig, state_dict: Mapping[str, Tensor]) -> HiFTVocoder:
-        """Build from a CosyVoice hift.pt state dict (loaded strictly), weight norm folded; returns eval()."""
+    def from_state_dict(
+        cls, config: HiFTConfig, state_dict: Mapping[str, Tensor], source: object = None
+    ) -> HiFTVocoder:
+        """Build from a CosyVoice hift.pt state dict (loaded strictly, weight norm folded); returns eval()."""
         model = cls(config)
-        model.load_state_dict(_fold_weight_norm(model, state_dict), strict=True)
+        load_state(model, state_dict, HIFT_LAYOUT, source)
         return model.eval()
 
 
-def _is_weight_normed(name: str, module: nn.Module) -> bool:
+def is_weight_normed(name: str, module: nn.Module) -> bool:
     # CosyVoice weight-normalises every convolution except the source down-samplers.
     return isinstance(module, nn.Conv1d | nn.ConvTranspose1d) and not name.startswith("source_downs.")
 
 
-def _fold_weight_norm(model: nn.Module, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Check `state_dict` against the legacy weight-norm layout of `model` and return plain weights.
-
-    A weight-normed module stores `weight_v` (the direction, shaped like the weight) and `weight_g` (one gain
-    per slice along dim 0); the weight is g * v / ||v||, the norm taken over every dim but 0.
-    """
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    normed = [name for name, module in model.named_modules() if _is_weight_normed(name, module)]
-    for name in normed:
-        shape = expected.pop(f"{name}.weight")
-        expected[f"{name}.weight_v"] = shape
-        expected[f"{name}.weight_g"] = (shape[0],) + (1,) * (len(shape) - 1)
-
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"hift state dict does not match the model: missing {missing}, unexpected {unexpected}")
-    wrong = [
-        f"{key}: {tuple(state_dict[key].shape)} != {shape}"
-        for key, shape in expected.items()
-        if tuple(state_dict[key].shape) != shape
-    ]
-    if wrong:
-        raise ValueError(f"hift state dict shape mismatch (file != model): {'; '.join(wrong)}")
-
-    folded = {key: t for key, t in state_dict.items() if not key.endswith((".weight_g", ".weight_v"))}
-    for name in normed:
-        # The same kernel upstream's torch.nn.utils.weight_norm runs on every call, evaluated once here.
-        folded[f"{name}.weight"] = torch._weight_norm(state_dict[f"{name}.weight_v"], state_dict[f"{name}.weight_g"], 0)
-    return folded
+# CosyVoice's hift.pt: our parameter names, with legacy weight norm on the convolutions.
+HIFT_LAYOUT = CheckpointLayout("HiFT vocoder", hooks=(FoldWeightNorm(is_weight_normed),))

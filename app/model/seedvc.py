@@ -12,10 +12,10 @@ import yaml
 from torch import nn
 
 from app.model.campplus import CAMPPlus, CAMPPlusConfig
-from app.model.checkpoints import dit_checkpoint_parts, load_checked, read_checkpoint
+from app.model.checkpoints import load_state, read_checkpoint
 from app.model.config import ConfigError, SeedVCConfig, load_config
 from app.model.content_encoder import ContentEncoder
-from app.model.dit import DiT
+from app.model.dit import DIT_LAYOUT, REGULATOR_LAYOUT, DiT, dit_checkpoint_parts
 from app.model.hift import HiFTConfig, HiFTVocoder
 from app.model.length_regulator import LengthRegulator
 from app.model.mel import MelSpectrogram
@@ -31,11 +31,6 @@ from app.model.precision import (
 from app.model.sources import HUB, ModelFiles, ModelLoadError, resolve_files
 
 log = logging.getLogger(__name__)
-
-# Checkpoint weights that upstream's modules build but the real-time path never runs. `input_pos` is a position
-# buffer whose stored size (the config's block_size) differs from the module's; upstream skips it too.
-DIT_UNUSED_WEIGHTS = ("input_pos", "x_embedder.", "cond_embedder.", "content_mask_embedder.", "skip_linear.")
-REGULATOR_UNUSED_WEIGHTS = ("embedding.", "mask_token", "extra_codebooks.", "extra_codebook_mask_tokens.")
 
 
 class SeedVC(nn.Module):
@@ -103,9 +98,9 @@ class SeedVC(nn.Module):
             read_checkpoint(files.dit_checkpoint, "DiT"), files.dit_checkpoint
         )
         dit = DiT(config.dit)
-        load_checked(dit, estimator_state, "DiT estimator", DIT_UNUSED_WEIGHTS)
+        load_state(dit, estimator_state, DIT_LAYOUT, files.dit_checkpoint)
         regulator = LengthRegulator(config.length_regulator)
-        load_checked(regulator, regulator_state, "length regulator", REGULATOR_UNUSED_WEIGHTS)
+        load_state(regulator, regulator_state, REGULATOR_LAYOUT, files.dit_checkpoint)
         model = cls(
             config,
             _load_content_encoder(files.content_encoder, config),
@@ -149,10 +144,10 @@ def _load_vocoder(files: ModelFiles, config: SeedVCConfig) -> HiFTVocoder:
             if files.vocoder_config
             else HiFTConfig()
         )
-        state = read_checkpoint(files.vocoder_checkpoint, "HiFT vocoder")
-        vocoder = HiFTVocoder.from_state_dict(vocoder_config, state)
     except ValueError as error:
-        raise ModelLoadError(f"HiFT vocoder ({files.vocoder_checkpoint}): {error}") from error
+        raise ModelLoadError(f"HiFT vocoder config {files.vocoder_config}: {error}") from error
+    state = read_checkpoint(files.vocoder_checkpoint, "HiFT vocoder")
+    vocoder = HiFTVocoder.from_state_dict(vocoder_config, state, files.vocoder_checkpoint)
     mel = config.mel
     if (vocoder_config.in_channels, vocoder_config.sampling_rate, vocoder_config.samples_per_frame) != (
         mel.n_mels,
@@ -174,7 +169,7 @@ def _load_speaker_encoder(files: ModelFiles) -> CAMPPlus:
             if files.speaker_encoder_config
             else CAMPPlusConfig()
         )
-        state = read_checkpoint(files.speaker_encoder_checkpoint, "CAMPPlus speaker encoder")
-        return CAMPPlus.from_state_dict(speaker_config, state)
     except ValueError as error:
-        raise ModelLoadError(f"CAMPPlus speaker encoder ({files.speaker_encoder_checkpoint}): {error}") from error
+        raise ModelLoadError(f"CAMPPlus speaker encoder config {files.speaker_encoder_config}: {error}") from error
+    state = read_checkpoint(files.speaker_encoder_checkpoint, "CAMPPlus speaker encoder")
+    return CAMPPlus.from_state_dict(speaker_config, state, files.speaker_encoder_checkpoint)
