@@ -7,7 +7,6 @@ tiny test bundle, or a cluster: SEEDVC_MODEL (`hub` or a bundle directory) and S
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from pydantic import Field
@@ -15,14 +14,18 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.deployment import Application
 
+from app.environment import ServiceEnvironment
 from app.serving.config import ConverterConfig, IngressConfig, Strict
 from deployments.converter import Converter
 from deployments.ingress import Ingress
+from deployments.model_check import check_model_source
 from deployments.router import SessionPinningRouter
 
-MODEL_ENV = "SEEDVC_MODEL"
-VOICE_STORE_ENV = "SEEDVC_VOICE_STORE"
 ROUTING_STATS_PERIOD_S = 1.0  # how fresh the router's view of sessions per replica is
+# Failed converter starts before Serve marks a deploy DEPLOY_FAILED instead of starting another (a model that cannot
+# be found fails every time). Serve's own bound grows with the replica count, up to 20. It holds until a converter
+# of the deploy has started; Serve replaces converters that fail later (a scale-up onto a bad node) without a bound.
+CONVERTER_START_RETRIES = 3
 
 
 class AppArgs(Strict):
@@ -31,29 +34,41 @@ class AppArgs(Strict):
 
 
 def with_environment(args: AppArgs) -> AppArgs:
+    """The arguments with what the environment overrides (app/environment.py: SEEDVC_MODEL, SEEDVC_VOICE_STORE)."""
+    environment = ServiceEnvironment.read()
     converter, ingress = args.converter, args.ingress
-    if model := os.environ.get(MODEL_ENV):
+    if model := environment.model:
         converter = converter.model_copy(update={"model": model})
-    if store := os.environ.get(VOICE_STORE_ENV):
+    if store := environment.voice_store:
         converter = converter.model_copy(update={"voice_store": store})
         ingress = ingress.model_copy(update={"voice_store": store})
     return AppArgs(converter=converter, ingress=ingress)
 
 
 def build(raw_args: dict[str, Any]) -> Application:
-    """The entry point `serve_config.yaml` names; deployment options come from the file's `deployments` section."""
-    return build_app(with_environment(AppArgs(**raw_args)))
+    """The entry point `serve_config.yaml` names; deployment options come from the file's `deployments` section.
+
+    The model is checked first, so that a machine without the weights fails at once with what to do
+    (deployments/model_check.py) instead of in every converter's traceback.
+    """
+    args = with_environment(AppArgs(**raw_args))
+    check_model_source(args.converter.model)
+    return build_app(args)
 
 
 def build_app(
     args: AppArgs, converter_options: dict[str, Any] | None = None, ingress_options: dict[str, Any] | None = None
 ) -> Application:
     """The application graph; options override Serve deployment settings (tests use this to size replicas)."""
+    # (Ray annotates RequestRouterConfig's **kwargs as dict[str, Any] each, which no setting is.)
     router = RequestRouterConfig(
-        request_router_class=SessionPinningRouter, request_routing_stats_period_s=ROUTING_STATS_PERIOD_S
+        request_router_class=SessionPinningRouter,  # type: ignore[arg-type]  # Ray's annotation, above
+        request_routing_stats_period_s=ROUTING_STATS_PERIOD_S,  # type: ignore[arg-type]  # Ray's annotation, above
     )
-    converter = serve.deployment(
-        Converter, name="Converter", request_router_config=router, **(converter_options or {})
-    ).bind(args.converter.model_dump(exclude={"replica_tag"}))
-    ingress = serve.deployment(Ingress, name="Ingress", **(ingress_options or {}))
+    # serve.deployment(options)(cls): with the options as **kwargs, serve.deployment(cls, ...) types as a decorator.
+    options = {"max_constructor_retry_count": CONVERTER_START_RETRIES, **(converter_options or {})}
+    converter = serve.deployment(name="Converter", request_router_config=router, **options)(Converter).bind(
+        args.converter.model_dump(exclude={"replica_tag"})
+    )
+    ingress = serve.deployment(name="Ingress", **(ingress_options or {}))(Ingress)
     return ingress.bind(converter, args.ingress.model_dump())

@@ -5,14 +5,17 @@ A model bundle is a directory with fixed names, and no manifest:
     config_dit.yml   dit.pth   content_encoder/   hift.yml   hift.pt   campplus.bin   campplus.json
 
 It is how air-gapped cluster nodes and the tests get weights; `python -m app.bundle DIR` writes one from the hub.
-The hub path downloads through huggingface_hub's cache (progress bars included) and honours `HF_HUB_OFFLINE`.
+The hub path downloads through huggingface_hub's cache (progress bars included) and honours `HF_HUB_OFFLINE`. It
+fetches only the named files, each at its own revision (below); no file of a repository is fetched unasked.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 from huggingface_hub import hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
@@ -25,6 +28,11 @@ from huggingface_hub.errors import (
 from app.model.config import load_config
 
 HUB = "hub"  # the model source that means "the official files by hub id"
+# The revision every hub file is fetched at unless it names another: the repository's latest. To freeze the weights
+# a deployment runs, set a file's revision (below) to a commit hash read from its repository's history on the hub.
+DEFAULT_REVISION = "main"
+
+T = TypeVar("T")
 
 
 class ModelLoadError(RuntimeError):
@@ -35,6 +43,10 @@ class ModelLoadError(RuntimeError):
 class HubFile:
     repo_id: str
     filename: str
+    revision: str = DEFAULT_REVISION  # a branch, tag or commit hash
+
+    def __str__(self) -> str:
+        return f"{self.repo_id}/{self.filename}@{self.revision}"
 
 
 # The official files of the real-time model (seed-uvit-tat-xlsr-tiny), as upstream's real-time GUI fetches them.
@@ -42,6 +54,9 @@ HUB_DIT_CHECKPOINT = HubFile("Plachta/Seed-VC", "DiT_uvit_tat_xlsr_ema.pth")
 HUB_DIT_CONFIG = HubFile("Plachta/Seed-VC", "config_dit_mel_seed_uvit_xlsr_tiny.yml")
 HUB_VOCODER = HubFile("FunAudioLLM/CosyVoice-300M", "hift.pt")
 HUB_SPEAKER_ENCODER = HubFile("funasr/campplus", "campplus_cn_common.bin")
+HUB_NAMED_FILES = (HUB_DIT_CONFIG, HUB_DIT_CHECKPOINT, HUB_VOCODER, HUB_SPEAKER_ENCODER)
+# The content encoder's repository is named by the DiT config (facebook/wav2vec2-xls-r-300m); its revision:
+CONTENT_ENCODER_REVISION = DEFAULT_REVISION
 # Only what transformers needs to build Wav2Vec2Model; the hub repo also holds files we never read.
 CONTENT_ENCODER_PATTERNS = (
     "config.json",
@@ -114,9 +129,9 @@ def _offline_advice(what: str) -> str:
     )
 
 
-def _fetch(what: str, download: Callable[[], str]) -> Path:
+def _fetch(what: str, download: Callable[[], T]) -> T:
     try:
-        return Path(download())
+        return download()
     except LocalEntryNotFoundError as error:
         raise ModelLoadError(_offline_advice(what)) from error
     except (RepositoryNotFoundError, EntryNotFoundError) as error:
@@ -125,33 +140,62 @@ def _fetch(what: str, download: Callable[[], str]) -> Path:
         raise ModelLoadError(f"downloading {what} failed: {error}") from error
 
 
-def hub_file(file: HubFile) -> Path:
-    """One file by hub id, through the cache (a progress bar shows while it downloads)."""
-    return _fetch(
-        f"{file.repo_id}/{file.filename}",
-        lambda: hf_hub_download(repo_id=file.repo_id, filename=file.filename),
+def hub_file(file: HubFile, cached_only: bool = False) -> Path:
+    """One file by hub id, through the cache (a progress bar shows while it downloads); `cached_only`: no network."""
+    return Path(
+        _fetch(
+            str(file),
+            lambda: hf_hub_download(
+                repo_id=file.repo_id, filename=file.filename, revision=file.revision, local_files_only=cached_only
+            ),
+        )
     )
 
 
-def hub_model_folder(repo_id: str) -> Path:
-    """A transformers model folder by hub id, through the cache."""
-    return _fetch(
-        f"the model folder {repo_id}",
-        lambda: snapshot_download(repo_id=repo_id, allow_patterns=list(CONTENT_ENCODER_PATTERNS)),
+def hub_model_folder(repo_id: str, cached_only: bool = False) -> Path:
+    """A transformers model folder by hub id, through the cache: only CONTENT_ENCODER_PATTERNS' files."""
+    return Path(
+        _fetch(
+            f"the model folder {repo_id}@{CONTENT_ENCODER_REVISION}",
+            lambda: snapshot_download(
+                repo_id=repo_id,
+                revision=CONTENT_ENCODER_REVISION,
+                allow_patterns=list(CONTENT_ENCODER_PATTERNS),
+                local_files_only=cached_only,
+            ),
+        )
     )
 
 
-def hub_files() -> ModelFiles:
-    """The official files, fetched (or found in the cache) by hub id."""
-    config_path = hub_file(HUB_DIT_CONFIG)
+def hub_files(cached_only: bool = False) -> ModelFiles:
+    """The official files, fetched (or found in the cache) by hub id; `cached_only`: from the cache or not at all."""
+    config_path = hub_file(HUB_DIT_CONFIG, cached_only)
     encoder_id = load_config(config_path).content_encoder.name
     return ModelFiles(
         dit_config=config_path,
-        dit_checkpoint=hub_file(HUB_DIT_CHECKPOINT),
-        content_encoder=hub_model_folder(encoder_id),
-        vocoder_checkpoint=hub_file(HUB_VOCODER),
-        speaker_encoder_checkpoint=hub_file(HUB_SPEAKER_ENCODER),
+        dit_checkpoint=hub_file(HUB_DIT_CHECKPOINT, cached_only),
+        content_encoder=hub_model_folder(encoder_id, cached_only),
+        vocoder_checkpoint=hub_file(HUB_VOCODER, cached_only),
+        speaker_encoder_checkpoint=hub_file(HUB_SPEAKER_ENCODER, cached_only),
     )
+
+
+def check_hub_files() -> None:
+    """That the official files can be had on this machine, without downloading them: every one is in the cache, or
+    the hub answers for each named file at its revision. Raises ModelLoadError with what to do otherwise."""
+    try:
+        hub_files(cached_only=True)
+        return
+    except ModelLoadError:
+        pass  # not all cached: the hub has to answer
+    for file in HUB_NAMED_FILES:
+        # dry_run asks the hub for the file's metadata (or finds it cached) and downloads nothing.
+        _fetch(
+            str(file),
+            partial(
+                hf_hub_download, repo_id=file.repo_id, filename=file.filename, revision=file.revision, dry_run=True
+            ),
+        )
 
 
 def resolve_files(source: str | Path) -> ModelFiles:
