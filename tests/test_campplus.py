@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from app.model.campplus import CAMPPlus, CAMPPlusConfig, speaker_fbank
+from app.model.campplus import CAMPPLUS_LAYOUT, CAMPPlus, CAMPPlusConfig, speaker_fbank
+from app.model.checkpoints import CheckpointMismatch
 from bench.parity import ParitySet
 
 
@@ -63,24 +64,38 @@ def test_loads_renamed_layout(parity: ParitySet, model: CAMPPlus) -> None:
         assert torch.equal(reloaded.state_dict()[key], value), key
 
 
+def test_layout_writes_funasr_keys(parity: ParitySet, model: CAMPPlus) -> None:
+    written = CAMPPLUS_LAYOUT.to_file(model, model.state_dict())
+    assert {key: value.shape for key, value in written.items()} == {k: v.shape for k, v in _checkpoint(parity).items()}
+
+
+def test_both_layouts_at_once_are_refused(parity: ParitySet) -> None:
+    state = _checkpoint(parity)
+    state["dense.linear.weight"] = state["xvector.dense.linear.weight"]
+    with pytest.raises(
+        CheckpointMismatch, match=r"both '(xvector\.)?dense\.linear\.weight' and '(xvector\.)?dense\.linear\.weight'"
+    ):
+        CAMPPlus.from_state_dict(_config(parity), state)
+
+
 def test_missing_key_is_named(parity: ParitySet) -> None:
     state = _checkpoint(parity)
     del state["xvector.transit2.linear.weight"]
-    with pytest.raises(ValueError, match=r"missing keys.*xvector\.transit2\.linear\.weight"):
+    with pytest.raises(CheckpointMismatch, match=r"missing keys.*xvector\.transit2\.linear\.weight"):
         CAMPPlus.from_state_dict(_config(parity), state)
 
 
 def test_wrong_shape_is_named(parity: ParitySet) -> None:
     state = _checkpoint(parity)
     state["xvector.dense.linear.weight"] = state["xvector.dense.linear.weight"][:-1]
-    with pytest.raises(ValueError, match=r"shape.*dense\.linear\.weight"):
+    with pytest.raises(CheckpointMismatch, match=r"shape.*dense\.linear\.weight"):
         CAMPPlus.from_state_dict(_config(parity), state)
 
 
 def test_unexpected_key_is_named(parity: ParitySet) -> None:
     state = _checkpoint(parity)
     state["xvector.block9.weight"] = torch.zeros(1)
-    with pytest.raises(ValueError, match=r"unexpected keys.*xvector\.block9\.weight"):
+    with pytest.raises(CheckpointMismatch, match=r"unexpected keys.*xvector\.block9\.weight"):
         CAMPPlus.from_state_dict(_config(parity), state)
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 import yaml
 
-from app.model.hift import HiFTConfig, HiFTNoise, HiFTVocoder
+from app.model.checkpoints import CheckpointMismatch
+from app.model.hift import HIFT_LAYOUT, HiFTConfig, HiFTNoise, HiFTVocoder
 from bench.parity import ParitySet
 
 # Parity README, section 10: "Vocoder with f0 injected from blk_f0 (bypassing the f0 predictor): 0.0001".
@@ -91,7 +92,7 @@ def test_loader_rejects_missing_key(parity: ParitySet) -> None:
     config = HiFTConfig.from_yaml_dict(_yaml(parity))
     state = _state_dict(parity)
     del state["conv_post.weight_g"]
-    with pytest.raises(ValueError, match=re.escape("conv_post.weight_g")):
+    with pytest.raises(CheckpointMismatch, match=re.escape("missing key conv_post.weight_g")):
         HiFTVocoder.from_state_dict(config, state)
 
 
@@ -99,8 +100,27 @@ def test_loader_rejects_wrong_shape(parity: ParitySet) -> None:
     config = HiFTConfig.from_yaml_dict(_yaml(parity))
     state = _state_dict(parity)
     state["m_source.l_linear.weight"] = torch.zeros(1, config.nb_harmonics + 2)
-    with pytest.raises(ValueError, match=re.escape("m_source.l_linear.weight")):
+    with pytest.raises(CheckpointMismatch, match=re.escape("wrong shapes [m_source.l_linear.weight")):
         HiFTVocoder.from_state_dict(config, state)
+
+
+def test_loader_rejects_a_wrong_gain_shape(parity: ParitySet) -> None:
+    config = HiFTConfig.from_yaml_dict(_yaml(parity))
+    state = _state_dict(parity)
+    state["conv_pre.weight_g"] = state["conv_pre.weight_g"].flatten()
+    with pytest.raises(CheckpointMismatch, match=re.escape("wrong shape conv_pre.weight_g")):
+        HiFTVocoder.from_state_dict(config, state)
+
+
+def test_layout_writes_cosyvoice_keys_that_load_back(parity: ParitySet, vocoder: HiFTVocoder) -> None:
+    """The inverse (bench/full_size.py writes bundles with it) gives the file's keys and shapes and reloads the same
+    weights, up to the rounding of g * v / ||v||."""
+    file_state = _state_dict(parity)
+    written = HIFT_LAYOUT.to_file(vocoder, vocoder.state_dict())
+    assert {key: value.shape for key, value in written.items()} == {key: v.shape for key, v in file_state.items()}
+    reloaded = HiFTVocoder.from_state_dict(vocoder.config, written)
+    for key, value in vocoder.state_dict().items():
+        torch.testing.assert_close(reloaded.state_dict()[key], value, rtol=1e-6, atol=1e-9, msg=key)
 
 
 def test_config_rejects_unknown_key(parity: ParitySet) -> None:
