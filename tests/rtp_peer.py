@@ -17,6 +17,7 @@ from app.audio.opus import FRAME_SAMPLES, SAMPLE_RATE, OpusEncoder
 from app.audio.opus_concealment import ConcealingOpusDecoder
 from app.audio.pacing import Pacer
 from app.transport.rtp_jitter import SEQUENCE_MODULO, TIMESTAMP_MODULO, unwrap
+from tests.udp_relay import Impairment, Relay, lossy_relay
 
 EVENT_TIMEOUT_S = 30.0
 TAIL_S = 0.3  # silence after the audio, so that its last packets are in before `end`
@@ -102,6 +103,7 @@ class RtpCallResult:
     output: list[bytes] = field(default_factory=list)  # the converted voice's datagrams, as received
     sources: set[Address] = field(default_factory=set)  # where they came from
     close_code: int | None = None
+    relay: Relay | None = None  # the lossy relay the call went through, with its counts
 
     def of_type(self, kind: str) -> list[Event]:
         return [event for event in self.events if event["type"] == kind]
@@ -121,14 +123,16 @@ async def rtp_call(
     start: Event,
     packets: list[bytes],
     *,
-    via: Address | None = None,
+    network: Impairment | None = None,
     alongside: Callable[[Address], Coroutine[Any, Any, None]] | None = None,
 ) -> RtpCallResult:
-    """One call: sends the packets in real time (to `via`, a relay, instead of the server's address when given),
-    hangs up with `end`, and collects events and the converted voice until the server closes. `alongside` runs
-    with the sending, given the server's RTP address."""
+    """One call: sends the packets in real time (through a relay that impairs both ways like `network`, when
+    given), hangs up with `end`, and collects events and the converted voice until the server closes. `alongside`
+    runs with the sending, given the server's RTP address."""
     result = RtpCallResult()
-    async with udp_socket() as (udp, received, _), websockets.connect(url) as socket:
+    async with contextlib.AsyncExitStack() as stack:
+        udp, received, _ = await stack.enter_async_context(udp_socket())
+        socket = await stack.enter_async_context(websockets.connect(url))
         await socket.send(json.dumps(start))
         while (event := await next_event(socket))["type"] not in ("rtp", "error"):
             result.events.append(event)
@@ -138,7 +142,9 @@ async def rtp_call(
             result.close_code = socket.close_code
             return result
         server = (event["host"], event["port"])
-        destination = via or server
+        destination = server
+        if network is not None:
+            destination, result.relay = await stack.enter_async_context(lossy_relay(server, network))
         other = asyncio.create_task(alongside(server)) if alongside is not None else None
         pacer = Pacer(FRAME_SAMPLES / SAMPLE_RATE)
         for index, packet in enumerate(packets):
