@@ -21,12 +21,12 @@ import torch
 from ray import serve
 
 from app.audio.files import resample
+from app.environment import TOKEN_SECRET
 from app.serving.config import ConverterConfig, IngressConfig
 from bench.parity import ParitySet
 from client.api import get_token, upload_voice
 from client.stream_client import StreamResult, stream_audio
 from deployments.app import AppArgs, build_app
-from deployments.ingress import TOKEN_SECRET_ENV
 from deployments.router import pin
 
 API_KEY = "test-key-0123456789abcdef"
@@ -55,7 +55,7 @@ class ServeApp:
 def local_ray() -> Iterator[None]:
     # One token secret for every ingress replica, as production's env file gives them: a client that resumes on a
     # replacement ingress replica presents a token the old one issued.
-    shared = {"env_vars": {TOKEN_SECRET_ENV: secrets.token_hex(32)}}
+    shared = {"env_vars": {TOKEN_SECRET: secrets.token_hex(32)}}
     ray.init(
         num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=METRICS_PORT, runtime_env=shared
     )

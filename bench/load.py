@@ -81,6 +81,7 @@ from websockets.exceptions import InvalidHandshake, InvalidURI
 from app.audio.files import read_audio, resample
 from app.audio.opus import FRAME_SAMPLES, SAMPLE_RATE
 from app.audio.stream_resample import StreamingResampler
+from app.environment import CLIENT_API_KEY, client_api_key
 from app.model.precision import Precision
 from app.serving.config import CPU_REALTIME_PROFILE
 from app.streaming.settings import CONTENT_RATE, StreamSettings
@@ -568,7 +569,7 @@ def add_target_args(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--url", help="the deployment's base URL, e.g. https://vc.example.com")
     where.add_argument("--local", action="store_true", help="start a local Ray + app (tiny fixture bundle)")
-    parser.add_argument("--api-key", default=os.environ.get("SEEDVC_API_KEY"), help="with --url ($SEEDVC_API_KEY)")
+    parser.add_argument("--api-key", default=client_api_key(), help=f"with --url (${CLIENT_API_KEY})")
     parser.add_argument("--voice", help="with --url: id of a voice on the server")
     parser.add_argument("--reference", type=Path, help="with --url: upload this recording as the voice first")
     parser.add_argument("--converter", choices=("identity", "model"), default="identity", help="with --local")
@@ -589,7 +590,7 @@ def add_target_args(parser: argparse.ArgumentParser) -> None:
 
 def check_target_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.url is not None and (args.api_key is None or (args.voice is None) == (args.reference is None)):
-        parser.error("--url needs --api-key (or $SEEDVC_API_KEY) and one of --voice, --reference")
+        parser.error(f"--url needs --api-key (or ${CLIENT_API_KEY}) and one of --voice, --reference")
     if args.streams < 1 or args.ramp < 0:
         parser.error("--streams must be at least 1 and --ramp not negative")
     local_only = args.model != "tiny" or args.precision is not None or args.threads != 1 or args.cpu_profile

@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from typing import Any
 
 import websockets
 
+from app.environment import CLIENT_API_KEY, client_api_key
 from client.api import get_token
 
 EVENT_TIMEOUT_S = 30.0
@@ -96,7 +96,7 @@ async def rtp_call(
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the service's base URL")
-    parser.add_argument("--api-key", default=os.environ.get("SEEDVC_API_KEY"), help="or SEEDVC_API_KEY")
+    parser.add_argument("--api-key", default=client_api_key(), help=f"or {CLIENT_API_KEY}")
     parser.add_argument("--voice", required=True, help="the voice id")
     parser.add_argument("--reply-to", help="HOST:PORT for the converted voice (default: back to the RTP's source)")
     parser.add_argument("--payload-type", type=int, default=96)
@@ -130,7 +130,7 @@ async def _print_events(call: RtpControl) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if not args.api_key:
-        print("an API key is needed: --api-key or SEEDVC_API_KEY", file=sys.stderr)
+        print(f"an API key is needed: --api-key or {CLIENT_API_KEY}", file=sys.stderr)
         return 2
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(_run(args))

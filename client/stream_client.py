@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import sys
 import time
@@ -50,6 +49,7 @@ from app.audio.framing import Chunker
 from app.audio.opus import FRAME_SAMPLES, OpusDecoder, OpusEncoder, OpusError
 from app.audio.pacing import Pacer
 from app.audio.stream_resample import StreamingResampler
+from app.environment import CLIENT_API_KEY, client_api_key
 from app.transport.protocol import FRAME_MS, PROTOCOL_VERSION, SAMPLE_RATE, ErrorCode, SettingsOverrides
 from client.api import ClientError, get_token, upload_voice
 
@@ -62,7 +62,6 @@ READY_TIMEOUT_S = 30.0
 RESUME_ATTEMPTS = 6
 RESUME_BACKOFF_S = 0.5
 RESEND_HISTORY_PACKETS = 1500  # 30 s of sent input kept to send again after a resume (the server holds 30 s too)
-API_KEY_ENV = "SEEDVC_API_KEY"
 
 Event = dict[str, Any]
 EventHandler = Callable[[Event], None]
@@ -574,7 +573,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("files", nargs="+", type=Path, metavar="FILE", help="INPUT OUTPUT, or OUTPUT alone with --mic")
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL (%(default)s)")
-    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), help=f"API key (default: ${API_KEY_ENV})")
+    parser.add_argument("--api-key", default=client_api_key(), help=f"API key (default: ${CLIENT_API_KEY})")
     voice = parser.add_mutually_exclusive_group(required=True)
     voice.add_argument("--voice", help="id of a voice already on the server")
     voice.add_argument("--reference", type=Path, help="upload this recording as a new voice, then use it")
@@ -594,7 +593,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if len(args.files) != (1 if args.mic else 2):
         parser.error("give INPUT OUTPUT, or --mic OUTPUT")
     if args.api_key is None:
-        parser.error(f"give --api-key or set {API_KEY_ENV}")
+        parser.error(f"give --api-key or set {CLIENT_API_KEY}")
     url = urllib.parse.urlsplit(args.url)
     if url.scheme not in {"http", "https"} or not url.netloc:
         parser.error(f"--url must be an http:// or https:// base URL, got {args.url!r}")

@@ -10,7 +10,6 @@ the replica; a full pool answers 503 with Retry-After.
 # No `from __future__ import annotations` here: FastAPI must see real types in the route signatures.
 
 import logging
-import os
 import secrets
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from ray.util import get_node_ip_address
 
-from app.auth.admin import NewKeyRequest, RotateRequest, new_secret_answer, static_key_answer, usage_answer
+from app.auth.admin import AdminKey, NewKeyRequest, RotateRequest, new_secret_answer, static_key_answer, usage_answer
 from app.auth.ratelimit import KeyRate
 from app.auth.tokens import (
     GENERATION_CLAIM,
@@ -36,6 +35,7 @@ from app.auth.tokens import (
     purpose_secret,
     static_keys,
 )
+from app.environment import TOKEN_SECRET, ServiceEnvironment
 from app.logs import route_to
 from app.offload import Busy, Offload
 from app.serving.config import IngressConfig
@@ -50,16 +50,13 @@ from app.transport.websocket import StreamConnection
 from app.voices.store import VoiceError, VoiceLimits, VoiceNotFound, VoiceStore
 from app.voices.uploads import Uploads
 from deployments.client import RayConverterClient
-from deployments.keys import admin_error, admin_key, key_store, usage_meter
+from deployments.keys import admin_error, key_store, usage_meter
 from deployments.metrics import RayServeMetrics
 
 log = logging.getLogger(__name__)
 
 WEB_CLIENT = Path(__file__).resolve().parent.parent / "client" / "web"
-API_KEYS_ENV = "SEEDVC_API_KEYS"  # "id=key,id2=key2"
-TOKEN_SECRET_ENV = "SEEDVC_TOKEN_SECRET"  # shared by every ingress replica, so that any of them accepts a token
 SERVE_LOGGER = "ray.serve"  # the replica's logger: Serve's logging_config (JSON, level, log files) applies to it
-TURN_SECRET_ENV = "SEEDVC_TURN_SECRET"  # coturn's static-auth-secret; keeps the secret out of config files
 
 # Pools for blocking work: (threads, calls that may wait). Key records are small reads (an S3 GET each) that anyone
 # can cause by naming made-up keys; voices are listings, deletions, and decoding uploads (uploads also take a slot).
@@ -103,19 +100,19 @@ async def security_headers(request: Request, call_next: Any) -> Any:
     return response
 
 
-def with_turn_secret(config: IngressConfig) -> IngressConfig:
-    """The TURN secret from the environment, when the config does not carry one."""
-    secret = os.environ.get(TURN_SECRET_ENV)
+def with_turn_secret(config: IngressConfig, secret: str | None) -> IngressConfig:
+    """The TURN secret from the environment (SEEDVC_TURN_SECRET), when the config does not carry one."""
     if secret and config.turn_secret is None:
         return IngressConfig(**{**config.model_dump(), "turn_secret": secret})
     return config
 
 
-def token_secret() -> bytes:
-    secret = os.environ.get(TOKEN_SECRET_ENV)
+def token_secret(secret: str | None) -> bytes:
+    """The environment's token secret (SEEDVC_TOKEN_SECRET), shared by every ingress replica so that any of them
+    accepts a token; without one, a random secret of this replica's own."""
     if secret:
         return secret.encode()
-    log.warning("%s is not set: session tokens are valid on this ingress replica only", TOKEN_SECRET_ENV)
+    log.warning("%s is not set: session tokens are valid on this ingress replica only", TOKEN_SECRET)
     return secrets.token_bytes(32)
 
 
@@ -125,17 +122,18 @@ class Ingress:
         # Per-chunk resampling and Opus work is tiny: more torch threads only fight the converters for the cores.
         torch.set_num_threads(1)
         route_to(logging.getLogger(SERVE_LOGGER))  # app/ and deployments/ records, with their session fields
-        self.config = with_turn_secret(IngressConfig(**config))
+        env = ServiceEnvironment.read()
+        self.config = with_turn_secret(IngressConfig(**config), env.turn_secret)
         self.converter = converter
-        self.admin = admin_key()
-        static = static_keys(self.config.api_keys, os.environ.get(API_KEYS_ENV))
+        self.admin = AdminKey.from_value(env.admin_key)
+        static = static_keys(self.config.api_keys, env.api_keys)
         self.development_keys = static.development
         self.keys = key_store(self.config, static.keys, self.admin)  # static keys, then runtime ones
         self.key_io = Offload("key-io", *KEY_IO)
         self.voice_io = Offload("voice-io", *VOICE_IO)
         self.ice_rate = KeyRate(self.config.ice_requests_per_s, self.config.ice_burst)
         self.usage = usage_meter(self.config, self.keys)
-        secret = token_secret()
+        secret = token_secret(env.token_secret)
         self.tokens = TokenSigner(secret, ttl_seconds=self.config.token_ttl_s)
         self.voices = VoiceStore(self.config.voice_store, VoiceLimits(max_bytes=self.config.max_upload_bytes))
         self.uploads = Uploads(

@@ -4,29 +4,23 @@ answers the admin API gives for the key store's errors. The keys themselves: app
 
 from __future__ import annotations
 
-import os
-
 from fastapi import HTTPException
 
 from app.auth.admin import AdminKey
 from app.auth.keystore import KeyExists, KeyNotFound, KeyRevoked, KeyStore, Quotas, StaticKeyError
 from app.auth.tokens import ApiKeys, TokenError
 from app.auth.usage import UsageMeter
+from app.environment import ADMIN_KEY
 from app.serving.config import IngressConfig
 
-ADMIN_KEY_ENV = "SEEDVC_ADMIN_KEY"  # enables /v1/admin/keys; never in a config file
 KEY_STORE_DIR = "_keys"  # inside the voice store, unless `key_store` names another place
-
-
-def admin_key() -> AdminKey | None:
-    return AdminKey.from_value(os.environ.get(ADMIN_KEY_ENV))
 
 
 def key_store(config: IngressConfig, static: ApiKeys | None, admin: AdminKey | None) -> KeyStore:
     if static is None and admin is None:
         raise ValueError(
             "no API keys configured: set ingress.api_keys or the SEEDVC_API_KEYS environment variable, or "
-            f"{ADMIN_KEY_ENV} to create keys at run time"
+            f"{ADMIN_KEY} to create keys at run time"
         )
     root = config.key_store or f"{config.voice_store.rstrip('/')}/{KEY_STORE_DIR}"
     defaults = Quotas(

@@ -1,16 +1,15 @@
 from __future__ import annotations
 
-import os
-
 import pytest
 
+from app.environment import browser_tests_enabled
 from app.model.seedvc import SeedVC
 from app.voices.store import VoiceStore
 from bench.parity import ParitySet, parity_sets
 
 # Browser tests need a loopback-only network namespace entered before Ray starts: scripts/test runs them as their own
 # pytest invocation inside one (SEEDVC_BROWSER_TESTS=1); every other run leaves them out.
-collect_ignore = [] if os.environ.get("SEEDVC_BROWSER_TESTS") == "1" else ["browser"]
+collect_ignore = [] if browser_tests_enabled() else ["browser"]
 
 
 @pytest.fixture(scope="session", params=parity_sets(), ids=lambda s: s.root.name)

@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import os
 import random
 import secrets
 from collections.abc import Callable
@@ -48,6 +47,7 @@ from starlette.websockets import WebSocket
 from app.audio.opus import FRAME_SAMPLES, SAMPLE_RATE, OpusEncoder, OpusError
 from app.audio.opus_concealment import ConcealingOpusDecoder
 from app.audio.pacing import Pacer
+from app.environment import ServiceEnvironment
 from app.serving.config import IngressConfig
 from app.serving.live import LiveSession
 from app.transport.addresses import OutboundFilter
@@ -68,7 +68,6 @@ from app.transport.sessions import StreamServices
 
 log = logging.getLogger(__name__)
 
-RTP_HOST_ENV = "SEEDVC_RTP_HOST"  # this node's address as peers reach it; set per node (the config is per cluster)
 MAX_DATAGRAM_BYTES = 1500  # an Ethernet MTU: no RTP audio packet is larger
 # The loss in-band FEC on the converted voice is sized for: it adds a few kbit/s, and covers single losses up to it.
 EXPECTED_LOSS_PERCENT = 10
@@ -95,7 +94,8 @@ class RtpServices:
         """None while RTP is off; `node_host`: this node's address, unless the config names one."""
         if not config.rtp_enabled:
             return None
-        host = os.environ.get(RTP_HOST_ENV) or config.rtp_host or node_host
+        # SEEDVC_RTP_HOST is set per node, the config per cluster: the node's own setting wins.
+        host = ServiceEnvironment.read().rtp_host or config.rtp_host or node_host
         return cls(
             stream,
             host,

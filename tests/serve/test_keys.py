@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from app import environment
 from bench.harness import API_KEY, BASE_URL, ServeApp, local_ray, start_app
 from bench.parity import ParitySet
 from client.api import (
@@ -26,7 +27,6 @@ from client.api import (
     upload_voice,
 )
 from client.stream_client import StreamResult, stream_audio
-from deployments.keys import ADMIN_KEY_ENV
 from tests.serve.started import started_stream
 
 pytestmark = pytest.mark.serve
@@ -37,17 +37,17 @@ CACHE_TTL_S = 0.5
 
 @pytest.fixture(scope="module")
 def app(parity: ParitySet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeApp]:
-    previous = os.environ.get(ADMIN_KEY_ENV)
-    os.environ[ADMIN_KEY_ENV] = ADMIN_KEY  # Ray's processes, and so the ingress replica, inherit it
+    previous = os.environ.get(environment.ADMIN_KEY)
+    os.environ[environment.ADMIN_KEY] = ADMIN_KEY  # Ray's processes, and so the ingress replica, inherit it
     try:
         with local_ray():
             ingress = {"key_cache_ttl_s": CACHE_TTL_S, "usage_flush_interval_s": 1.0, "session_lease_ttl_s": 10.0}
             yield start_app(parity, tmp_path_factory.mktemp("voices"), converters=1, ingress=ingress)
     finally:
         if previous is None:
-            os.environ.pop(ADMIN_KEY_ENV, None)
+            os.environ.pop(environment.ADMIN_KEY, None)
         else:
-            os.environ[ADMIN_KEY_ENV] = previous
+            os.environ[environment.ADMIN_KEY] = previous
 
 
 @dataclass
