@@ -43,7 +43,7 @@ class ParitySet:
         return self.root / "model"
 
     @property
-    def settings(self) -> dict[str, float]:
+    def settings(self) -> dict[str, Any]:  # JSON numbers: diffusion_steps is an int, the times are floats
         return self.bundle["stream_settings"]
 
     @property

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -175,7 +176,7 @@ def test_manifest_jobs_equal_their_solo_runs(parity: ParitySet, tmp_path: Path, 
     write_wav(tmp_path / "a.wav", source, 16000)
     write_wav(tmp_path / "b.wav", source[: len(source) // 2][::-1].copy(), 16000)
     shutil.copyfile(parity.root / files["reference_22k"], tmp_path / "ref.wav")
-    jobs = [
+    jobs: list[dict[str, Any]] = [  # manifest lines: JSON objects
         {"source": "a.wav", "reference": "ref.wav", "output": "out/a.wav", "seed": 1},
         {"source": "b.wav", "reference": "ref.wav", "output": "out/b.wav", "seed": 2},
         {"source": "a.wav", "reference": "ref.wav", "output": "out/c.wav", "seed": 3, "block_time": 0.24},

@@ -163,7 +163,7 @@ def test_silent_blocks_skip_the_model_but_stay_in_step(
     engine = Engine(model)
     engine.open("gated", voice, settings, seed=1, gate=SilenceGate())
     engine.open("plain", voice, settings, seed=1)
-    results = {"gated": [], "plain": []}
+    results: dict[str, list[BlockResult]] = {"gated": [], "plain": []}
     for chunk in speech[:6] + silence + speech[6:10]:
         report = engine.step([BlockRequest("gated", chunk), BlockRequest("plain", chunk)])
         for result in report.results:

@@ -188,14 +188,21 @@ def _point(batch: int, p50: float, p99: float, cut_short: bool = False) -> dict[
     return {"batch": batch, "p50_ms": p50, "p99_ms": p99, "per_stream_ms": p50 / batch, "cut_short": cut_short}
 
 
+def stopped(*args: Any, **kwargs: Any) -> str:
+    """Why the sweep stops at this point (it must stop)."""
+    reason = gpu_check.stop_reason(*args, **kwargs)
+    assert reason is not None
+    return reason
+
+
 def test_sweep_stop_rule() -> None:
     fits = _point(8, 100.0, 150.0)
     assert gpu_check.stop_reason(fits, 180.0, 16, 1024, next_point_s=10, time_left_s=60) is None
-    assert "exceeds the 180 ms block" in gpu_check.stop_reason(_point(8, 150.0, 181.0), 180.0, 16, 1024, 10, 60)
+    assert "exceeds the 180 ms block" in stopped(_point(8, 150.0, 181.0), 180.0, 16, 1024, 10, 60)
     assert gpu_check.stop_reason(_point(8, 150.0, 181.0), 180.0, 16, 1024, 10, 60, stop_on_block_time=False) is None
-    assert gpu_check.stop_reason(fits, 180.0, 16, 8, 10, 60).startswith("max batch 8")
-    assert gpu_check.stop_reason(fits, 180.0, 16, 1024, next_point_s=61, time_left_s=60).startswith("time budget")
-    assert gpu_check.stop_reason(_point(8, 100.0, 150.0, cut_short=True), 180.0, 16, 1024, 10, 60).startswith("time")
+    assert stopped(fits, 180.0, 16, 8, 10, 60).startswith("max batch 8")
+    assert stopped(fits, 180.0, 16, 1024, next_point_s=61, time_left_s=60).startswith("time budget")
+    assert stopped(_point(8, 100.0, 150.0, cut_short=True), 180.0, 16, 1024, 10, 60).startswith("time")
 
 
 def test_the_next_point_is_predicted_linear_in_b() -> None:
@@ -225,8 +232,11 @@ def test_capacity_and_the_profiled_point() -> None:
         name: {"sweep": {"points": points, **gpu_check.capacity(points, block)}}
         for name, points in (("fp32", fp32), ("bf16", bf16), ("fp16", fp16))
     }
-    precision, batch, _ = gpu_check.best_point(results)
+    best = gpu_check.best_point(results)
+    assert best is not None
+    precision, batch, _ = best
     assert (precision, batch) == ("fp16", 8)  # bf16 and fp16 both reach B = 8; fp16 is cheaper per stream there
     slow = {"fp32": {"sweep": {"points": [_point(1, 300, 320), _point(2, 500, 520)], "best_realtime_batch": None}}}
-    assert gpu_check.best_point(slow)[:2] == ("fp32", 2)
+    best = gpu_check.best_point(slow)
+    assert best is not None and best[:2] == ("fp32", 2)
     assert gpu_check.best_point({}) is None

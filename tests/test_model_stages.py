@@ -188,7 +188,8 @@ def test_cfm_every_block_batched(parity: ParitySet, model: SeedVC) -> None:
     settings = stream_settings(parity)
     blocks = _blocks(parity)
     rows = [_fixture_row(parity, k) for k in blocks]
-    batch = _flow_batch(*(list(column) for column in zip(*rows, strict=True)), cfg_rate=settings.cfg_rate)
+    conditions, prompt_mels, noises, styles = (list(column) for column in zip(*rows, strict=True))
+    batch = _flow_batch(conditions, prompt_mels, noises, styles, cfg_rate=settings.cfg_rate)
     mel = sample(model.dit, batch, settings.diffusion_steps)[..., _prompt_frames(parity) :]
     for row, k in enumerate(blocks):
         parity.assert_close("blk_cfm_mel", mel[row : row + 1], kind="stage", index=k)

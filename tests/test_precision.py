@@ -81,7 +81,7 @@ class _Reference:
             self.f0.append(f0.clone())
             return f0
 
-        self.model.vocoder.predict_f0 = recording  # type: ignore[method-assign]
+        self.model.vocoder.predict_f0 = recording  # type: ignore[method-assign]  # records f0 on this instance only
         self.output = _stream(parity, self.model)
         assert len(self.f0) == parity.bundle["n_blocks"]
 
@@ -104,7 +104,7 @@ def reference(parity: ParitySet) -> _Reference:
 
 def _bf16_run(parity: ParitySet, reference: _Reference) -> StreamedOutput:
     model = SeedVC.load(parity.model_dir, precision="bf16")
-    model.vocoder.predict_f0 = reference.pinned_f0()  # type: ignore[method-assign]
+    model.vocoder.predict_f0 = reference.pinned_f0()  # type: ignore[method-assign, assignment]  # f0 pinned on purpose
     return _stream(parity, model)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from app.model.dit import TransformerBlock
 from app.model.precision import DeviceCapabilities, Precision, resolve
 from app.model.seedvc import SeedVC
 from bench.parity import ParitySet
@@ -48,7 +49,9 @@ def test_fp32_turns_tf32_off(parity: ParitySet) -> None:
 def test_reduced_precision_converts_matrix_weights_once_and_keeps_f0_and_tables_float32(parity: ParitySet) -> None:
     model = SeedVC.load(parity.model_dir, precision="bf16")
     assert model.precision is Precision.BF16
-    assert model.dit.transformer.layers[0].attention.wqkv.weight.dtype == torch.bfloat16
+    layer = model.dit.transformer.layers[0]
+    assert isinstance(layer, TransformerBlock)
+    assert layer.attention.wqkv.weight.dtype == torch.bfloat16
     assert model.vocoder.conv_pre.weight.dtype == torch.bfloat16
     assert next(model.content_encoder.parameters()).dtype in (torch.float32, torch.bfloat16)
     # Accuracy-critical parts and buffers stay float32 (app/model/precision.py says why).

@@ -21,6 +21,7 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import ray
@@ -68,7 +69,10 @@ def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def served(parity: ParitySet, tmp_path_factory: pytest.TempPathFactory, logs: Path) -> Iterator[ServeApp]:
     # Each replica's log file lands in `logs`, named after the replica.
     logging = {"logging_config": {"logs_dir": str(logs)}}
-    options = {"Ingress": {"num_replicas": 2, "max_ongoing_requests": 100, **logging}, "Converter": logging}
+    options: dict[str, dict[str, Any]] = {
+        "Ingress": {"num_replicas": 2, "max_ongoing_requests": 100, **logging},
+        "Converter": logging,
+    }
     with local_ray():
         yield start_app(parity, tmp_path_factory.mktemp("voices"), converters=2, ingress=LOOPBACK_ICE, options=options)
 

@@ -23,6 +23,7 @@ import pytest
 import soundfile
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.typing import Origin
 
 from app.transport.protocol import CLOSE_POLICY_VIOLATION
 from bench.harness import API_KEY, BASE_URL, ServeApp, local_ray, start_app
@@ -103,7 +104,7 @@ async def ended_session(served: ServeApp, messages: list[bytes | str], paced: bo
 async def send_all_paced(socket: websockets.ClientConnection, packets: list[bytes | str]) -> None:
     with contextlib.suppress(ConnectionClosed):
         async for packet in paced_packets([p for p in packets if isinstance(p, bytes)], realtime=True):
-            await socket.send(packet)  # type: ignore[arg-type]
+            await socket.send(packet)
 
 
 def packets(served: ServeApp, seconds: float) -> list[bytes | str]:
@@ -144,7 +145,7 @@ def test_a_real_time_stream_within_the_limits_is_untouched(limited: ServeApp) ->
 async def first_answer(path: str, origin: str | None) -> str:
     """Opens the socket with this Origin and sends `end` first: the error code of the answer shows that the socket
     reached the protocol (`not_started`), without opening a session."""
-    async with websockets.connect(WS_URL + path, origin=origin) as socket:  # type: ignore[arg-type]
+    async with websockets.connect(WS_URL + path, origin=Origin(origin) if origin is not None else None) as socket:
         await socket.send(json.dumps({"type": "end"}))
         return (await until_error(socket))["code"]
 

@@ -187,7 +187,7 @@ def ingress_replicas() -> dict[str, str]:
 
 
 def sessions_by_replica(calls: list[LiveCall]) -> dict[str, set[str]]:
-    ids = {call.session_id for call in calls}
+    ids = {call.session_id for call in calls if call.session_id is not None}
     return {replica: ids & set(replica_stats(replica)["blocks_by_session"]) for replica in converter_replicas()}
 
 

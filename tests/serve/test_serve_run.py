@@ -59,7 +59,7 @@ def test_serve_run_serves_a_stream(parity: ParitySet, tmp_path: Path) -> None:
         app = ServeApp(parity=parity, token=token, voice_id=voice["voice_id"])
         audio = app.source_48k(2.0)
         result = asyncio.run(stream_audio(base_url, token, voice["voice_id"], audio, realtime=False, seed=0))
-        assert result.error is None and result.end is not None, result.error
+        assert result.error is None and result.end is not None and result.ready is not None, result.error
         assert abs(len(result.output_48k) - len(audio)) <= 48 * result.ready["block_ms"] + 960
     finally:
         process.send_signal(signal.SIGTERM)

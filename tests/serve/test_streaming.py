@@ -11,6 +11,7 @@ import json
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -44,7 +45,7 @@ pytestmark = pytest.mark.serve
 
 
 @pytest.fixture(scope="module")
-def served(parity: ParitySet, tmp_path_factory: pytest.TempPathFactory) -> ServeApp:
+def served(parity: ParitySet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeApp]:
     with local_ray():
         yield start_app(parity, tmp_path_factory.mktemp("voices"), converters=2)
 
@@ -56,7 +57,7 @@ def blocks(result: StreamResult) -> list[dict]:
 def test_round_trip_keeps_duration_and_order(served: ServeApp) -> None:
     audio = served.source_48k()
     result = served.stream(audio, realtime=False, seed=3)
-    assert result.error is None and result.end is not None, result.error
+    assert result.error is None and result.end is not None and result.ready is not None, result.error
     block_ms = result.ready["block_ms"]
     assert [b["index"] for b in blocks(result)] == list(range(len(blocks(result))))
     assert abs(len(result.output_48k) - len(audio)) <= 48 * block_ms + 960  # within one block (and one frame)
@@ -76,6 +77,7 @@ def test_sessions_stick_to_one_replica_and_batch(served: ServeApp) -> None:
     assert all(r.error is None and r.end is not None for r in results)
     stats = {replica: replica_stats(replica) for replica in converter_replicas()}
     for result in results:
+        assert result.ready is not None
         session = result.ready["session_id"]
         holders = {
             replica: s["blocks_by_session"][session]
@@ -176,7 +178,7 @@ async def raw_session(served: ServeApp, start: dict | None, first: bytes | str |
 def test_bad_input_gets_its_code_and_others_are_untouched(served: ServeApp, case: str, code: str) -> None:
     good_start = {"type": "start", "version": 1, "token": served.token, "voice_id": served.voice_id}
     frame = OpusEncoder().encode(np.zeros(960, dtype=np.float32))
-    cases = {
+    cases: dict[str, tuple[dict | None, bytes | str]] = {
         "garbage_frame": (good_start, b"\xff\xff\xff\xff"),
         "oversized_frame": (good_start, b"\x00" * (MAX_FRAME_BYTES + 1)),
         "unknown_voice": (None, json.dumps({**good_start, "voice_id": "AAAAAAAAAAAAAAAA"})),
