@@ -312,7 +312,7 @@ def test_browser_ice_servers_omit_nulls_and_add_fresh_turn_credentials() -> None
         turn_urls=["turn:turn.example:3478?transport=udp", "turns:turn.example:5349"],
         turn_ttl_s=600,
     )
-    services = RtcServices.from_config(stream=None, config=config)  # type: ignore[arg-type]
+    services = RtcServices.from_config(stream=None, config=config)  # type: ignore[arg-type]  # no stream services: not used here
     stun, turn = services.browser_ice_servers("key-1", now=1000.0)
     assert stun == {"urls": ["stun:stun.example:3478"]}
     assert turn["username"] == "1600:key-1" and turn["urls"] == config.turn_urls and turn["credential"]
@@ -320,7 +320,7 @@ def test_browser_ice_servers_omit_nulls_and_add_fresh_turn_credentials() -> None
 
 
 def test_no_ice_servers_means_no_stun_server_at_all() -> None:
-    configuration = RtcServices(stream=None).peer_configuration()  # type: ignore[arg-type]
+    configuration = RtcServices(stream=None).peer_configuration()  # type: ignore[arg-type]  # no stream services: not used here
     assert configuration.iceServers == []
     # The surprise this guards against: aiortc replaces a missing list (None) with Google's public STUN server.
     assert RTCIceGatherer(iceServers=None)._connection.stun_server == ("stun.l.google.com", 19302)
@@ -329,7 +329,8 @@ def test_no_ice_servers_means_no_stun_server_at_all() -> None:
 
 def test_configured_ice_servers_reach_the_peer_connection() -> None:
     turn = IceServer(urls=["turn:turn.example:3478"], username="u", credential="p")
-    configuration = RtcServices(stream=None, ice_servers=(turn,)).peer_configuration()  # type: ignore[arg-type]
+    configuration = RtcServices(stream=None, ice_servers=(turn,)).peer_configuration()  # type: ignore[arg-type]  # no stream services: not used here
+    assert configuration.iceServers is not None
     [server] = configuration.iceServers
     assert (server.urls, server.username, server.credential) == (["turn:turn.example:3478"], "u", "p")
 
@@ -435,8 +436,8 @@ def test_offers_aiortc_trips_over_are_bad_offer(case: str, loopback: None) -> No
         peer.addTransceiver("audio", direction="sendrecv")
         await peer.setLocalDescription(await peer.createOffer())
         await peer.close()
-        services = StreamServices(client=None, tokens=None, voices=None, defaults=StreamSettings())  # type: ignore[arg-type]
-        call = RtcCall(SignallingSocket(), RtcServices(services))  # type: ignore[arg-type]
+        services = StreamServices(client=None, tokens=None, voices=None, defaults=StreamSettings())  # type: ignore[arg-type]  # None, on purpose
+        call = RtcCall(SignallingSocket(), RtcServices(services))  # type: ignore[arg-type]  # what _answer uses of a WebSocket
         answerer = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         offer = OfferMessage(type="offer", sdp=malformed_offer(peer.localDescription.sdp, case))
         try:

@@ -124,7 +124,7 @@ def test_a_call_converts_speech_and_stopping_frees_the_session(served, browser: 
     assert len(audible) >= 0.7 * len(speaking), f"converted audio missing: {len(audible)}/{len(speaking)}"
     assert samples[-1]["blocks"] >= 10
     assert samples[-1]["latencyMs"] is not None and samples[-1]["latencyMs"] > 0
-    assert page.text_content("#latency").endswith("ms")
+    assert (page.text_content("#latency") or "").endswith("ms")
     assert samples[-1]["lastError"] is None
     deadline = time.monotonic() + 15
     while converter_sessions() and time.monotonic() < deadline:
@@ -146,7 +146,7 @@ def test_a_refused_start_shows_the_error(served, browser: Browser, transport: st
     page.click("#start")
     page.wait_for_function("window.vcState.lastError !== null", timeout=CALL_TIMEOUT_MS)
     assert state(page)["lastError"]["code"] == "unknown_voice"
-    assert "unknown_voice" in page.text_content("#status")
+    assert "unknown_voice" in (page.text_content("#status") or "")
     assert page.get_attribute("#status", "data-kind") == "error"
     page.context.close()
 
