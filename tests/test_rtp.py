@@ -9,7 +9,6 @@ import contextlib
 import ipaddress
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,13 @@ from app.transport.sessions import StreamServices
 from bench.parity import ParitySet
 from tests.fakes import websocket_server
 from tests.rtp_peer import PEER_SSRC, next_event, rtp_call, rtp_packets, udp_socket
-from tests.test_webrtc_unit import correlation_at_best_lag, delays_and_correlations, identity_converter, source_48k
+from tests.test_webrtc_unit import (
+    LocalServer,
+    correlation_at_best_lag,
+    delays_and_correlations,
+    identity_converter,
+    source_48k,
+)
 from tests.udp_relay import Impairment
 
 __all__ = ["identity_converter"]  # a fixture, used by name
@@ -188,17 +193,6 @@ def test_rtp_start_messages_parse_with_their_options() -> None:
 # -- whole calls in this process ---------------------------------------------------------------------------------
 
 
-@dataclass
-class LocalServer:
-    url: str
-    token: str
-    voice_id: str
-    converter: ConverterService
-
-    def start(self, **rtp: Any) -> dict[str, Any]:
-        return {"type": "start", "version": 1, "token": self.token, "voice_id": self.voice_id, "rtp": rtp}
-
-
 @contextlib.asynccontextmanager
 async def local_server(
     converter: ConverterService, voice_id: str, networks: tuple[str, ...] = (LOOPBACK,), connect_timeout_s: float = 10
@@ -233,7 +227,7 @@ def test_identity_call_returns_the_input_over_rtp(
 
     async def run() -> Any:
         async with local_server(converter, voice_id) as server:
-            return await rtp_call(server.url, server.start(ssrc=PEER_SSRC), rtp_packets(audio))
+            return await rtp_call(server.url, server.start(rtp={"ssrc": PEER_SSRC}), rtp_packets(audio))
 
     result = asyncio.run(run())
     assert result.close_code == 1000
@@ -289,9 +283,9 @@ def test_a_declared_address_is_where_the_voice_goes_and_must_pass_the_filter(
         async with udp_socket() as (_, listener, port):
             address = {"host": "127.0.0.1", "port": port}
             async with local_server(converter, voice_id, networks=()) as server:
-                refused = await rtp_call(server.url, server.start(address=address), rtp_packets(audio))
+                refused = await rtp_call(server.url, server.start(rtp={"address": address}), rtp_packets(audio))
             async with local_server(converter, voice_id) as server:
-                declared = await rtp_call(server.url, server.start(address=address), rtp_packets(audio))
+                declared = await rtp_call(server.url, server.start(rtp={"address": address}), rtp_packets(audio))
             return refused, declared, [data for data, _ in listener.received]
 
     refused, declared, at_declared = asyncio.run(run())

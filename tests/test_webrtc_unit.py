@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aioice.ice
+import av
 import numpy as np
 import pytest
 import torch
 import websockets
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.jitterbuffer import JitterFrame
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcicetransport import RTCIceGatherer
 from av import AudioFrame
@@ -33,6 +35,7 @@ from websockets.exceptions import ConnectionClosed
 
 from app.audio.files import resample
 from app.audio.opus import FRAME_SAMPLES, SAMPLE_RATE
+from app.audio.opus_concealment import ConcealingOpusDecoder
 from app.audio.pacing import Pacer
 from app.auth.tokens import TokenSigner
 from app.model.seedvc import SeedVC
@@ -52,6 +55,7 @@ from app.transport.protocol import (
     parse_client_message,
     parse_rtc_message,
 )
+from app.transport.rtc_opus import ConcealingDecoder, OpusPackets, with_opus_fec
 from app.transport.sessions import StreamServices
 from app.transport.webrtc import (
     ConvertedAudioTrack,
@@ -60,7 +64,6 @@ from app.transport.webrtc import (
     TurnRest,
     downmix,
     restrict_ice_host_addresses,
-    stereo_frame,
 )
 from app.voices.store import VoiceStore
 from bench.parity import ParitySet
@@ -78,6 +81,16 @@ def loopback_only_ice(monkeypatch: pytest.MonkeyPatch) -> None:
     """ICE in this process offers 127.0.0.1 only; undone after the test."""
     monkeypatch.setattr(aioice.ice, "get_host_addresses", aioice.ice.get_host_addresses)  # records the original
     restrict_ice_host_addresses(["127.0.0.1"])
+
+
+def stereo_frame(mono: np.ndarray, index: int) -> AudioFrame:
+    """Frame `index` of a caller's microphone: 960 mono float samples as 16-bit stereo, timestamped in samples."""
+    pcm = np.clip(np.round(mono * 32768), -32768, 32767).astype(np.int16)
+    frame = AudioFrame.from_ndarray(np.repeat(pcm, 2)[np.newaxis, :], format="s16", layout="stereo")
+    frame.sample_rate = SAMPLE_RATE
+    frame.pts = index * FRAME_SAMPLES
+    frame.time_base = fractions.Fraction(1, SAMPLE_RATE)
+    return frame
 
 
 class ArrayTrack(MediaStreamTrack):
@@ -246,51 +259,86 @@ def test_downmix_refuses_other_rates_and_formats() -> None:
         downmix(floats)
 
 
-def test_stereo_frame_has_two_equal_channels_clipped_and_timestamps_in_samples() -> None:
-    mono = np.linspace(-1.5, 1.5, FRAME_SAMPLES, dtype=np.float32)
-    frame = stereo_frame(mono, index=3)
-    assert (frame.format.name, frame.layout.name, frame.samples, frame.sample_rate) == ("s16", "stereo", 960, 48000)
-    assert frame.pts == 3 * 960 and frame.time_base == fractions.Fraction(1, 48000)
-    interleaved = frame.to_ndarray().reshape(-1, 2)
-    np.testing.assert_array_equal(interleaved[:, 0], interleaved[:, 1])
-    assert interleaved.min() == -32768 and interleaved.max() == 32767
-    np.testing.assert_allclose(downmix(frame), np.clip(mono, -1, 32767 / 32768), atol=1 / 32768)
+def tone(level: float) -> np.ndarray:
+    return (level * np.sin(2 * np.pi * 440 * np.arange(FRAME_SAMPLES) / SAMPLE_RATE)).astype(np.float32)
+
+
+def encoded(frames: list[np.ndarray], bitrate: int = 32000) -> list[bytes]:
+    """What the output track should send for these frames: libopus is deterministic, so the same bytes."""
+    packets = OpusPackets(bitrate)
+    return [bytes(packets.packet(frame, index)) for index, frame in enumerate(frames)]
 
 
 def test_output_track_paces_in_real_time_and_fills_gaps_with_silence() -> None:
-    async def run() -> tuple[list[AudioFrame], float]:
-        track = ConvertedAudioTrack(max_buffered_frames=4)
-        for value in (0.1, 0.2):
-            track.push(np.full(FRAME_SAMPLES, value, dtype=np.float32))
+    async def run() -> tuple[list[av.Packet], float]:
+        track = ConvertedAudioTrack(max_buffered_frames=4, bitrate=24000)
+        for level in (0.1, 0.2):
+            track.push(tone(level))
         started = time.monotonic()
-        frames = [await track.recv() for _ in range(5)]
-        return frames, time.monotonic() - started
+        packets = [await track.recv() for _ in range(5)]
+        return packets, time.monotonic() - started
 
-    frames, elapsed = asyncio.run(run())
-    assert [frame.pts for frame in frames] == [0, 960, 1920, 2880, 3840]
-    levels = [float(downmix(frame)[0]) for frame in frames]
-    np.testing.assert_allclose(levels, [0.1, 0.2, 0, 0, 0], atol=1e-4)
+    packets, elapsed = asyncio.run(run())
+    assert [packet.pts for packet in packets] == [0, 960, 1920, 2880, 3840]
+    assert {packet.time_base for packet in packets} == {fractions.Fraction(1, SAMPLE_RATE)}
+    silence = np.zeros(FRAME_SAMPLES, np.float32)
+    assert [bytes(p) for p in packets] == encoded([tone(0.1), tone(0.2), silence, silence, silence], bitrate=24000)
     assert 0.075 <= elapsed < 0.2, elapsed  # frame 4 is due 80 ms after frame 0
 
 
 def test_output_track_keeps_the_newest_frames_and_reports_played_out() -> None:
-    async def run() -> tuple[list[float], int, bool, bool]:
+    async def run() -> tuple[list[bytes], int, bool, bool]:
         track = ConvertedAudioTrack(max_buffered_frames=2)
-        for value in (0.1, 0.2, 0.3):
-            track.push(np.full(FRAME_SAMPLES, value, dtype=np.float32))
+        for level in (0.1, 0.2, 0.3):
+            track.push(tone(level))
         waiting = asyncio.create_task(track.played_out())
-        levels = [float(downmix(await track.recv())[0])]
+        sent = [bytes(await track.recv())]
         first_done = waiting.done()
-        levels.append(float(downmix(await track.recv())[0]))
+        sent.append(bytes(await track.recv()))
         await asyncio.wait_for(waiting, 1)
         track.stop()
         with pytest.raises(MediaStreamError):
             await track.recv()
-        return levels, track.trimmed_frames, first_done, waiting.done()
+        return sent, track.trimmed_frames, first_done, waiting.done()
 
-    levels, trimmed, first_done, done = asyncio.run(run())
-    np.testing.assert_allclose(levels, [0.2, 0.3], atol=1e-4)
+    sent, trimmed, first_done, done = asyncio.run(run())
+    assert sent == encoded([tone(0.2), tone(0.3)])
     assert trimmed == 1 and not first_done and done
+
+
+def test_the_output_is_mono_opus_at_the_configured_bitrate_with_fec() -> None:
+    frames = [tone(0.3) for _ in range(100)]
+    for bitrate in (16000, 48000):
+        packets = encoded(frames, bitrate)
+        kbits = 8 * sum(len(packet) for packet in packets) / (len(packets) * FRAME_SAMPLES / SAMPLE_RATE) / 1000
+        assert 0.7 * bitrate / 1000 < kbits < 1.3 * bitrate / 1000, (bitrate, kbits)
+        assert all(packet[0] & 0x04 == 0 for packet in packets)  # the TOC's stereo flag (RFC 6716, 3.1): mono
+    # FEC rides in Opus' SILK layer: a third of these packets at the default bitrate (more on speech).
+    assert sum(ConcealingOpusDecoder().has_fec(packet) for packet in encoded(frames)) > 20
+
+
+def test_the_answer_asks_for_in_band_fec() -> None:
+    answer = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 96\r\na=rtpmap:96 opus/48000/2\r\na=mid:0\r\n"
+    assert "a=rtpmap:96 opus/48000/2\r\na=fmtp:96 useinbandfec=1\r\n" in with_opus_fec(answer)
+    with_fmtp = answer.replace("opus/48000/2\r\n", "opus/48000/2\r\na=fmtp:96 minptime=10\r\n")
+    assert "a=fmtp:96 minptime=10;useinbandfec=1\r\n" in with_opus_fec(with_fmtp)
+    assert with_opus_fec(with_opus_fec(answer)) == with_opus_fec(answer)
+
+
+def test_lost_microphone_packets_are_concealed_from_their_timestamps() -> None:
+    frames = [tone(0.3) for _ in range(10)]
+    payloads = encoded(frames)
+    decoder = ConcealingDecoder()
+    received = []
+    first = 2**32 - 3 * FRAME_SAMPLES  # the timestamps wrap
+    for index, payload in enumerate(payloads):
+        if index in (4, 7, 8):  # what aiortc's jitter buffer skipped
+            continue
+        received += decoder.decode(JitterFrame(payload, (first + index * FRAME_SAMPLES) % 2**32))
+    samples = np.concatenate([downmix(frame) for frame in received])
+    assert len(samples) == len(frames) * FRAME_SAMPLES  # concealed, not shortened
+    assert decoder.concealed_samples == 3 * FRAME_SAMPLES
+    assert decoder.decode(JitterFrame(payloads[5], (first + 5 * FRAME_SAMPLES) % 2**32)) == []  # too late now
 
 
 # -- ICE configuration -------------------------------------------------------------------------------------------
@@ -534,7 +582,7 @@ def test_identity_call_returns_the_input_on_the_track(
     assert 0 < delays[0] < SAMPLE_RATE and max(delays) - min(delays) <= 2 * block_samples, delays
     window = call.output_48k[delays[0] : delays[0] + len(audio)]
     level = np.sqrt(np.mean(window**2) / np.mean(audio[: len(window)] ** 2))
-    assert 0.8 < level < 1.25, level  # stereo both ways: no 3 dB lost to a mono upmix
+    assert 0.8 < level < 1.25, level  # mono Opus down, decoded at full level on both channels: no 3 dB lost
     assert len(converter.engine) == 0  # the session was closed
 
 

@@ -23,6 +23,9 @@ import numpy as np
 from app.audio.opus import MAX_PACKET_BYTES, SAMPLE_RATE, OpusError
 
 CHANNELS = 1
+# The loss in-band FEC on packets this service sends over UDP is sized for: it adds a few kbit/s, and covers single
+# losses up to it.
+EXPECTED_LOSS_PERCENT = 10
 # The longest packet Opus allows is 120 ms (RFC 6716, section 3.2.5): room for any packet a peer sends.
 MAX_PACKET_SAMPLES = SAMPLE_RATE * 120 // 1000
 

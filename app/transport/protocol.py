@@ -49,7 +49,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 from enum import StrEnum
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
@@ -57,6 +57,7 @@ from pydantic_core import PydanticCustomError
 from app.streaming.settings import SettingsError, StreamSettings
 
 PROTOCOL_VERSION = 1
+M = TypeVar("M")  # a parsed message
 SAMPLE_RATE = 48_000  # Opus's native rate: no resampling inside the codec
 FRAME_MS = 20  # one Opus packet; also one content frame of the model
 
@@ -268,11 +269,15 @@ _CLIENT_MESSAGE: TypeAdapter[StartMessage | SetVoiceMessage | EndMessage] = Type
 
 def parse_client_message(text: str) -> StartMessage | SetVoiceMessage | EndMessage:
     """Validate one text message from the client; every problem is a `ProtocolError` naming the field at fault."""
+    return _parse(_CLIENT_MESSAGE, text, MAX_TEXT_BYTES)
+
+
+def _parse(adapter: TypeAdapter[M], text: str, limit: int) -> M:
     size = len(text.encode(errors="surrogatepass"))  # lone surrogates must not escape as UnicodeError
-    if size > MAX_TEXT_BYTES:
-        raise ProtocolError(ErrorCode.frame_too_large, f"text message is {size} bytes; the limit is {MAX_TEXT_BYTES}")
+    if size > limit:
+        raise ProtocolError(ErrorCode.frame_too_large, f"text message is {size} bytes; the limit is {limit}")
     try:
-        return _CLIENT_MESSAGE.validate_json(text)
+        return adapter.validate_json(text)
     except ValidationError as error:
         raise _protocol_error(error) from None
 
@@ -286,15 +291,7 @@ _RTC_CLIENT_MESSAGE: TypeAdapter[StartMessage | OfferMessage | SetVoiceMessage |
 def parse_rtc_message(text: str) -> StartMessage | OfferMessage | SetVoiceMessage | EndMessage:
     """`parse_client_message` for the WebRTC signalling socket: the same messages plus the offer, which needs a
     larger size limit than everything `/v1/stream` receives."""
-    size = len(text.encode(errors="surrogatepass"))
-    if size > MAX_RTC_TEXT_BYTES:
-        raise ProtocolError(
-            ErrorCode.frame_too_large, f"text message is {size} bytes; the limit is {MAX_RTC_TEXT_BYTES}"
-        )
-    try:
-        return _RTC_CLIENT_MESSAGE.validate_json(text)
-    except ValidationError as error:
-        raise _protocol_error(error) from None
+    return _parse(_RTC_CLIENT_MESSAGE, text, MAX_RTC_TEXT_BYTES)
 
 
 RtpClientMessage = Annotated[RtpStartMessage | SetVoiceMessage | EndMessage, Field(discriminator="type")]
@@ -303,13 +300,7 @@ _RTP_CLIENT_MESSAGE: TypeAdapter[RtpStartMessage | SetVoiceMessage | EndMessage]
 
 def parse_rtp_message(text: str) -> RtpStartMessage | SetVoiceMessage | EndMessage:
     """`parse_client_message` for the RTP control socket: its start message carries `rtp`."""
-    size = len(text.encode(errors="surrogatepass"))
-    if size > MAX_TEXT_BYTES:
-        raise ProtocolError(ErrorCode.frame_too_large, f"text message is {size} bytes; the limit is {MAX_TEXT_BYTES}")
-    try:
-        return _RTP_CLIENT_MESSAGE.validate_json(text)
-    except ValidationError as error:
-        raise _protocol_error(error) from None
+    return _parse(_RTP_CLIENT_MESSAGE, text, MAX_TEXT_BYTES)
 
 
 def _protocol_error(error: ValidationError) -> ProtocolError:

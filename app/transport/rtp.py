@@ -45,7 +45,7 @@ from aiortc.rtp import RtpPacket, is_rtcp
 from starlette.websockets import WebSocket
 
 from app.audio.opus import FRAME_SAMPLES, SAMPLE_RATE, OpusEncoder, OpusError
-from app.audio.opus_concealment import ConcealingOpusDecoder
+from app.audio.opus_concealment import EXPECTED_LOSS_PERCENT, ConcealingOpusDecoder
 from app.audio.pacing import Pacer
 from app.environment import ServiceEnvironment
 from app.serving.config import IngressConfig
@@ -69,8 +69,6 @@ from app.transport.sessions import StreamServices
 log = logging.getLogger(__name__)
 
 MAX_DATAGRAM_BYTES = 1500  # an Ethernet MTU: no RTP audio packet is larger
-# The loss in-band FEC on the converted voice is sized for: it adds a few kbit/s, and covers single losses up to it.
-EXPECTED_LOSS_PERCENT = 10
 # Held input beyond the jitter delay: a burst after a stall plays out this late at most, the rest is skipped.
 MAX_EXTRA_DEPTH_S = 0.5
 PORT_TRIES = 50

@@ -22,8 +22,10 @@ Protocol: the messages and events of protocol v1 (app/transport/protocol.py) plu
 4. The server answers `AnswerEvent` `{"type": "answer", "sdp": "..."}`, complete with its candidates, Opus being
    the only codec; or `bad_offer`. ICE and DTLS must then connect within `rtc_connect_timeout_s`.
 5. The microphone goes up the call's audio track (any channel count; downmixed to mono). The converted voice comes
-   back on the same transceiver in real time, 48 kHz stereo with equal channels, silence while none is due. The
-   socket carries the events of step 5: `block` per converted block, `late`, `warning`.
+   back on the same transceiver in real time: Opus, mono, at `ingress.opus_bitrate`, with in-band FEC; silence
+   while none is due. The answer offers in-band FEC for the microphone too (`useinbandfec=1`), and lost packets of
+   the microphone are concealed from their RTP timestamps (app/transport/rtc_opus.py). The socket carries the
+   events of step 5: `block` per converted block, `late`, `warning`.
 6. At any time the client may send `set_voice`, confirmed by `voice_set` (step 6).
 7. To hang up, the client sends `EndMessage`. The server converts the input that has arrived, plays it out on the
    track, sends an `EndEvent`, closes the socket with 1000 and then the peer connection. Audio still on its way when
@@ -38,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import fractions
 import hashlib
 import hmac
 import ipaddress
@@ -49,6 +50,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aioice.ice
+import av
 import numpy as np
 from aiortc import (
     MediaStreamTrack,
@@ -79,6 +81,7 @@ from app.transport.protocol import (
     StartMessage,
     parse_rtc_message,
 )
+from app.transport.rtc_opus import OpusPackets, conceal_lost_audio, with_opus_fec
 from app.transport.sessions import StreamServices
 
 log = logging.getLogger(__name__)
@@ -86,10 +89,6 @@ log = logging.getLogger(__name__)
 RtcMessage = StartMessage | OfferMessage | SetVoiceMessage | EndMessage
 
 S16_SCALE = 32768
-# aiortc upmixes a mono frame to stereo at x0.707, which loses 3 dB: send both channels, equal.
-OUTPUT_LAYOUT = "stereo"
-OUTPUT_CHANNELS = 2
-TIME_BASE = fractions.Fraction(1, SAMPLE_RATE)
 SILENCE = np.zeros(FRAME_SAMPLES, dtype=np.float32)
 OPUS_MIME_TYPE = "audio/opus"
 # Converted audio waiting for the track: the block being played plus one arriving. More only adds delay.
@@ -114,18 +113,8 @@ def downmix(frame: AudioFrame) -> np.ndarray:
     return by_channel.mean(axis=0, dtype=np.float32) / S16_SCALE
 
 
-def stereo_frame(mono: np.ndarray, index: int) -> AudioFrame:
-    """Frame `index` of the outgoing track: 960 mono float samples as 16-bit stereo, timestamped in samples."""
-    pcm = np.clip(np.round(mono * S16_SCALE), -S16_SCALE, S16_SCALE - 1).astype(np.int16)
-    frame = AudioFrame.from_ndarray(np.repeat(pcm, OUTPUT_CHANNELS)[np.newaxis, :], format="s16", layout=OUTPUT_LAYOUT)
-    frame.sample_rate = SAMPLE_RATE
-    frame.pts = index * FRAME_SAMPLES
-    frame.time_base = TIME_BASE
-    return frame
-
-
 class ConvertedAudioTrack(MediaStreamTrack):
-    """The converted voice on its way to the caller: 20 ms frames in real time, silence when none is due.
+    """The converted voice on its way to the caller: 20 ms Opus packets in real time, silence when none is due.
 
     aiortc's sender asks for the next frame as soon as it has sent one, so the track paces itself: frame i is due
     at start + i * 20 ms (an absolute clock, so no delay accumulates). Converted audio arrives a block at a time.
@@ -136,8 +125,9 @@ class ConvertedAudioTrack(MediaStreamTrack):
 
     kind = "audio"
 
-    def __init__(self, max_buffered_frames: int) -> None:
+    def __init__(self, max_buffered_frames: int, bitrate: int = 32000) -> None:
         super().__init__()
+        self._packets = OpusPackets(bitrate)
         self._buffer: deque[np.ndarray] = deque(maxlen=max_buffered_frames)
         self._pacer = Pacer(FRAME_MS / 1000)
         self._sent = 0
@@ -156,16 +146,16 @@ class ConvertedAudioTrack(MediaStreamTrack):
         self._buffer.append(frame_48k)
         self._empty.clear()
 
-    async def recv(self) -> AudioFrame:
+    async def recv(self) -> av.Packet:
         if self.readyState != "live":
             raise MediaStreamError
         await self._pacer.wait(self._sent)
         samples = self._buffer.popleft() if self._buffer else SILENCE
         if not self._buffer:
             self._empty.set()
-        frame = stereo_frame(samples, self._sent)
+        packet = self._packets.packet(samples, self._sent)
         self._sent += 1
-        return frame
+        return packet
 
     async def played_out(self) -> None:
         """Returns once every queued frame has gone to the sender."""
@@ -275,7 +265,9 @@ class RtcCall(SessionDriver):
 
     async def connect(self, start: StartMessage, session: LiveSession) -> None:
         offer = await self._receive_offer()
-        self.output = output = ConvertedAudioTrack(OUTPUT_BUFFER_BLOCKS * self._frames_per_block(session))
+        frames = OUTPUT_BUFFER_BLOCKS * self._frames_per_block(session)
+        self.output = output = ConvertedAudioTrack(frames, self.stream.opus_bitrate)
+        conceal_lost_audio()
         self.peer = peer = RTCPeerConnection(self.services.peer_configuration())
         peer.on("connectionstatechange", self._connection_changed.set)
         self.microphone = await self._answer(peer, offer, output)
@@ -333,7 +325,7 @@ class RtcCall(SessionDriver):
             await peer.setLocalDescription(await peer.createAnswer())  # aiortc gathers every candidate here
         except ValueError as error:  # an offer aiortc accepted can still yield an answer it refuses (a=mid with no id)
             raise ProtocolError(ErrorCode.bad_offer, f"unusable SDP offer: {error}") from error
-        await self.send_text(AnswerEvent(sdp=peer.localDescription.sdp).model_dump_json())
+        await self.send_text(AnswerEvent(sdp=with_opus_fec(peer.localDescription.sdp)).model_dump_json())
         return microphone
 
     async def watch(self) -> None:
