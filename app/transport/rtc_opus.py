@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import fractions
 import re
-from typing import Any
 
 import av
 import numpy as np
-from aiortc import rtcrtpreceiver
+from aiortc import RTCRtpCodecParameters, rtcrtpreceiver
 from aiortc.codecs.base import Decoder
 from aiortc.jitterbuffer import JitterFrame
 from av import AudioFrame
@@ -59,7 +58,7 @@ class ConcealingDecoder(Decoder):
 
     def decode(self, encoded_frame: JitterFrame) -> list[Frame]:
         timestamp = encoded_frame.timestamp
-        frames = []
+        frames: list[Frame] = []
         if self._next is not None:
             timestamp = unwrap(timestamp, self._next, TIMESTAMP_MODULO)
             gap = timestamp - self._next
@@ -87,7 +86,7 @@ def _mono_frame(samples: np.ndarray, pts: int) -> AudioFrame:
     return frame
 
 
-def _decoder_for(codec: Any) -> Decoder:
+def _decoder_for(codec: RTCRtpCodecParameters) -> Decoder:
     if codec.mimeType.lower() == "audio/opus":
         return ConcealingDecoder()
     return _AIORTC_GET_DECODER(codec)
@@ -99,7 +98,7 @@ def conceal_lost_audio() -> None:
     aiortc takes no decoder from its caller: replacing the module function its receiver calls is the only way in,
     as for ICE's host addresses (webrtc.restrict_ice_host_addresses). Every codec but Opus keeps aiortc's decoder.
     """
-    rtcrtpreceiver.get_decoder = _decoder_for  # type: ignore[assignment]
+    rtcrtpreceiver.get_decoder = _decoder_for
 
 
 def with_opus_fec(sdp: str) -> str:
