@@ -56,18 +56,27 @@ def build(raw_args: dict[str, Any]) -> Application:
     return build_app(args)
 
 
+def session_pinning(routing_stats_period_s: float) -> RequestRouterConfig:
+    """The converters' router, reading each replica's sessions this often."""
+    # (Ray annotates RequestRouterConfig's **kwargs as dict[str, Any] each, which no setting is.)
+    return RequestRouterConfig(
+        request_router_class=SessionPinningRouter,  # type: ignore[arg-type]  # Ray's annotation, above
+        request_routing_stats_period_s=routing_stats_period_s,  # type: ignore[arg-type]  # Ray's annotation, above
+    )
+
+
 def build_app(
     args: AppArgs, converter_options: dict[str, Any] | None = None, ingress_options: dict[str, Any] | None = None
 ) -> Application:
     """The application graph; options override Serve deployment settings (tests use this to size replicas)."""
-    # (Ray annotates RequestRouterConfig's **kwargs as dict[str, Any] each, which no setting is.)
-    router = RequestRouterConfig(
-        request_router_class=SessionPinningRouter,  # type: ignore[arg-type]  # Ray's annotation, above
-        request_routing_stats_period_s=ROUTING_STATS_PERIOD_S,  # type: ignore[arg-type]  # Ray's annotation, above
-    )
+    router = session_pinning(ROUTING_STATS_PERIOD_S)
     # serve.deployment(options)(cls): with the options as **kwargs, serve.deployment(cls, ...) types as a decorator.
-    options = {"max_constructor_retry_count": CONVERTER_START_RETRIES, **(converter_options or {})}
-    converter = serve.deployment(name="Converter", request_router_config=router, **options)(Converter).bind(
+    options = {
+        "max_constructor_retry_count": CONVERTER_START_RETRIES,
+        "request_router_config": router,  # a test may give one with another routing-stats period
+        **(converter_options or {}),
+    }
+    converter = serve.deployment(name="Converter", **options)(Converter).bind(
         args.converter.model_dump(exclude={"replica_tag"})
     )
     ingress = serve.deployment(name="Ingress", **(ingress_options or {}))(Ingress)

@@ -16,7 +16,16 @@ from ray import serve
 from app.logs import route_to
 from app.serving.config import ConverterConfig
 from app.serving.converter import ConverterService
-from app.serving.wire import AttachReply, BlockIn, BlockOut, ConverterError, OpenReply, OpenRequest
+from app.serving.wire import (
+    AttachReply,
+    BlockIn,
+    BlockOut,
+    ConverterError,
+    OpenReply,
+    OpenRequest,
+    Refusal,
+    answer_of,
+)
 from deployments.metrics import RayServeMetrics
 
 DEFAULT_MAX_BATCH_SIZE = 16
@@ -41,24 +50,23 @@ class Converter:
         batch.set_max_batch_size(int(user_config.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE)))
         batch.set_batch_wait_timeout_s(float(user_config.get("batch_wait_s", DEFAULT_BATCH_WAIT_S)))
 
-    async def open(self, request: OpenRequest) -> OpenReply:
-        return await self.service.open(request)
+    # Refusals (a full replica, a lost session, an unknown voice) come back as values: see app/serving/wire.py.
 
-    async def attach(self, session_id: str) -> AttachReply:
-        return await self.service.attach(session_id)
+    async def open(self, request: OpenRequest) -> OpenReply | Refusal:
+        return await answer_of(self.service.open(request))
 
-    async def convert(self, block: BlockIn) -> BlockOut:
-        result = await self._convert_batch(replace(block, received_at=time.time()))
-        if isinstance(result, ConverterError):
-            raise result
-        return result
+    async def attach(self, session_id: str) -> AttachReply | Refusal:
+        return await answer_of(self.service.attach(session_id))
+
+    async def convert(self, block: BlockIn) -> BlockOut | Refusal:
+        return await self._convert_batch(replace(block, received_at=time.time()))
 
     @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
     async def _convert_batch(self, blocks: list[BlockIn]) -> list[BlockOut | ConverterError]:
         return await self.service.convert_blocks(blocks)
 
-    async def set_voice(self, session_id: str, voice_id: str) -> None:
-        await self.service.set_voice(session_id, voice_id)
+    async def set_voice(self, session_id: str, voice_id: str) -> Refusal | None:
+        return await answer_of(self.service.set_voice(session_id, voice_id))
 
     async def close(self, session_id: str, lease: int | None = None) -> None:
         await self.service.close_session(session_id, lease)

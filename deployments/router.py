@@ -3,19 +3,25 @@
 A session lives on one converter replica. Calls that carry a pin (`handle.options(session_id=pin(replica))`) go to
 that replica only, never spilling to another (its queue may be full: the router waits, as Serve does). If the pinned
 replica is gone, the call goes to any replica, which answers SessionLost, and the transport re-opens the session with
-its saved state. Calls without a pin (opening a session) go to the replica with the fewest sessions.
+its saved state. Calls without a pin (opening a session) go to the replica with the fewest sessions; an open that a
+full replica refused is sent again with `avoiding(refused)`, which ranks the replicas that refused it last.
 
-The base router hands a chosen replica to the pending request with the same internal request id; a session makes at
-most one converter call at a time, so that id never has two pending calls.
+The base router hands a replica it chose to the pending request with the same internal request id, and indexes
+pending requests by that id alone. Every converter call a WebSocket connection makes shares its parent request's id,
+so a close sent right after a cancelled convert that was still waiting for its replica was never handed one (the
+index skipped it as a duplicate, then the cancellation removed the id): the close hung. This router indexes pending
+requests per call instead (private API: see `_CallIndex`).
 """
 
 from __future__ import annotations
 
 import random
 
+from ray.serve._private.common import RequestMetadata
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 PIN_PREFIX = "pin:"
+AVOID_PREFIX = "avoid:"
 
 
 def pin(replica: str) -> str:
@@ -27,22 +33,70 @@ def pinned_replica(session_id: str) -> str | None:
     return session_id.removeprefix(PIN_PREFIX) if session_id.startswith(PIN_PREFIX) else None
 
 
+def avoiding(replicas: list[str]) -> str:
+    """The request-metadata session id of an unpinned call that `replicas` should get only if no other can."""
+    return AVOID_PREFIX + ",".join(replicas)
+
+
+def avoided_replicas(session_id: str) -> set[str]:
+    return set(session_id.removeprefix(AVOID_PREFIX).split(",")) if session_id.startswith(AVOID_PREFIX) else set()
+
+
 def load(replica: RunningReplica) -> float:
     """Share of a replica's session capacity in use (from its routing stats; unknown yet = empty)."""
     stats = replica.routing_stats or {}
     return stats.get("sessions", 0) / max(1, stats.get("capacity", 1))
 
 
-class SessionPinningRouter(RequestRouter):
+class _CallIndex:
+    """Pending requests indexed per call (the metadata object each handle call makes), not per internal request id.
+
+    Overrides of the base router's private index methods (Ray 2.60, pinned in requirements.txt): tests/serve/
+    test_routing.py fails if a Ray upgrade changes what they replace.
+    """
+
+    _pending_by_call: dict[int, PendingRequest]
+
+    def _calls(self) -> dict[int, PendingRequest]:
+        if not hasattr(self, "_pending_by_call"):
+            self._pending_by_call = {}
+        return self._pending_by_call
+
+    def _add_pending_request_to_indices(self, pending_request: PendingRequest) -> None:
+        # The index keeps the metadata alive, so its id() cannot be reused while it is there.
+        self._calls()[id(pending_request.metadata)] = pending_request
+
+    def _remove_pending_request_from_indices(self, pending_request: PendingRequest) -> None:
+        self._calls().pop(id(pending_request.metadata), None)
+
+    def _get_pending_request_matching_internal_request_id(
+        self, request_metadata: RequestMetadata | None = None
+    ) -> PendingRequest | None:
+        if request_metadata is None:
+            return None
+        pending = self._calls().get(id(request_metadata))
+        return pending if pending is not None and not pending.future.done() else None
+
+
+class SessionPinningRouter(_CallIndex, RequestRouter):
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
-        wanted = pinned_replica(pending_request.metadata.session_id) if pending_request else None
+        call = ""
+        if pending_request is not None:
+            call = pending_request.metadata.session_id
+            # Every replica this call may go to is in the answer: when all are busy, wait (with Serve's back-off)
+            # instead of asking again at once, which spun the ingress's CPU while a pinned replica's queue was full.
+            pending_request.routing_context.should_backoff = True
+        wanted = pinned_replica(call)
         if wanted is not None:
             owner = [r for r in candidate_replicas if r.replica_id.unique_id == wanted]
             if owner:
                 return [owner]
-        # Least loaded first; each rank is tried in turn, so a full replica's queue does not block the others. Ties
-        # in random order: a burst of opens between two routing-stats polls must not all land on one replica.
+        # Least loaded first, replicas that refused this open last; each rank is tried in turn, so a full replica's
+        # queue does not block the others. Ties in random order: a burst of opens between two routing-stats polls
+        # must not all land on one replica.
+        avoided = avoided_replicas(call)
         shuffled = random.sample(candidate_replicas, len(candidate_replicas))
-        return [[replica] for replica in sorted(shuffled, key=load)]
+        ranked = sorted(shuffled, key=lambda r: (r.replica_id.unique_id in avoided, load(r)))
+        return [[replica] for replica in ranked]

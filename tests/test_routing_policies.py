@@ -10,7 +10,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from deployments.autoscaling import SessionAwarePolicy
-from deployments.router import SessionPinningRouter, pin, pinned_replica
+from deployments.router import SessionPinningRouter, avoiding, pin, pinned_replica
 
 
 def replica(name: str, sessions: int, capacity: int = 10) -> Any:
@@ -22,7 +22,9 @@ def replica(name: str, sessions: int, capacity: int = 10) -> Any:
 
 def choose(replicas: list[Any], session_id: str) -> list[list[str]]:
     router = SessionPinningRouter.__new__(SessionPinningRouter)  # choose_replicas uses no router state
-    request: Any = SimpleNamespace(metadata=SimpleNamespace(session_id=session_id))
+    request: Any = SimpleNamespace(
+        metadata=SimpleNamespace(session_id=session_id), routing_context=SimpleNamespace(should_backoff=False)
+    )
     ranked = asyncio.run(router.choose_replicas(replicas, request))
     return [[r.replica_id.unique_id for r in rank] for rank in ranked]
 
@@ -46,6 +48,13 @@ def test_equally_loaded_replicas_share_a_burst_of_new_sessions() -> None:
     """Between two routing-stats polls every replica looks as loaded as before: ties must not always pick one."""
     firsts = {choose([replica("a", 0), replica("b", 0), replica("c", 4)], "")[0][0] for _ in range(50)}
     assert firsts == {"a", "b"}
+
+
+def test_an_open_a_replica_refused_goes_elsewhere_first() -> None:
+    """Routing stats are a poll old: a replica that refused an open ranks last for its next try, whatever they say."""
+    replicas = [replica("a", 0), replica("b", 5), replica("c", 2)]
+    assert choose(replicas, avoiding(["a"])) == [["c"], ["b"], ["a"]]
+    assert choose(replicas, avoiding(["a", "c"])) == [["b"], ["a"], ["c"]]
 
 
 def test_a_lost_pin_falls_back_to_any_replica() -> None:

@@ -63,8 +63,9 @@ class OpusDecoder:
         try:
             frames = self._context.decode(av.Packet(packet))
         except av.error.InvalidDataError as error:
-            # libopus rejected the packet before touching its state, so the next packet decodes normally.
-            raise OpusError(f"libopus rejected a {len(packet)}-byte packet: {error}") from error
+            # libopus rejected the packet before touching its state, so the next packet decodes normally. The message
+            # goes to the client: FFmpeg's wording of the error stays out of it.
+            raise OpusError(f"a {len(packet)}-byte packet is not valid Opus") from error
         # Each frame is (1, n): one channel, packed.
         samples = np.concatenate([frame.to_ndarray().reshape(-1) for frame in frames]) if frames else np.empty(0)
         if samples.size != FRAME_SAMPLES:

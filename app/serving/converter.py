@@ -224,7 +224,9 @@ class ConverterService:
         self._close_idle()
         if not self.sessions.has_room_for(request.session_id):
             self.metrics.record("seedvc_admission_refusals")
-            raise CapacityExceeded(f"this replica holds its maximum of {self.config.max_sessions} sessions")
+            raise CapacityExceeded(
+                f"this replica holds its maximum of {self.config.max_sessions} sessions", self.config.replica_tag
+            )
         voice = self.voices.get(reference, settings.max_prompt, label=request.voice_id)
         resume = request.resume.to_stream_state() if request.resume is not None else None
         session = ServedSession(
@@ -355,41 +357,63 @@ class ConverterService:
         return await self._on_engine_thread(lambda: self._convert(blocks))
 
     def _convert(self, blocks: Sequence[BlockIn]) -> list[BlockOut | ConverterError]:
-        started = time.time()
+        """Replies in the order of `blocks`. An engine step takes at most one block of a session, so two blocks of one
+        session in a batch (a client that resumed while its old connection's block still waited) go through in
+        successive steps, in their order: neither fails the other sessions' blocks."""
         self._close_idle()
-        refusals = {block.session_id: self._refusal(block) for block in blocks}
-        replies: dict[str, BlockOut | ConverterError] = {sid: r for sid, r in refusals.items() if r is not None}
-        known = [block for block in blocks if refusals[block.session_id] is None]
-        for block in known:
+        replies: list[BlockOut | ConverterError | None] = [None] * len(blocks)
+        waiting = list(range(len(blocks)))
+        while waiting:
+            step: dict[str, int] = {}  # session id -> position of its first waiting block
+            for position in waiting:
+                step.setdefault(blocks[position].session_id, position)
+            self._convert_step([(position, blocks[position]) for position in step.values()], replies)
+            waiting = [position for position in waiting if position not in step.values()]
+        assert all(reply is not None for reply in replies)
+        return [reply for reply in replies if reply is not None]
+
+    def _convert_step(
+        self, positioned: Sequence[tuple[int, BlockIn]], replies: list[BlockOut | ConverterError | None]
+    ) -> None:
+        """One engine step for blocks of distinct sessions; each reply goes to its block's position."""
+        started = time.time()
+        known: list[tuple[int, BlockIn]] = []
+        for position, block in positioned:
+            refusal = self._refusal(block)
+            if refusal is None:
+                known.append((position, block))
+            replies[position] = refusal
+        if not known:
+            return
+        converting = [block for _, block in known]
+        for block in converting:
             session = self._served(block.session_id)
             session.next_index, session.last_call = block.index + 1, self.clock()
-        if known:
-            rows = self._identity_rows(known) if self.config.identity else self._engine_rows(known)
-            computed = time.time() - started
-            self.batch_sizes[len(known)] += 1
-            self.blocks_converted += len(known)
-            self._record_step(known, rows, computed)
-            for block, (audio, steps, silent) in zip(known, rows, strict=True):
-                if audio is None:
-                    replies[block.session_id] = CapacityExceeded(
-                        "this block did not fit in the converter's GPU memory; retry on another replica"
-                    )
-                    continue
-                session = self._served(block.session_id)
-                session.blocks_converted += 1
-                stream = session.stream
-                replies[block.session_id] = BlockOut(
-                    session_id=block.session_id,
-                    index=block.index,
-                    audio=audio,
-                    steps=steps,
-                    silent=silent,
-                    batch_size=len(known),
-                    queue_seconds=max(0.0, started - block.received_at) if block.received_at else 0.0,
-                    compute_seconds=computed,
-                    state=ResumeState.of(stream, block.index + 1),
+        rows = self._identity_rows(converting) if self.config.identity else self._engine_rows(converting)
+        computed = time.time() - started
+        self.batch_sizes[len(known)] += 1
+        self.blocks_converted += len(known)
+        self._record_step(converting, rows, computed)
+        for (position, block), (audio, steps, silent) in zip(known, rows, strict=True):
+            if audio is None:
+                replies[position] = CapacityExceeded(
+                    "this block did not fit in the converter's GPU memory; retry on another replica",
+                    self.config.replica_tag,
                 )
-        return [replies[block.session_id] for block in blocks]
+                continue
+            session = self._served(block.session_id)
+            session.blocks_converted += 1
+            replies[position] = BlockOut(
+                session_id=block.session_id,
+                index=block.index,
+                audio=audio,
+                steps=steps,
+                silent=silent,
+                batch_size=len(known),
+                queue_seconds=max(0.0, started - block.received_at) if block.received_at else 0.0,
+                compute_seconds=computed,
+                state=ResumeState.of(session.stream, block.index + 1),
+            )
 
     def _served(self, session_id: str) -> ServedSession:
         session = self.sessions.get(session_id)

@@ -15,7 +15,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from app.engine.engine import Engine, Session
-from app.serving.wire import CapacityExceeded
 from app.streaming.settings import StreamSettings
 
 RECENT_SESSIONS = 1000  # ended sessions whose block counts the statistics keep
@@ -52,9 +51,8 @@ class SessionRegistry:
         return session_id in self or len(self) < self.capacity
 
     def admit(self, session_id: str, session: ServedSession) -> None:
-        """Hold `session`, replacing a copy of the same id; CapacityExceeded when every slot is taken."""
-        if not self.has_room_for(session_id):
-            raise CapacityExceeded(f"this replica holds its maximum of {self.capacity} sessions")
+        """Hold `session`, replacing a copy of the same id (the caller checked `has_room_for` first)."""
+        assert self.has_room_for(session_id), f"no room for session {session_id}"
         self.remove(session_id)
         self._engine.add(session_id, session)
 

@@ -1,19 +1,24 @@
 """What the transport (ingress) and the converter send each other: plain picklable dataclasses and typed errors.
 
-Errors are exceptions so that they travel through Ray Serve as themselves (user exception types propagate to the
-caller), and the ingress can tell a lost session (re-open elsewhere) from a full replica (try another or refuse).
+Errors are exceptions, so that the ingress can tell a lost session (re-open elsewhere) from a full replica (try
+another or refuse). A converter deployment RETURNS them rather than raising them (the ingress raises them on its side):
+Serve logs every exception a replica method raises at ERROR with a traceback, and these are routine answers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
 
-from app.streaming.settings import StreamSettings
+from app.streaming.settings import SettingsError, StreamSettings
 from app.streaming.stream import Stream, StreamState
 from app.transport.protocol import SettingsOverrides
+
+T = TypeVar("T")
 
 
 class ConverterError(Exception):
@@ -25,7 +30,14 @@ class SessionLost(ConverterError):
 
 
 class CapacityExceeded(ConverterError):
-    """The replica already holds its maximum number of sessions."""
+    """The replica already holds its maximum number of sessions; `replica` names it (an open then tries another)."""
+
+    def __init__(self, message: str, replica: str | None = None) -> None:
+        super().__init__(message)
+        self.replica = replica
+
+    def __reduce__(self) -> tuple[type[CapacityExceeded], tuple[str, str | None]]:
+        return type(self), (str(self), self.replica)
 
 
 class UnknownVoice(ConverterError):
@@ -34,6 +46,25 @@ class UnknownVoice(ConverterError):
 
 class SessionTakenOver(ConverterError):
     """Another connection attached to this session (a client that resumed): this one must stop, not re-open."""
+
+
+# What a converter answers instead of a result: its own errors, and settings its model cannot stream.
+Refusal = ConverterError | SettingsError
+
+
+async def answer_of(call: Awaitable[T]) -> T | Refusal:
+    """The converter side: a refusal is returned, not raised (see the module docstring)."""
+    try:
+        return await call
+    except (ConverterError, SettingsError) as refusal:
+        return refusal
+
+
+def result_of(answer: T | Refusal) -> T:
+    """The ingress side: the result, or the converter's refusal raised here."""
+    if isinstance(answer, ConverterError | SettingsError):
+        raise answer
+    return answer
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from app.audio.opus import SAMPLE_RATE
 from app.audio.pacing import Pacer
 from app.logs import note, session_log
 from app.serving.live import BlockReport, LiveSession, pump
-from app.serving.wire import SessionLost, SessionTakenOver
+from app.serving.wire import CapacityExceeded, SessionLost, SessionTakenOver
 from app.transport.limits import ConnectionLimits
 from app.transport.protocol import (
     CLOSE_NORMAL,
@@ -45,7 +45,7 @@ from app.transport.protocol import (
     StartMessage,
     close_code,
 )
-from app.transport.sessions import BlockEvents, StreamServices
+from app.transport.sessions import EVERY_CONVERTER_FULL, BlockEvents, StreamServices
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ class SessionDriver(ABC):
         self.limits = ConnectionLimits(stream.limits)
         self.connected_at = time.time()  # wall clock, comparable with a resumed session's start
         self.resumable = False  # the connection dropped mid-stream: leave the session for the client to resume
+        self.session_freed = False  # its converter slot and key lease were let go (before `end`, or in teardown)
 
     # -- the hooks of a transport ----------------------------------------------------------------------------------
 
@@ -168,6 +169,9 @@ class SessionDriver(ABC):
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)  # none left running, no error left unretrieved
+        # Free the converter slot and the key's lease before the client hears `end`: a client that starts its next
+        # session at once must not be refused for the one that just ended.
+        await self._free_session()
         await self.send_text(EndEvent(blocks=self.events.blocks, dropped_ms=round(self.dropped_ms)).model_dump_json())
         await self.websocket.close(code=CLOSE_NORMAL)
         log.info("%s %s: ended after %d blocks", self.noun, session.session_id, self.events.blocks)
@@ -177,11 +181,18 @@ class SessionDriver(ABC):
             await self.release()
         finally:
             if self.session is not None:
-                self.stream.session_ended(self.session, held=self.resumable)  # its key's lease and stream time
-                if not self.resumable:
-                    with contextlib.suppress(Exception):  # a lost converter took the session with it
-                        await self.session.close()
+                await self._free_session()
                 self.stream.stream_closed(self.transport)
+
+    async def _free_session(self) -> None:
+        """Once: the session's key lease and stream time, and its converter slot (unless held for a resume)."""
+        if self.session is None or self.session_freed:
+            return
+        self.session_freed = True
+        self.stream.session_ended(self.session, held=self.resumable)
+        if not self.resumable:
+            with contextlib.suppress(Exception):  # a lost converter took the session with it
+                await self.session.close()
 
     # -- control messages ----------------------------------------------------------------------------------------
 
@@ -305,6 +316,8 @@ class SessionDriver(ABC):
             await sender
         except SessionLost as error:
             raise ProtocolError(ErrorCode.internal, "the converter was lost and could not be replaced") from error
+        except CapacityExceeded as error:  # its converter was lost, and every other one is full
+            raise ProtocolError(ErrorCode.overloaded, EVERY_CONVERTER_FULL) from error
         finally:
             sender.cancel()
 

@@ -39,6 +39,9 @@ from app.voices.store import VoiceNotFound, VoiceStore
 DEFAULT_RESUME_TOKEN_TTL_S = 24 * 3600
 
 
+EVERY_CONVERTER_FULL = "every converter is full; try again shortly"  # with `overloaded` and a retry-after
+
+
 def _process_resume_tokens() -> TokenSigner:
     """Resume tokens only this process accepts: for tests and single-process use (the ingress passes a shared one)."""
     return TokenSigner(secrets.token_bytes(32), ttl_seconds=DEFAULT_RESUME_TOKEN_TTL_S)
@@ -125,7 +128,7 @@ class StreamServices:
         try:
             await self.quotas.open(owner, session)  # within the key's quotas (rate_limited), then on a converter
         except CapacityExceeded as error:
-            raise ProtocolError(ErrorCode.overloaded, "every converter is full; try again shortly") from error
+            raise ProtocolError(ErrorCode.overloaded, EVERY_CONVERTER_FULL) from error
         except UnknownVoice as error:
             raise ProtocolError(ErrorCode.unknown_voice, f"unknown voice {start.voice_id}") from error
         except SettingsError as error:

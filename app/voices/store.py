@@ -101,8 +101,9 @@ def _decode(data: bytes, limits: VoiceLimits | None) -> Audio:
                 for block in file.blocks(_DECODE_BLOCK_FRAMES, frames=frames, dtype="float32", always_2d=True)
             ]
     except soundfile.SoundFileError as error:
+        # libsndfile's wording (and the reader object it names) stays out of the answer a client gets.
         raise VoiceError(
-            "bad_format", f"cannot decode the recording ({error}); supported formats: {SUPPORTED_FORMATS}"
+            "bad_format", f"cannot decode the recording; supported formats: {SUPPORTED_FORMATS}"
         ) from error
     samples = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
     try:

@@ -150,7 +150,7 @@ def test_a_second_session_over_the_keys_limit_is_refused_while_the_first_goes_on
     audio = app.source_48k(3.0)
 
     async def two() -> tuple[StreamResult, StreamResult]:
-        first = await started_stream(BASE_URL, tenant.token, tenant.voice_id, audio)
+        first = (await started_stream(BASE_URL, tenant.token, tenant.voice_id, audio)).result
         second = await stream_audio(BASE_URL, tenant.token, tenant.voice_id, audio, realtime=True)
         return await first, second
 
