@@ -22,6 +22,9 @@ def limits(**changes: float) -> MessageLimits:
         "text_per_s": 2.0,
         "text_burst": 4,
         "max_session_s": 60.0,
+        "start_timeout_s": 5.0,
+        "idle_input_s": 30.0,
+        "max_output_backlog_s": 3.0,
     }
     return MessageLimits(**{**base, **changes})
 
@@ -129,8 +132,17 @@ def test_the_session_clock_runs_from_the_connection_start() -> None:
 
 
 def test_limits_come_from_the_config() -> None:
-    config = IngressConfig(max_audio_speed=2.5, audio_burst_s=3, max_text_per_s=1, text_burst=7, max_session_s=99)
-    assert MessageLimits.from_config(config) == MessageLimits(2.5, 3, 1, 7, 99)
+    config = IngressConfig(
+        max_audio_speed=2.5,
+        audio_burst_s=3,
+        max_text_per_s=1,
+        text_burst=7,
+        max_session_s=99,
+        start_timeout_s=2,
+        idle_input_timeout_s=None,
+        max_output_backlog_s=1.5,
+    )
+    assert MessageLimits.from_config(config) == MessageLimits(2.5, 3, 1, 7, 99, 2, None, 1.5)
     assert MessageLimits.default() == MessageLimits.from_config(IngressConfig())
     assert MessageLimits.default().max_session_s == 4 * 3600
 
@@ -149,3 +161,47 @@ def test_a_resumed_sessions_earlier_time_counts_towards_its_maximum_length() -> 
     with pytest.raises(ProtocolError) as ended:
         asyncio.run(resumed.bounded(reader()))
     assert ended.value.code == ErrorCode.session_too_long
+
+
+def test_the_start_message_must_come_in_time() -> None:
+    connection = ConnectionLimits(limits(start_timeout_s=0.05))
+
+    async def never() -> str:
+        await asyncio.sleep(10)
+        return "start"
+
+    async def soon() -> str:
+        return "start"
+
+    with pytest.raises(ProtocolError) as refused:
+        asyncio.run(connection.first(never()))
+    assert refused.value.code == ErrorCode.not_started and "0.05 s" in refused.value.message
+    assert asyncio.run(connection.first(soon())) == "start"
+
+
+def test_a_session_without_media_ends_but_media_or_holding_input_back_keeps_it() -> None:
+    async def scenario() -> None:
+        quiet = ConnectionLimits(limits(idle_input_s=0.1))
+        start = asyncio.get_running_loop().time()
+        with pytest.raises(ProtocolError) as idle:
+            await quiet.idle_watch()
+        assert idle.value.code == ErrorCode.idle_timeout and close_code(idle.value.code) == CLOSE_POLICY_VIOLATION
+        assert asyncio.get_running_loop().time() - start >= 0.1
+
+        talking = ConnectionLimits(limits(idle_input_s=0.1))
+        watch = asyncio.create_task(talking.idle_watch())
+        for _ in range(10):  # packets every 50 ms (silence or DTX would count just the same)
+            await asyncio.sleep(0.05)
+            talking.input_arrived()
+        with talking.holding_input():  # a file waiting for room: the server, not the client, holds input back
+            await asyncio.sleep(0.3)
+        await asyncio.sleep(0.05)
+        assert not watch.done()
+        with pytest.raises(ProtocolError):
+            await watch  # and then nothing more arrives
+
+        never = ConnectionLimits(limits(idle_input_s=None))
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(never.idle_watch(), 0.2)
+
+    asyncio.run(scenario())

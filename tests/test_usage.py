@@ -183,17 +183,28 @@ def test_a_taken_over_connections_release_does_not_end_the_new_lease(keys: KeySt
     run(scenario())
 
 
+class Heard:
+    """The audio seconds a session has received, as a transport's LiveSession reports them."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def __call__(self) -> float:
+        return self.seconds
+
+
 def test_stream_time_is_booked_and_survives_a_restart(keys: KeyStore, clock: FakeClock) -> None:
     async def scenario() -> None:
-        first = meter(keys, clock)
-        lease = await first.acquire("free", "session-1")
+        first, heard = meter(keys, clock), Heard()
+        lease = await first.acquire("free", "session-1", audio=heard)
         clock.now += 30
-        assert (await first.usage("free")).stream_seconds == pytest.approx(30)  # a live session's time counts
+        heard.seconds = 30
+        assert (await first.usage("free")).stream_seconds == pytest.approx(30)  # a live session's audio counts
         first.release(lease)
         await first.close()
-        restarted = meter(keys, clock)  # a new process: a new replica id, the old file still counts
-        lease = await restarted.acquire("free", "session-2")
-        clock.now += 10
+        restarted, heard = meter(keys, clock), Heard()  # a new process: a new replica id, the old file still counts
+        lease = await restarted.acquire("free", "session-2", audio=heard)
+        heard.seconds = 10
         restarted.release(lease)
         await restarted.close()
         usage = await meter(keys, clock).usage("free")
@@ -203,11 +214,30 @@ def test_stream_time_is_booked_and_survives_a_restart(keys: KeyStore, clock: Fak
     run(scenario())
 
 
+def test_usage_is_the_audio_received_not_the_time_held(keys: KeyStore, clock: FakeClock) -> None:
+    """A file sent faster than real time books its length; a session that sends nothing books nothing."""
+
+    async def scenario() -> None:
+        usage, fast, silent = meter(keys, clock), Heard(), Heard()
+        file = await usage.acquire("free", "session-1", audio=fast)
+        idle = await usage.acquire("free", "session-2", audio=silent)
+        clock.now += 10
+        fast.seconds = 30  # 30 s of audio in 10 s
+        usage.release(file)
+        clock.now += 600
+        usage.release(idle)
+        await usage.close()
+        assert (await usage.usage("free")).stream_seconds == pytest.approx(30)
+
+    run(scenario())
+
+
 def test_periodic_flushes_publish_a_live_sessions_time_to_other_replicas(keys: KeyStore, clock: FakeClock) -> None:
     async def scenario() -> None:
-        here, there = meter(keys, clock), meter(keys, clock)
-        await here.acquire("free", "session-1")
+        here, there, heard = meter(keys, clock), meter(keys, clock), Heard()
+        await here.acquire("free", "session-1", audio=heard)
         clock.now += 20
+        heard.seconds = 20
         await here.flush()
         assert (await there.usage("free")).stream_seconds == pytest.approx(20)
         await here.close()
@@ -217,9 +247,10 @@ def test_periodic_flushes_publish_a_live_sessions_time_to_other_replicas(keys: K
 
 def test_the_daily_quota_refuses_until_the_next_utc_day(keys: KeyStore, clock: FakeClock) -> None:
     async def scenario() -> None:
-        here, there = meter(keys, clock), meter(keys, clock)
-        lease = await here.acquire("minute", "session-1")
-        clock.now += 61  # over the minute: the running session is not cut
+        here, there, heard = meter(keys, clock), meter(keys, clock), Heard()
+        lease = await here.acquire("minute", "session-1", audio=heard)
+        clock.now += 61
+        heard.seconds = 61  # over the minute
         here.release(lease)
         await here.flush()
         with pytest.raises(QuotaExceeded, match="1 stream minutes") as refused:
@@ -233,17 +264,32 @@ def test_the_daily_quota_refuses_until_the_next_utc_day(keys: KeyStore, clock: F
     run(scenario())
 
 
-def test_time_across_midnight_is_split_between_the_days(keys: KeyStore, clock: FakeClock) -> None:
+def test_running_sessions_end_when_their_key_is_revoked_rotated_or_out_of_time(
+    keys: KeyStore, clock: FakeClock
+) -> None:
     async def scenario() -> None:
-        clock.now = next_utc_midnight(NOON) - 10
         usage = meter(keys, clock)
-        lease = await usage.acquire("free", "session-1")
-        clock.now += 25
-        usage.release(lease)
+        keys.create("revoked")
+        keys.create("rotated")
+        minute, free, revoked, rotated = Heard(), Heard(), Heard(), Heard()
+        leases = {
+            "minute": await usage.acquire("minute", "session-1", audio=minute),
+            "free": await usage.acquire("free", "session-2", audio=free),
+            "revoked": await usage.acquire("revoked", "session-3", audio=revoked),
+            "rotated": await usage.acquire("rotated", "session-4", generation=0, audio=rotated),
+        }
+        await usage.recheck()
+        assert all(lease.refusal is None for lease in leases.values())
+        minute.seconds = free.seconds = 61
+        keys.revoke("revoked")
+        keys.rotate("rotated")  # no grace: the session's token was issued for the old secret
+        await usage.recheck()
+        assert isinstance(leases["minute"].refusal, QuotaExceeded)
+        assert isinstance(leases["revoked"].refusal, TokenError) and "revoked" in str(leases["revoked"].refusal)
+        assert isinstance(leases["rotated"].refusal, TokenError) and "rotated" in str(leases["rotated"].refusal)
+        assert leases["free"].refusal is None  # no daily limit
+        assert await asyncio.wait_for(leases["minute"].refused(), 1) is leases["minute"].refusal
         await usage.close()
-        assert (await usage.usage("free")).stream_seconds == pytest.approx(15)
-        files = sorted(path.parent.name for path in (keys_root(keys) / "usage" / "free").glob("*/*.json"))
-        assert files == [utc_day(NOON), utc_day(clock.now)]
 
     run(scenario())
 
@@ -262,10 +308,6 @@ def test_revoked_and_unknown_keys_get_no_session(keys: KeyStore, clock: FakeCloc
         await usage.close()
 
     run(scenario())
-
-
-def keys_root(keys: KeyStore) -> Path:
-    return Path(keys.root)
 
 
 def test_a_released_slot_is_free_at_once_on_the_same_replica(keys: KeyStore, clock: FakeClock) -> None:

@@ -38,11 +38,13 @@ from app.audio.opus import FRAME_SAMPLES, SAMPLE_RATE
 from app.audio.opus_concealment import ConcealingOpusDecoder
 from app.audio.pacing import Pacer
 from app.auth.tokens import TokenSigner
+from app.auth.turn import TurnCredentials
 from app.model.seedvc import SeedVC
 from app.serving.config import ConverterConfig, IceServer, IngressConfig
 from app.serving.converter import ConverterService
 from app.serving.local import LocalConverterClient
 from app.streaming.settings import StreamSettings
+from app.transport.addresses import OutboundFilter
 from app.transport.protocol import (
     MAX_RTC_TEXT_BYTES,
     AnswerEvent,
@@ -61,8 +63,8 @@ from app.transport.webrtc import (
     ConvertedAudioTrack,
     RtcCall,
     RtcServices,
-    TurnRest,
     downmix,
+    reachable_candidates,
     restrict_ice_host_addresses,
 )
 from app.voices.store import VoiceStore
@@ -346,11 +348,11 @@ def test_lost_microphone_packets_are_concealed_from_their_timestamps() -> None:
 
 
 def test_turn_credentials_follow_the_turn_rest_convention() -> None:
-    turn = TurnRest(secret=b"north-secret", urls=("turn:turn.example:3478",), ttl_s=3600)
-    server = turn.credentials("key-1", now=1_700_000_000.7)
-    assert server.username == "1700003600:key-1"
-    # Computed independently: printf '1700003600:key-1' | openssl dgst -sha1 -hmac north-secret -binary | base64
-    assert server.credential == "0muv/TAkC1rMPCrxJMqlPQlBODE="
+    turn = TurnCredentials(secret=b"north-secret", urls=("turn:turn.example:3478",), ttl_s=3600)
+    server = turn.for_key("key-1", now=1_700_000_000.7)
+    assert server.username == "1700002800:key-1"  # the end of the next 1800 s window
+    # Computed independently: printf '1700002800:key-1' | openssl dgst -sha1 -hmac north-secret -binary | base64
+    assert server.credential == "0JVkfvRtcjNwIFSBhZjdncbqlzk="
     assert len(base64.b64decode(server.credential)) == 20 and server.urls == ["turn:turn.example:3478"]
 
 
@@ -364,8 +366,48 @@ def test_browser_ice_servers_omit_nulls_and_add_fresh_turn_credentials() -> None
     services = RtcServices.from_config(stream=None, config=config)  # type: ignore[arg-type]  # no stream services: not used here
     stun, turn = services.browser_ice_servers("key-1", now=1000.0)
     assert stun == {"urls": ["stun:stun.example:3478"]}
-    assert turn["username"] == "1600:key-1" and turn["urls"] == config.turn_urls and turn["credential"]
+    assert turn["username"] == "1500:key-1" and turn["urls"] == config.turn_urls and turn["credential"]
     assert "north-secret" not in repr(config) and "north-secret" not in json.dumps([stun, turn])
+
+
+OFFER_CANDIDATES = [
+    "a=candidate:1 1 udp 2122260223 93.184.216.34 50000 typ host",
+    "a=candidate:2 1 udp 2122260223 10.0.0.5 50001 typ host",
+    "a=candidate:3 1 udp 2122260223 169.254.169.254 80 typ host",
+    "a=candidate:4 1 udp 2122260223 fd00:ec2::254 53 typ host",
+    "a=candidate:5 1 udp 2122260223 4f1e2d3c-1111-2222-3333-444455556666.local 50002 typ host",
+    "a=candidate:6 1 udp 1686052607 151.101.1.69 40000 typ srflx raddr 10.0.0.5 rport 50001",
+    "a=candidate:7 1 udp 2122260223 127.0.0.1 50003 typ host",
+    "a=candidate:8 1 udp 2122260223 ::ffff:10.0.0.5 50004 typ host",
+    "a=candidate:bad",
+]
+
+
+def offer_with(candidates: list[str]) -> str:
+    head = ["v=0", "o=- 1 1 IN IP4 0.0.0.0", "s=-", "t=0 0", "m=audio 9 UDP/TLS/RTP/SAVPF 111", "c=IN IP4 0.0.0.0"]
+    return "\r\n".join([*head, *candidates, "a=rtpmap:111 opus/48000/2"]) + "\r\n"
+
+
+def test_offers_keep_only_candidates_the_service_may_send_to() -> None:
+    """Public addresses stay; private, link-local (metadata), unique-local, names (mDNS), IPv4-mapped private and
+    malformed ones go, unless an operator allows a network (loopback here, as the tests do). Documentation ranges
+    (203.0.113.0/24) are not public either, so the public ones here are real."""
+    kept = reachable_candidates(offer_with(OFFER_CANDIDATES), OutboundFilter(), max_candidates=20)
+    assert [line for line in kept.split("\r\n") if line.startswith("a=candidate")] == [
+        OFFER_CANDIDATES[0],
+        OFFER_CANDIDATES[5],
+    ]
+    assert "a=rtpmap:111 opus/48000/2" in kept and kept.endswith("\r\n")
+    loopback = reachable_candidates(offer_with(OFFER_CANDIDATES), OutboundFilter(["127.0.0.0/8"]), 20)
+    assert OFFER_CANDIDATES[6] in loopback
+
+
+def test_an_offer_with_too_many_candidates_is_refused() -> None:
+    many = [f"a=candidate:{n} 1 udp 2122260223 93.184.216.{n} 5000 typ host" for n in range(21)]
+    with pytest.raises(ProtocolError) as refused:
+        reachable_candidates(offer_with(many), OutboundFilter(), max_candidates=20)
+    assert refused.value.code == ErrorCode.bad_offer and "21 ICE candidates" in refused.value.message
+    assert reachable_candidates(offer_with(many[:20]), OutboundFilter(), max_candidates=20).count("a=candidate") == 20
 
 
 def test_no_ice_servers_means_no_stun_server_at_all() -> None:
@@ -534,7 +576,7 @@ async def local_server(
         voices=converter.store,
         defaults=StreamSettings(),
     )
-    services = RtcServices(stream, connect_timeout_s=connect_timeout_s)
+    services = RtcServices(stream, connect_timeout_s=connect_timeout_s, outbound=OutboundFilter(["127.0.0.0/8"]))
 
     async def endpoint(websocket: WebSocket) -> None:
         await RtcCall(websocket, services).run()

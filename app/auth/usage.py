@@ -9,8 +9,8 @@ Everything lives in the key store's storage (`JsonFiles`), so every ingress repl
   stops renewing its lease instead, so the session keeps its slot until the lease expires (`lease_ttl_s`, 60 s by
   default, longer than a converter holds a detached session) or a resume adopts it. A replica that crashes stops
   renewing too: its sessions stop counting within `lease_ttl_s`.
-- **Stream time**, `usage/<key_id>/<YYYY-MM-DD>/<replica_id>.json`: the seconds this replica's connections of a key
-  held a session that UTC day. Each replica writes only its own file (its id is random per process), so replicas
+- **Stream time**, `usage/<key_id>/<YYYY-MM-DD>/<replica_id>.json`: the seconds of audio this replica's connections
+  of a key received that UTC day. Each replica writes only its own file (its id is random per process), so replicas
   never overwrite each other, and a restarted replica starts a new file while the old one keeps counting: usage
   survives restarts. A key's usage is the sum of the files. Replicas write every `flush_interval_s` and when a
   session ends; a replica that crashes loses at most the last interval of its live sessions' time.
@@ -25,9 +25,13 @@ What the limits guarantee:
   permitting. A session resumed while its lease lives keeps its slot without a new check. A replica never counts a
   lease it has released itself, even before the lease's file is gone.
 - `max_stream_minutes_per_day`: checked when a session starts, against the time booked so far today (other replicas'
-  files are cached for `cache_ttl_s`). A session that is running when the quota runs out is not cut: it ends when its
-  client ends it, and the next one is refused until the next UTC day.
-- Stream time is the wall-clock time a connection held a session (what occupies a converter), split at UTC midnight.
+  files are cached for `cache_ttl_s`), and again for running sessions at every flush: a session running when the
+  quota runs out is ended (`refused`), as is one whose key was revoked or whose token's secret was rotated away
+  (`check_active` with the token's generation). So a revocation or an exhausted quota ends running sessions within
+  `key cache_ttl_s` plus one flush interval.
+- Stream time is the audio a session received: what the converter had to convert, whether it came in real time or
+  faster (a file streamed with `realtime: false`), and nothing for a session that sends nothing (it is ended by the
+  transport's idle timeout). It is booked at each flush into the UTC day of the flush.
 
 Storage I/O runs in worker threads so that a slow object store never stalls the event loop that paces audio.
 """
@@ -47,6 +51,7 @@ from typing import Any
 
 from app.auth.jsonfiles import JsonFiles
 from app.auth.keystore import KEY_ID, KeyStore, Quotas
+from app.auth.tokens import TokenError
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +77,9 @@ class Usage:
     quotas: Quotas
 
 
+AudioSeconds = Callable[[], float]  # the seconds of audio a session has received on its connection so far
+
+
 @dataclass
 class Lease:
     """One connection's hold on a session, as this replica tracks it."""
@@ -80,8 +88,26 @@ class Lease:
     key_id: str
     session_id: str
     created_at: float  # the session's place in its key's order: kept when a resume adopts the lease
-    accounted_until: float  # stream time up to here is booked
     renewed_at: float
+    generation: int = 0  # of the key's secret the session's token was issued for
+    audio: AudioSeconds | None = None  # what the session has received; None: nothing to meter
+    booked_audio: float = 0.0  # audio seconds booked so far
+    refusal: Exception | None = None  # why the session may not go on (revoked, rotated away, out of time)
+    _refused: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    def heard(self) -> float:
+        return self.audio() if self.audio is not None else self.booked_audio
+
+    def refuse(self, reason: Exception) -> None:
+        if self.refusal is None:
+            self.refusal = reason
+            self._refused.set()
+
+    async def refused(self) -> Exception:
+        """Waits until the session may not go on any more, and says why (TokenError or QuotaExceeded)."""
+        await self._refused.wait()
+        assert self.refusal is not None
+        return self.refusal
 
 
 @dataclass
@@ -142,16 +168,22 @@ class UsageMeter:
 
     # -- sessions --------------------------------------------------------------------------------------------------
 
-    async def acquire(self, key_id: str, session_id: str) -> Lease:
+    async def acquire(
+        self, key_id: str, session_id: str, generation: int = 0, audio: AudioSeconds | None = None
+    ) -> Lease:
         """Admits a new session of an active key within its quotas: QuotaExceeded, or TokenError for a key that is
-        revoked or gone. The caller must `release` the lease however the session ends."""
-        lease = await asyncio.to_thread(self._admit, key_id, session_id, None)
+        revoked or gone, or whose secret of `generation` (the token's) no longer works. `audio` says how much audio
+        the session has received, which its key is metered in. The caller must `release` the lease however the
+        session ends, and should end the session when `Lease.refused` returns."""
+        lease = await asyncio.to_thread(self._admit, key_id, session_id, None, generation, audio)
         self._hold(lease)
         return lease
 
-    async def adopt(self, key_id: str, session_id: str) -> Lease:
+    async def adopt(
+        self, key_id: str, session_id: str, generation: int = 0, audio: AudioSeconds | None = None
+    ) -> Lease:
         """Admits a resumed session: it keeps its slot while a lease of it is live, else it is admitted anew."""
-        lease = await asyncio.to_thread(self._adopt, key_id, session_id)
+        lease = await asyncio.to_thread(self._adopt, key_id, session_id, generation, audio)
         self._hold(lease)
         return lease
 
@@ -211,14 +243,39 @@ class UsageMeter:
         while True:
             await asyncio.sleep(self._tick)
             await self.flush()
+            try:
+                await self.recheck()
+            except Exception:  # a store that is briefly unreachable: sessions go on until the next check
+                log.exception("usage: re-checking live sessions' keys failed; trying again at the next flush")
+
+    async def recheck(self) -> None:
+        """Ends (`Lease.refuse`) every live session whose key is revoked, whose token's secret was rotated away, or
+        whose key has used up its stream time today."""
+        with self._lock:
+            leases = list(self._live.values())
+        for lease, reason in await asyncio.to_thread(self._refusals, leases):
+            lease.refuse(reason)
+
+    def _refusals(self, leases: list[Lease]) -> list[tuple[Lease, Exception]]:
+        refusals: list[tuple[Lease, Exception]] = []
+        now = self._clock()
+        for lease in leases:
+            try:
+                self._keys.check_active(lease.key_id, lease.generation)
+                self._check_minutes(lease.key_id, self._keys.quotas(lease.key_id), now)
+            except (TokenError, QuotaExceeded) as reason:
+                refusals.append((lease, reason))
+        return refusals
 
     # -- admission (worker threads) --------------------------------------------------------------------------------
 
-    def _admit(self, key_id: str, session_id: str, created_at: float | None) -> Lease:
+    def _admit(
+        self, key_id: str, session_id: str, created_at: float | None, generation: int, audio: AudioSeconds | None
+    ) -> Lease:
         """`created_at` given: a resumed session that still has a live lease, which keeps its place unchecked."""
         if not SESSION_ID.fullmatch(session_id):
             raise ValueError("malformed session id")
-        self._keys.check_active(key_id)  # also refuses malformed and unknown key ids
+        self._keys.check_active(key_id, generation)  # also refuses malformed and unknown key ids
         quotas = self._keys.quotas(key_id)
         now = self._clock()
         if created_at is None:
@@ -228,8 +285,10 @@ class UsageMeter:
             key_id=key_id,
             session_id=session_id,
             created_at=now if created_at is None else created_at,
-            accounted_until=now,
             renewed_at=now,
+            generation=generation,
+            audio=audio,
+            booked_audio=audio() if audio is not None else 0.0,
         )
         self._write_lease(lease, now + self._lease_ttl)
         if created_at is None and quotas.max_sessions is not None:
@@ -242,11 +301,11 @@ class UsageMeter:
                 )
         return lease
 
-    def _adopt(self, key_id: str, session_id: str) -> Lease:
-        self._keys.check_active(key_id)  # refuses malformed and unknown key ids before any path is built
+    def _adopt(self, key_id: str, session_id: str, generation: int, audio: AudioSeconds | None) -> Lease:
+        self._keys.check_active(key_id, generation)  # refuses malformed and unknown key ids before any path is built
         now = self._clock()
         created = [lease["created_at"] for lease in self._live_leases(key_id, now) if lease["session_id"] == session_id]
-        return self._admit(key_id, session_id, min(created) if created else None)
+        return self._admit(key_id, session_id, min(created) if created else None, generation, audio)
 
     def _check_minutes(self, key_id: str, quotas: Quotas, now: float) -> None:
         if quotas.max_stream_minutes_per_day is None:
@@ -288,21 +347,20 @@ class UsageMeter:
     # -- stream time -----------------------------------------------------------------------------------------------
 
     def _account(self, lease: Lease, now: float) -> None:
-        """Books the lease's time up to `now`, split at UTC midnights. Holds `_lock`."""
-        start = lease.accounted_until
-        while start < now:
-            end = min(now, next_utc_midnight(start))
-            bucket = (lease.key_id, utc_day(start))
-            self._seconds[bucket] = self._seconds.get(bucket, 0.0) + (end - start)
+        """Books the audio the lease's session received since its last booking, into `now`'s UTC day. Holds
+        `_lock`."""
+        heard = lease.heard()
+        if heard > lease.booked_audio:
+            bucket = (lease.key_id, utc_day(now))
+            self._seconds[bucket] = self._seconds.get(bucket, 0.0) + (heard - lease.booked_audio)
             self._dirty.add(bucket)
-            start = end
-        lease.accounted_until = max(lease.accounted_until, now)
+            lease.booked_audio = heard
 
     def _own_seconds(self, key_id: str, day: str, now: float) -> float:
-        """This replica's time for the key that day, its live sessions' unbooked time included."""
+        """This replica's audio seconds for the key that day, its live sessions' unbooked audio included."""
         with self._lock:
             booked = self._seconds.get((key_id, day), 0.0)
-            running = sum(now - lease.accounted_until for lease in self._live.values() if lease.key_id == key_id)
+            running = sum(lease.heard() - lease.booked_audio for lease in self._live.values() if lease.key_id == key_id)
         return booked + max(running, 0.0)
 
     def _other_replicas_seconds(self, key_id: str, day: str, now: float, cached: bool) -> float:

@@ -193,6 +193,26 @@ class IngressConfig(Strict):
     max_text_per_s: float = Field(5.0, gt=0, description="text messages a connection may send a second, sustained")
     text_burst: int = Field(20, ge=1, description="text messages a connection may send at once beyond that")
     max_session_s: float = Field(4 * 3600, gt=0, description="longest a stream or call lasts (session_too_long)")
+    start_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="for the start message after a WebSocket opens (not_started): an idle socket holds a slot",
+    )
+    idle_input_timeout_s: float | None = Field(
+        30.0,
+        gt=0,
+        description="a session that receives no media packet at all for this long ends (idle_timeout) and frees its "
+        "converter slot; silent audio and DTX packets are media; null = never",
+    )
+    max_output_backlog_s: float = Field(
+        3.0,
+        gt=0,
+        description="converted audio waiting for a real-time client: beyond this the oldest is dropped (a warning "
+        "event says so), so a client sending faster than real time cannot pile up memory",
+    )
+    max_ice_candidates: int = Field(
+        20, ge=1, le=100, description="remote ICE candidates an SDP offer may carry (more: bad_offer)"
+    )
     key_store: str | None = Field(
         None,
         description="local directory or fsspec URL of the runtime API keys, their usage and session leases, shared "

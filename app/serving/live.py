@@ -324,6 +324,11 @@ class LiveSession:
         return self._ended
 
     @property
+    def input_seconds(self) -> float:
+        """The audio this session received on this connection so far: what its key's usage is metered in."""
+        return self._input_samples / SAMPLE_RATE
+
+    @property
     def next_index(self) -> int:
         """The number the next input block will get."""
         return self._next_index

@@ -8,11 +8,17 @@ media path: binary messages on the same socket (`/v1/stream`), a WebRTC track (`
     -> the transport connects its media (`connect`)
     -> input: control messages (`set_voice`, `end`) and media, until `end`; output: blocks through ONE outbox, so
        that every block's events go out before its audio, paced at 20 ms a frame unless the media sink paces itself
+       (app/transport/outbox.py: bounded, the oldest audio dropped and a `warning` sent when a client falls behind)
     -> `end` event, close 1000
     -> any failure: an `error` event with its code and the matching close code
     -> `finally`: the transport's resources, then the session (closed, or held on its converter for a resume)
 
-A transport subclass only reads and writes its media and says how its control messages parse: the hooks below.
+A transport subclass only reads and writes its media and says how its control messages parse: the hooks below. It
+creates what the media needs (codecs, peer connections, ports) in `connect`, after a valid start: a socket that
+sends nothing, or garbage, costs a coroutine and is closed after `start_timeout_s`. It calls
+`self.limits.input_arrived()` for every media packet, so that a session whose client went quiet ends after
+`idle_input_s` (app/transport/limits.py), and the session's key is watched while the session runs (revocation,
+rotation, daily quota: app/transport/quotas.py).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from app.logs import note, session_log
 from app.serving.live import BlockReport, LiveSession, pump
 from app.serving.wire import CapacityExceeded, SessionLost, SessionTakenOver
 from app.transport.limits import ConnectionLimits
+from app.transport.outbox import Outbox
 from app.transport.protocol import (
     CLOSE_NORMAL,
     FRAME_MS,
@@ -43,6 +50,7 @@ from app.transport.protocol import (
     ProtocolError,
     SetVoiceMessage,
     StartMessage,
+    WarningEvent,
     close_code,
 )
 from app.transport.sessions import EVERY_CONVERTER_FULL, BlockEvents, StreamServices
@@ -50,7 +58,8 @@ from app.transport.sessions import EVERY_CONVERTER_FULL, BlockEvents, StreamServ
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Outgoing = np.ndarray | str  # a 20 ms frame of converted audio, or an event's JSON
+OUTPUT_DROPPED = "output_dropped"  # the warning code: converted audio the client did not take in time was dropped
+DROP_REPORT_INTERVAL_S = 1.0  # at most one output_dropped warning a second
 
 
 class SessionDriver(ABC):
@@ -65,6 +74,7 @@ class SessionDriver(ABC):
         self.stream = stream
         self.session: LiveSession | None = None
         self.owner = ""  # the API key id of the caller, known once the start message is checked
+        self.generation = 0  # of the key's secret its token was issued for
         self.realtime = True
         self.dropped_ms = 0.0
         self.events = BlockEvents("")
@@ -159,12 +169,13 @@ class SessionDriver(ABC):
         reader = asyncio.create_task(self.limits.bounded(self._read_input(session)))
         writer = asyncio.create_task(self._write(session))
         watch = asyncio.create_task(self.watch())
-        tasks = (reader, writer, watch)
+        key = asyncio.create_task(self.stream.quotas.watch(session))  # revoked, rotated away, out of daily time
+        tasks = (reader, writer, watch, key)
         try:
-            await guarded(reader, writer, watch)  # until the client sends `end`
+            await guarded(reader, writer, watch, key)  # until the client sends `end`
             session.end_input()
-            await guarded(writer, watch)
-            await guarded(self.play_out(), watch)
+            await guarded(writer, watch, key)
+            await guarded(self.play_out(), watch, key)
         finally:
             for task in tasks:
                 task.cancel()
@@ -208,17 +219,18 @@ class SessionDriver(ABC):
         return self.parse(message.get("text") or "")
 
     async def _receive_start(self) -> StartMessage:
-        start = await self.receive()
+        start = await self.limits.first(self.receive())
         if isinstance(start, bytes):
             raise ProtocolError(ErrorCode.not_started, "the first message must be the JSON start message")
         if not isinstance(start, StartMessage):
             raise ProtocolError(ErrorCode.not_started, f"the first message must be 'start', not '{start.type}'")
-        self.owner = self.stream.check_start(start)
+        claims = self.stream.check_start(start)
+        self.owner, self.generation = claims.key_id, claims.generation
         note(key_id=self.owner)
         return start
 
     async def _open(self, start: StartMessage) -> LiveSession:
-        session, ready = await self.stream.start_session(start, self.owner)
+        session, ready = await self.stream.start_session(start, self.owner, self.generation)
         self.realtime = start.realtime or not self.allows_offline
         self.session = session  # from here on, `run` closes it whatever happens
         note(session_id=session.session_id)
@@ -234,17 +246,20 @@ class SessionDriver(ABC):
     async def _read_input(self, session: LiveSession) -> None:
         """Control messages and media until the client sends `end`; no input follows once this returns."""
         media = asyncio.create_task(self.receive_media(session))
+        idle = asyncio.create_task(self.limits.idle_watch())
         try:
-            await guarded(self._read_control(session), media)
+            await guarded(self._read_control(session), media, idle)
         finally:
-            media.cancel()
-            await asyncio.gather(media, return_exceptions=True)
+            for task in (media, idle):
+                task.cancel()
+            await asyncio.gather(media, idle, return_exceptions=True)
         await self.drain_media(session)
 
     async def _read_control(self, session: LiveSession) -> None:
         while True:
             if not self.realtime:
-                await session.wait_for_room()  # a file can wait: slow the sender down instead of dropping input
+                with self.limits.holding_input():  # the server holds the input back: not the client's silence
+                    await session.wait_for_room()  # a file can wait: slow the sender down instead of dropping input
             message = await self.receive()
             if isinstance(message, bytes):
                 await self.take_packet(session, message)
@@ -258,7 +273,7 @@ class SessionDriver(ABC):
     async def _switch_voice(self, session: LiveSession, voice_id: str) -> None:
         """An unknown voice is answered with an error event, and the session goes on with its current voice."""
         try:
-            self.stream.check_voice(voice_id, self.owner)
+            await self.stream.check_voice(voice_id, self.owner)
         except ProtocolError as error:
             await self.send_text(error.event().model_dump_json())
             return
@@ -299,20 +314,20 @@ class SessionDriver(ABC):
         Pacing inside the conversion loop would hold block k+1 back until block k had played, adding a whole step
         of latency to every block: the outbox decouples the two and keeps events and audio in protocol order.
         """
-        outbox: asyncio.Queue[Outgoing | None] = asyncio.Queue()
+        max_frames = max(1, round(self.stream.limits.max_output_backlog_s * 1000 / FRAME_MS))
+        # Paced output drops its oldest audio when the client falls behind; unpaced output (a file, or a sink that
+        # keeps time itself and bounds its own buffer) holds the conversion back instead.
+        outbox = Outbox(max_frames, drop_oldest=self.paces_output)
         sender = asyncio.create_task(self._send_outbox(outbox))
-
-        async def emit_frame(frame: np.ndarray) -> None:
-            outbox.put_nowait(frame)
 
         async def emit_report(report: BlockReport) -> None:
             self.stream.record_block(report)
             for event in self.events.of(report):
-                outbox.put_nowait(event)
+                outbox.put_event(event)
 
         try:
-            await pump(session, emit_frame, emit_report)
-            outbox.put_nowait(None)
+            await pump(session, outbox.put_frame, emit_report)
+            outbox.close()
             await sender
         except SessionLost as error:
             raise ProtocolError(ErrorCode.internal, "the converter was lost and could not be replaced") from error
@@ -321,11 +336,18 @@ class SessionDriver(ABC):
         finally:
             sender.cancel()
 
-    async def _send_outbox(self, outbox: asyncio.Queue[Outgoing | None]) -> None:
-        """Events go out at once; audio frames at 20 ms each against an absolute clock (when paced)."""
+    async def _send_outbox(self, outbox: Outbox) -> None:
+        """Events go out at once; audio frames at 20 ms each against an absolute clock (when paced). Frames the
+        outbox dropped are said in an `output_dropped` warning (at most one a second, with the total so far)."""
         pacer = Pacer(FRAME_MS / 1000)
-        sent = 0
+        sent = reported = 0
+        reported_at = -DROP_REPORT_INTERVAL_S
+        loop = asyncio.get_running_loop()
         while (item := await outbox.get()) is not None:
+            if outbox.dropped_frames > reported and loop.time() - reported_at >= DROP_REPORT_INTERVAL_S:
+                reported, reported_at = outbox.dropped_frames, loop.time()
+                message = f"{reported * FRAME_MS} ms of converted audio dropped so far: it was not read in time"
+                await self.send_text(WarningEvent(code=OUTPUT_DROPPED, message=message).model_dump_json())
             if isinstance(item, str):
                 await self.send_text(item)
                 continue

@@ -7,15 +7,23 @@
 - Text messages: at most `text_per_s` a second plus `text_burst` at once; a client sends a handful per session.
 - Session length: `max_session_s` from the start of the connection, so that a forgotten client does not hold a
   converter slot forever.
+- The start message: within `start_timeout_s` of the socket opening. A socket that never sends one would otherwise
+  hold one of the replica's connection slots forever, and a thousand of them, which need no credential, would take
+  every slot.
+- Idle input: a session with no media at all for `idle_input_s` ends, so that a client that went quiet without
+  hanging up (a stalled page, a dead network behind a live socket) frees its converter slot. Silence is media (a
+  microphone sends it as packets), and so are DTX keep-alives; only the absence of packets counts.
 
-A violation raises a `ProtocolError` (`too_fast`, `session_too_long`), which ends only that connection.
+A violation raises a `ProtocolError` (`too_fast`, `session_too_long`, `not_started`, `idle_timeout`), which ends only
+that connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -60,6 +68,9 @@ class MessageLimits:
     text_per_s: float
     text_burst: int
     max_session_s: float
+    start_timeout_s: float
+    idle_input_s: float | None
+    max_output_backlog_s: float
 
     @classmethod
     def default(cls) -> MessageLimits:
@@ -74,6 +85,9 @@ class MessageLimits:
             text_per_s=config.max_text_per_s,
             text_burst=config.text_burst,
             max_session_s=config.max_session_s,
+            start_timeout_s=config.start_timeout_s,
+            idle_input_s=config.idle_input_timeout_s,
+            max_output_backlog_s=config.max_output_backlog_s,
         )
 
 
@@ -86,6 +100,8 @@ class ConnectionLimits:
         self._text = TokenBucket(limits.text_per_s, limits.text_burst, clock)
         self._deadline = clock() + limits.max_session_s
         self._clock = clock
+        self._last_input = clock()
+        self._idle_paused = 0  # > 0 while the server itself holds input back (a file waiting for room)
 
     def count_earlier(self, seconds: float) -> None:
         """A resumed session's time on its earlier connections counts towards its maximum length too."""
@@ -105,6 +121,44 @@ class ConnectionLimits:
             raise ProtocolError(
                 ErrorCode.too_fast, f"more than {self.limits.text_per_s:g} text messages a second on this connection"
             )
+
+    async def first(self, message: Awaitable[T]) -> T:
+        """`message`, the connection's first one, unless `start_timeout_s` passes first: then not_started."""
+        try:
+            async with asyncio.timeout(self.limits.start_timeout_s):
+                return await message
+        except TimeoutError:
+            raise ProtocolError(
+                ErrorCode.not_started, f"no start message within {self.limits.start_timeout_s:g} s"
+            ) from None
+
+    def input_arrived(self) -> None:
+        """Media arrived (any packet: audio, silence, a DTX keep-alive)."""
+        self._last_input = self._clock()
+
+    @contextlib.contextmanager
+    def holding_input(self) -> Iterator[None]:
+        """While the server holds input back itself (a file waiting for room), no input is no fault of the client."""
+        self._idle_paused += 1
+        try:
+            yield
+        finally:
+            self._idle_paused -= 1
+            self._last_input = self._clock()
+
+    async def idle_watch(self) -> None:
+        """Raises idle_timeout once no media has arrived for `idle_input_s`; never returns (waits forever when off)."""
+        idle_s = self.limits.idle_input_s
+        if idle_s is None:
+            await asyncio.Event().wait()
+            return
+        while True:
+            quiet = self._clock() - self._last_input
+            if quiet >= idle_s and not self._idle_paused:
+                raise ProtocolError(
+                    ErrorCode.idle_timeout, f"no audio for {idle_s:g} s: the session ended and freed its converter"
+                )
+            await asyncio.sleep(max(idle_s - quiet, idle_s / 10))
 
     def _too_long(self) -> ProtocolError:
         return ProtocolError(

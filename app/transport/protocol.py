@@ -34,7 +34,11 @@
 
 Text messages are at most `MAX_TEXT_BYTES`. Unknown fields are rejected, so a typo never goes unnoticed.
 Limits (app/transport/limits.py, set in the ingress config): real-time audio may arrive at most a few times faster than
-real time and text messages a few a second (`too_fast`); a session lasts at most `max_session_s` (`session_too_long`).
+real time and text messages a few a second (`too_fast`); a session lasts at most `max_session_s` (`session_too_long`);
+the start message must come within `start_timeout_s` of the connection (`not_started`); a session that receives no
+media at all for `idle_input_timeout_s` ends (`idle_timeout`: silence is media, and so are DTX packets). Converted
+audio the client does not take in time (it sends faster than real time and reads in real time) waits at most
+`max_output_backlog_s`; beyond that the oldest is dropped and a `warning` event with code `output_dropped` says so.
 
 WebRTC calls (`/v1/rtc`, spelled out step by step in app/transport/webrtc.py) reuse these messages and events on a
 signalling WebSocket, plus `OfferMessage` and `AnswerEvent` for the SDP; the audio travels on the call's track
@@ -114,6 +118,7 @@ class ErrorCode(StrEnum):
     too_fast = "too_fast"  # audio faster than the allowed multiple of real time, or too many text messages a second
     session_too_long = "session_too_long"  # the session reached the server's maximum length; start a new one
     address_refused = "address_refused"  # RTP: the service sends to no such address (private, link-local, ...)
+    idle_timeout = "idle_timeout"  # no media at all for idle_input_timeout_s: the session ended and freed its slot
 
 
 # WebSocket close codes (RFC 6455, section 7.4.1).
@@ -142,6 +147,7 @@ _CLOSE_CODES = {
     ErrorCode.too_fast: CLOSE_POLICY_VIOLATION,
     ErrorCode.session_too_long: CLOSE_POLICY_VIOLATION,
     ErrorCode.address_refused: CLOSE_POLICY_VIOLATION,
+    ErrorCode.idle_timeout: CLOSE_POLICY_VIOLATION,
 }
 
 

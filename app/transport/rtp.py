@@ -197,6 +197,7 @@ class RtpCall(SessionDriver):
         if not self._from_peer(packet, source):
             self.dropped_packets += 1
             return
+        self.limits.input_arrived()  # a packet of the call: the session is not idle (the jitter buffer's gaps are)
         if not self._first_packet.is_set():
             self._first_arrival = asyncio.get_running_loop().time()
             self._first_packet.set()

@@ -13,7 +13,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from app.auth.tokens import TokenError, TokenSigner
+from app.auth.tokens import TokenClaims, TokenError, TokenSigner
+from app.offload import Busy, Offload
 from app.serving.live import BlockReport, ConverterClient, LateReport, LiveSession
 from app.serving.metrics import Metrics, NoMetrics
 from app.serving.wire import CapacityExceeded, SessionLost, UnknownVoice
@@ -65,6 +66,8 @@ class StreamServices:
     open_streams: Counter[str] = field(default_factory=Counter)  # by transport
     limits: MessageLimits = field(default_factory=MessageLimits.default)  # what each connection may send, how long
     quotas: SessionQuotas = field(default_factory=SessionQuotas)  # per-key admission and usage; default: unmetered
+    # Voice records are read off the event loop (a slow store would stall every stream of the replica).
+    voice_checks: Offload = field(default_factory=lambda: Offload("voice-checks", workers=2, max_waiting=256))
 
     def stream_opened(self, transport: str) -> None:
         self.open_streams[transport] += 1
@@ -91,32 +94,40 @@ class StreamServices:
         event = LateEvent(dropped_ms=round(late.dropped_ms), total_dropped_ms=round(late.total_dropped_ms))
         return event.model_dump_json()
 
-    def check_start(self, start: StartMessage) -> str:
-        """The API key id the start message's token was issued to (the owner of the voices it may use)."""
+    def check_start(self, start: StartMessage) -> TokenClaims:
+        """The claims of the start message's token: the API key id it was issued to (the owner of the voices it may
+        use) and the generation of the key's secret (checked when the session is admitted, see quotas)."""
         try:
-            return self.tokens.verify(start.token).key_id
+            return self.tokens.verify(start.token)
         except TokenError as error:
             raise ProtocolError(ErrorCode.unauthorized, f"invalid session token: {error}") from error
 
-    def check_voice(self, voice_id: str, owner: str) -> None:
+    async def check_voice(self, voice_id: str, owner: str) -> None:
         """A key may use only its own voices; another key's voice is reported exactly like a missing one."""
         try:
-            record = self.voices.get(voice_id)
+            record = await self.voice_checks.run(self.voices.get, voice_id)
+        except Busy as error:
+            raise ProtocolError(ErrorCode.overloaded, "the voice store is busy; try again shortly") from error
         except (VoiceNotFound, ValueError) as error:
             raise ProtocolError(ErrorCode.unknown_voice, f"unknown voice {voice_id}") from error
         if record.owner != owner:
             raise ProtocolError(ErrorCode.unknown_voice, f"unknown voice {voice_id}")
 
-    async def start_session(self, start: StartMessage, owner: str) -> tuple[LiveSession, ReadyEvent]:
-        """The session a checked start message asks for, new or resumed, with the `ready` event to send."""
+    async def start_session(
+        self, start: StartMessage, owner: str, generation: int = 0
+    ) -> tuple[LiveSession, ReadyEvent]:
+        """The session a checked start message asks for, new or resumed, with the `ready` event to send; `generation`
+        is the token's (its key's secret must still be valid)."""
         if start.resume is not None:
-            return await self.resume_session(start, owner)
-        return await self.open_session(start, owner)
+            return await self.resume_session(start, owner, generation)
+        return await self.open_session(start, owner, generation)
 
-    async def open_session(self, start: StartMessage, owner: str) -> tuple[LiveSession, ReadyEvent]:
+    async def open_session(
+        self, start: StartMessage, owner: str, generation: int = 0
+    ) -> tuple[LiveSession, ReadyEvent]:
         """Open a converter session for a checked start message; returns it with the `ready` event to send."""
         settings = self._requested_settings(start)
-        self.check_voice(start.voice_id, owner)
+        await self.check_voice(start.voice_id, owner)
         session = LiveSession(
             self.client,
             session_id=uuid.uuid4().hex,
@@ -126,7 +137,7 @@ class StreamServices:
             max_backlog_blocks=self.max_backlog_blocks,
         )
         try:
-            await self.quotas.open(owner, session)  # within the key's quotas (rate_limited), then on a converter
+            await self.quotas.open(owner, session, generation)  # the key's quotas (rate_limited), then a converter
         except CapacityExceeded as error:
             raise ProtocolError(ErrorCode.overloaded, EVERY_CONVERTER_FULL) from error
         except UnknownVoice as error:
@@ -138,7 +149,9 @@ class StreamServices:
             raise ProtocolError(ErrorCode.bad_settings, str(getattr(error, "cause", error))) from error
         return session, self._ready(session, owner, resumed=False)
 
-    async def resume_session(self, start: StartMessage, owner: str) -> tuple[LiveSession, ReadyEvent]:
+    async def resume_session(
+        self, start: StartMessage, owner: str, generation: int = 0
+    ) -> tuple[LiveSession, ReadyEvent]:
         """Take over the session a dropped connection left on its converter; `session_expired` when that is no
         longer possible (or the resume token is not this caller's for this session)."""
         assert start.resume is not None
@@ -160,9 +173,9 @@ class StreamServices:
             await session.close()  # the client sees an error and cannot use the session any more: free it
             raise ProtocolError(ErrorCode.bad_settings, "a resumed session keeps its settings: send none, or the same")
         if start.voice_id != session.voice_id:
-            self.check_voice(start.voice_id, owner)
+            await self.check_voice(start.voice_id, owner)
             session.request_voice(start.voice_id)
-        await self.quotas.resumed(owner, session)  # keeps its key's slot, or is refused (and closed)
+        await self.quotas.resumed(owner, session, generation)  # keeps its key's slot, or is refused (and closed)
         self.metrics.record("seedvc_sessions_resumed")
         return session, self._ready(session, owner, resumed=True)
 

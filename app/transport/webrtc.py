@@ -9,7 +9,8 @@ Protocol: the messages and events of protocol v1 (app/transport/protocol.py) plu
 
 0. Optional, before a call: `GET /v1/ice` with `Authorization: Bearer <session token>` answers
    `{"iceServers": [...]}`, the STUN/TURN servers for the browser's `RTCPeerConnection`, including TURN credentials
-   that expire (TURN REST API) when the server has a TURN secret. An empty list means host candidates only.
+   that expire (TURN REST API, app/auth/turn.py) when the server has a TURN secret. An empty list means host
+   candidates only.
 1. Open a WebSocket on `/v1/rtc` and send the `StartMessage` of `/v1/stream` (its step 2). `realtime` is ignored
    (a call is always real time). With `resume` (step 7 of `/v1/stream`) it continues a call whose socket or media
    connection dropped: after the `ReadyEvent`, the client sends a new offer from a new peer connection.
@@ -20,7 +21,11 @@ Protocol: the messages and events of protocol v1 (app/transport/protocol.py) plu
    sends the microphone (sendrecv, to hear the converted voice). It may follow the start message at once; the
    server waits `rtc_connect_timeout_s` for it after `ready`.
 4. The server answers `AnswerEvent` `{"type": "answer", "sdp": "..."}`, complete with its candidates, Opus being
-   the only codec; or `bad_offer`. ICE and DTLS must then connect within `rtc_connect_timeout_s`.
+   the only codec; or `bad_offer`. ICE and DTLS must then connect within `rtc_connect_timeout_s`. The server sends
+   ICE checks only to candidates that pass the outbound address filter (app/transport/addresses.py: public
+   addresses, plus `ingress.outbound_networks`); others are dropped from the offer, and an offer with more than
+   `max_ice_candidates` candidates is a `bad_offer`. (A peer-reflexive candidate, the source of a check that
+   reached the server, is answered as ICE requires.)
 5. The microphone goes up the call's audio track (any channel count; downmixed to mono). The converted voice comes
    back on the same transceiver in real time: Opus, mono, at `ingress.opus_bitrate`, with in-band FEC; silence
    while none is due. The answer offers in-band FEC for the microphone too (`useinbandfec=1`), and lost packets of
@@ -39,14 +44,11 @@ Protocol: the messages and events of protocol v1 (app/transport/protocol.py) plu
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
-import hmac
 import ipaddress
 import logging
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aioice.ice
@@ -67,8 +69,10 @@ from starlette.websockets import WebSocket
 
 from app.audio.opus import FRAME_SAMPLES, SAMPLE_RATE
 from app.audio.pacing import Pacer
+from app.auth.turn import TurnCredentials
 from app.serving.config import IceServer, IngressConfig
 from app.serving.live import LiveSession
+from app.transport.addresses import OutboundFilter
 from app.transport.driver import SessionDriver
 from app.transport.protocol import (
     FRAME_MS,
@@ -165,24 +169,6 @@ class ConvertedAudioTrack(MediaStreamTrack):
 # -- ICE configuration -------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TurnRest:
-    """Short-lived TURN credentials by the TURN REST API convention (coturn's `use-auth-secret`).
-
-    The username carries its expiry and the password is an HMAC of the username under a secret shared with the TURN
-    server, so the TURN server checks them on its own, and credentials that leak stop working when they expire.
-    """
-
-    secret: bytes
-    urls: tuple[str, ...]
-    ttl_s: float
-
-    def credentials(self, user: str, now: float) -> IceServer:
-        username = f"{int(now + self.ttl_s)}:{user}"
-        digest = hmac.new(self.secret, username.encode(), hashlib.sha1).digest()
-        return IceServer(urls=list(self.urls), username=username, credential=base64.b64encode(digest).decode())
-
-
 def restrict_ice_host_addresses(addresses: Sequence[str]) -> None:
     """Makes ICE in this process offer exactly these host addresses (those of the IP versions it gathers).
 
@@ -201,6 +187,27 @@ def restrict_ice_host_addresses(addresses: Sequence[str]) -> None:
     aioice.ice.get_host_addresses = host_addresses
 
 
+def reachable_candidates(sdp: str, outbound: OutboundFilter, max_candidates: int) -> str:
+    """The offer without the ICE candidates the service may not send to (private, link-local, metadata, names...).
+
+    The candidates are the client's word: without this, one offer could make the service send ICE checks to the
+    cloud's metadata address or to anything on the cluster's private network. More than `max_candidates` is refused
+    outright (a browser offers a handful), so that no offer makes the server check hundreds of addresses.
+    """
+    lines = sdp.splitlines()
+    candidates = [line for line in lines if line.startswith("a=candidate:")]
+    if len(candidates) > max_candidates:
+        raise ProtocolError(
+            ErrorCode.bad_offer, f"the offer holds {len(candidates)} ICE candidates; at most {max_candidates} are taken"
+        )
+    # candidate:<foundation> <component> <transport> <priority> <address> <port> typ <type> ...
+    refused = {line for line in candidates if len(line.split()) < 5 or not outbound.allows(line.split()[4])}
+    if refused:
+        log.info("dropped %d of %d ICE candidates of an offer: not addresses the service sends to", len(refused),
+                 len(candidates))  # fmt: skip
+    return "\r\n".join(line for line in lines if line not in refused) + "\r\n"
+
+
 # -- the call ----------------------------------------------------------------------------------------------------
 
 
@@ -210,16 +217,25 @@ class RtcServices:
 
     stream: StreamServices
     ice_servers: tuple[IceServer, ...] = ()
-    turn: TurnRest | None = None
+    turn: TurnCredentials | None = None
     connect_timeout_s: float = 15.0
+    outbound: OutboundFilter = field(default_factory=OutboundFilter)  # where ICE checks may go
+    max_candidates: int = 20
 
     @classmethod
     def from_config(cls, stream: StreamServices, config: IngressConfig) -> RtcServices:
         turn = None
         if config.turn_secret is not None:
             secret = config.turn_secret.get_secret_value().encode()
-            turn = TurnRest(secret=secret, urls=tuple(config.turn_urls), ttl_s=config.turn_ttl_s)
-        return cls(stream, tuple(config.ice_servers), turn, config.rtc_connect_timeout_s)
+            turn = TurnCredentials(secret=secret, urls=tuple(config.turn_urls), ttl_s=config.turn_ttl_s)
+        return cls(
+            stream,
+            tuple(config.ice_servers),
+            turn,
+            config.rtc_connect_timeout_s,
+            OutboundFilter(config.outbound_networks),
+            config.max_ice_candidates,
+        )
 
     def peer_configuration(self) -> RTCConfiguration:
         # Always an explicit list, even an empty one: given none, aiortc adds Google's public STUN server.
@@ -230,7 +246,7 @@ class RtcServices:
         """The `iceServers` of a browser's RTCPeerConnection; TURN credentials name `user` and expire."""
         servers = list(self.ice_servers)
         if self.turn is not None:
-            servers.append(self.turn.credentials(user, now))
+            servers.append(self.turn.for_key(user, now))
         # Absent rather than null: a browser would turn a null username into the string "null".
         return [server.model_dump(exclude_none=True) for server in servers]
 
@@ -308,8 +324,9 @@ class RtcCall(SessionDriver):
         transceiver = peer.addTransceiver(output, direction="sendrecv")
         capabilities = RTCRtpSender.getCapabilities("audio").codecs
         transceiver.setCodecPreferences([c for c in capabilities if c.mimeType.lower() == OPUS_MIME_TYPE])
+        sdp = reachable_candidates(offer.sdp, self.services.outbound, self.services.max_candidates)
         try:
-            await peer.setRemoteDescription(RTCSessionDescription(sdp=offer.sdp, type="offer"))
+            await peer.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         except (ValueError, LookupError, InternalError, InvalidAccessError, InvalidStateError, OperationError) as error:
             raise ProtocolError(ErrorCode.bad_offer, f"unusable SDP offer: {error}") from error
         except Exception as error:
@@ -357,6 +374,7 @@ class RtcCall(SessionDriver):
             except MediaStreamError:
                 raise ProtocolError(ErrorCode.connection_failed, "the caller's audio track ended") from None
             assert isinstance(frame, AudioFrame), "an audio track yields audio frames"
+            self.limits.input_arrived()  # aiortc yields a frame per packet received: silence and DTX included
             await self.feed(session, downmix(frame))
 
     async def send_frame(self, frame: np.ndarray) -> None:

@@ -33,13 +33,19 @@ class StreamConnection(SessionDriver):
 
     def __init__(self, websocket: WebSocket, services: StreamServices) -> None:
         super().__init__(websocket, services)
-        self.decoder = OpusDecoder()
-        self.encoder = OpusEncoder(services.opus_bitrate)
+        self.decoder: OpusDecoder | None = None  # made in `connect`, once a valid start has opened a session
+        self.encoder: OpusEncoder | None = None
 
     def parse(self, text: str) -> StartMessage | SetVoiceMessage | EndMessage:
         return parse_client_message(text)
 
+    async def connect(self, start: StartMessage, session: LiveSession) -> None:
+        self.decoder = OpusDecoder()
+        self.encoder = OpusEncoder(self.stream.opus_bitrate)
+
     async def take_packet(self, session: LiveSession, packet: bytes) -> None:
+        assert self.decoder is not None, "connect() made the codecs"
+        self.limits.input_arrived()  # any packet, silence and DTX included
         check_audio_frame(packet)
         try:
             pcm = self.decoder.decode(packet)
@@ -48,4 +54,5 @@ class StreamConnection(SessionDriver):
         await self.feed(session, pcm)
 
     async def send_frame(self, frame: np.ndarray) -> None:
+        assert self.encoder is not None, "connect() made the codecs"
         await self.websocket.send_bytes(self.encoder.encode(frame))

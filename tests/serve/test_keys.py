@@ -124,6 +124,19 @@ def test_a_revoked_key_gets_no_token_and_its_token_starts_no_stream(app: ServeAp
     assert status_of(lambda: create_key(BASE_URL, ADMIN_KEY, "tenant-revoked")) == 409  # the id stays taken
 
 
+def test_revoking_a_key_ends_its_running_stream(app: ServeApp) -> None:
+    """Running sessions are re-checked at every usage flush (1 s here): a revoked key's stream ends, unauthorized."""
+    tenant = new_tenant(app, "tenant-cut")
+
+    async def revoked_mid_stream() -> StreamResult:
+        running = await started_stream(BASE_URL, tenant.token, tenant.voice_id, app.source_48k(20.0))
+        revoke_key(BASE_URL, ADMIN_KEY, "tenant-cut")
+        return await asyncio.wait_for(running.result, 15)  # long before its 20 s of audio
+
+    result = asyncio.run(revoked_mid_stream())
+    assert result.error is not None and result.error["code"] == "unauthorized" and "revoked" in result.error["message"]
+
+
 def test_static_keys_cannot_be_revoked_or_rotated_through_the_api(app: ServeApp) -> None:
     for call in (lambda: revoke_key(BASE_URL, ADMIN_KEY, "test"), lambda: rotate_key(BASE_URL, ADMIN_KEY, "test")):
         with pytest.raises(ClientError, match="static key") as refused:
@@ -142,7 +155,12 @@ def test_rotation_keeps_the_old_secret_for_its_grace_only(app: ServeApp) -> None
     until_refused(lambda: get_token(BASE_URL, tenant.api_key), within_s=2.0 + CACHE_TTL_S + 10)
     token = get_token(BASE_URL, new_secret)
     assert my_usage(BASE_URL, token)["key_id"] == "tenant-rotated"
-    assert stream(app, tenant).error is None  # tokens issued before the rotation stay valid until they expire
+    # Tokens obtained with the old secret stop with it: at the HTTP API and at a stream's start.
+    assert status_of(lambda: my_usage(BASE_URL, tenant.token)) == 401
+    refused = stream(app, tenant)
+    assert refused.error is not None and refused.error["code"] == "unauthorized" and refused.ready is None
+    assert "rotated" in refused.error["message"]
+    assert stream(app, Tenant(tenant.key_id, new_secret, token, tenant.voice_id)).error is None
 
 
 def test_a_second_session_over_the_keys_limit_is_refused_while_the_first_goes_on(app: ServeApp) -> None:

@@ -32,7 +32,8 @@ TEARDOWN_TIMEOUT_S = 5.0
 WINDOW_S = 0.1
 
 
-LOOPBACK_ICE = {"ice_host_addresses": ["127.0.0.1"]}
+# Loopback on both sides: offered by the ingress, and a destination it may send ICE checks to (outbound filter).
+LOOPBACK_ICE = {"ice_host_addresses": ["127.0.0.1"], "outbound_networks": ["127.0.0.0/8"]}
 
 
 @pytest.fixture(scope="module")
