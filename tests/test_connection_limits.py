@@ -15,7 +15,7 @@ from tests.fakes import FakeClock
 FRAME_S = 0.02
 
 
-def limits(**changes: float) -> MessageLimits:
+def limits(**changes: float | None) -> MessageLimits:  # None: a limit that is off
     base: dict[str, Any] = {
         "audio_speed": 3.0,
         "audio_burst_s": 1.0,
