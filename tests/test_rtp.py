@@ -356,10 +356,11 @@ def test_a_lossy_network_keeps_the_timeline_concealed_not_shortened(
     late = result.of_type("late")
     assert len(late) <= 2 * -(-sent // (10 * SAMPLE_RATE)), late  # at most 2 a 10 s
     # Continuous: the input comes back at one delay from start to end, none of it lost to a skipped packet. (A
-    # stretch with a concealed loss in it may correlate best a pitch period off: most, not all, are exact.)
+    # stretch with a concealed loss in it may correlate best a pitch period off, and at 5 % loss about a third of
+    # the 0.2 s stretches hold one: most, not all, are exact. A skipped packet would move every later stretch.)
     found = delays_and_correlations(audio, output)
     delays = np.array([delay for delay, _ in found])
     quarter = len(delays) // 4
     assert abs(np.median(delays[:quarter]) - np.median(delays[-quarter:])) <= CONCEAL_STEP, found
-    assert np.mean(np.abs(delays - np.median(delays)) <= CONCEAL_STEP) >= 0.9, found
+    assert np.mean(np.abs(delays - np.median(delays)) <= CONCEAL_STEP) >= 0.75, found
     assert np.median([correlation for _, correlation in found]) > 0.9, found
