@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import pytest
 import websockets
-from starlette.websockets import WebSocket
 
 import app.transport.websocket as websocket_transport
 from app.audio.opus import OpusDecoder
@@ -32,11 +31,10 @@ from app.transport.limits import MessageLimits
 from app.transport.protocol import CLOSE_POLICY_VIOLATION
 from app.transport.quotas import SessionQuotas
 from app.transport.sessions import StreamServices
-from app.transport.websocket import StreamConnection
 from app.voices.store import VoiceStore
 from bench.parity import ParitySet
 from client.stream_client import encode_packets, start_message
-from tests.fakes import websocket_server
+from tests.test_logs import stream_server
 
 SECRET = b"a test secret of at least 32 bytes"
 LIMITS = replace(
@@ -67,11 +65,9 @@ def services(converter: ConverterService, **changes: Any) -> StreamServices:
 
 @contextlib.asynccontextmanager
 async def server(stream: StreamServices) -> AsyncIterator[str]:
-    async def endpoint(websocket: WebSocket) -> None:
-        await StreamConnection(websocket, stream).run()
-
-    async with websocket_server("/v1/stream", endpoint) as port:
-        yield f"ws://127.0.0.1:{port}/v1/stream"
+    """The WebSocket URL of `/v1/stream` served with these services."""
+    async with stream_server(stream) as url:
+        yield url.replace("http", "ws") + "/v1/stream"
 
 
 async def events_until_closed(ws: websockets.ClientConnection) -> tuple[list[dict[str, Any]], int, int | None]:
