@@ -151,6 +151,8 @@ class BlockSample:
     server_ms: float
     client_ms: float | None
     dropped: bool
+    queue_ms: float = 0.0  # of server_ms, the wait for a batched model step (the rest: the step and the ingress)
+    steps: int = 0  # diffusion steps the step ran (0: dropped or silent)
 
 
 def block_outcome(sample: BlockSample) -> Outcome:
@@ -422,7 +424,14 @@ class StreamProbe:
         if first_audio_at is not None and packet < len(self.sent_at):
             client_ms = 1000 * (first_audio_at - self.sent_at[packet])
         sample = BlockSample(
-            self.stream, event["index"], self.block_ms, float(event["latency_ms"]), client_ms, dropped_block(event)
+            self.stream,
+            event["index"],
+            self.block_ms,
+            float(event["latency_ms"]),
+            client_ms,
+            dropped_block(event),
+            float(event.get("queue_ms", 0.0)),
+            int(event.get("steps", 0)),
         )
         self.ledger.current.blocks.append(sample)
 

@@ -21,9 +21,11 @@ ICE_URL_SCHEMES = ("stun:", "stuns:", "turn:", "turns:")
 
 # The CPU real-time profile: the settings a converter on a CPU serves to clients that send none, instead of the README
 # (upstream) settings, which are several times slower than real time on 2 cores. Chosen by measurement (README, "CPU
-# real-time profile", bench/cpu_profile.py); the settings it leaves out are the README's.
+# real-time profile", bench/cpu_profile.py); the settings it leaves out are the README's. Through the service a step
+# costs ~1.6x what the engine alone measures (Opus, resampling and Serve share the 2 cores with the engine's threads),
+# so the engine's real-time factor must stay near 0.5: a 0.8 s block, 3 steps without guidance, short contexts.
 CPU_REALTIME_PROFILE = SettingsOverrides(
-    block_time=0.36, diffusion_steps=4, cfg_rate=0.0, ce_context=1.0, dit_context=0.3, max_prompt=1.5
+    block_time=0.8, diffusion_steps=3, cfg_rate=0.0, ce_context=0.5, dit_context=0.15, max_prompt=1.0
 )
 
 
