@@ -122,7 +122,7 @@ def test_bad_messages_name_the_problem(text: str, expected: str) -> None:
 
 
 def test_unknown_type_lists_the_known_ones() -> None:
-    assert "'start', 'set_voice', 'end'" in str(rejected('{"type": "stop"}'))
+    assert "'start', 'set_voice', 'set_controls', 'end'" in str(rejected('{"type": "stop"}'))
 
 
 def test_unsupported_version_wins_over_other_problems() -> None:

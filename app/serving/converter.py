@@ -389,6 +389,7 @@ class ConverterService:
         for block in converting:
             session = self._served(block.session_id)
             session.next_index, session.last_call = block.index + 1, self.clock()
+            session.gate = self._gate_for(block)
         rows = self._identity_rows(converting) if self.config.identity else self._engine_rows(converting)
         computed = time.time() - started
         self.batch_sizes[len(known)] += 1
@@ -414,6 +415,15 @@ class ConverterService:
                 compute_seconds=computed,
                 state=ResumeState.of(session.stream, block.index + 1),
             )
+
+    def _gate_for(self, block: BlockIn) -> SilenceGate | None:
+        """The block's silence gate: its client's threshold and hangover; the configured threshold by default."""
+        threshold = block.silence_threshold_dbfs
+        if threshold is None:
+            if block.silence_hangover_s == 0.0:
+                return self._gate  # no controls sent: exactly the configured gate
+            threshold = self.config.silence_gate_dbfs
+        return None if threshold is None else SilenceGate(threshold, block.silence_hangover_s)
 
     def _served(self, session_id: str) -> ServedSession:
         session = self.sessions.get(session_id)

@@ -28,6 +28,7 @@ import torch
 from app.audio.framing import Chunker
 from app.audio.opus import FRAME_SAMPLES, SAMPLE_RATE
 from app.audio.stream_resample import StreamingResampler
+from app.serving.controls import Loudness, StreamControls, apply_input_gain
 from app.serving.wire import AttachReply, BlockIn, BlockOut, OpenReply, OpenRequest, ResumeState, SessionLost
 from app.streaming.settings import CONTENT_RATE, StreamSettings
 from app.transport.protocol import SettingsOverrides
@@ -119,6 +120,8 @@ class LiveSession:
         self._output_frames = 0
         self._frame_budget: int | None = None  # known at the end of input: input + delay, in whole frames
         self._voice_request: str | None = None
+        self.controls = StreamControls()  # changed live by the client (set_controls)
+        self._loudness = Loudness()
 
     @property
     def replica(self) -> str:
@@ -180,6 +183,7 @@ class LiveSession:
         assert self._blocks is not None, "open the session first"
         now = self.clock()
         self._input_samples += len(pcm_48k)
+        pcm_48k = apply_input_gain(self.controls, pcm_48k)
         for block in self._blocks.push(self._input.push(torch.from_numpy(pcm_48k)).numpy()):
             self._enqueue(block, now)
         return self._drop_excess()
@@ -263,7 +267,7 @@ class LiveSession:
             rehomed=rehomed,
             voice_id=self.voice_id,
         )
-        return self._frames_of(reply.audio), report
+        return self._frames_of(self._loudness.apply(self.controls, reply.audio, pending.samples_16k)), report
 
     def final_frames(self) -> list[np.ndarray]:
         """What the output resampler still holds once the last block is out, in 20 ms frames (last one padded)."""
@@ -294,7 +298,14 @@ class LiveSession:
         for _ in range(MAX_REOPENS_PER_BLOCK + 1):
             assert self.opened is not None
             # Built on every try: a re-open gives the session a new lease, which the block must carry.
-            block = BlockIn(self.session_id, pending.index, pending.samples_16k, lease=self.opened.lease)
+            block = BlockIn(
+                self.session_id,
+                pending.index,
+                pending.samples_16k,
+                lease=self.opened.lease,
+                silence_threshold_dbfs=self.controls.silence_threshold_dbfs,
+                silence_hangover_s=self.controls.silence_hangover_s,
+            )
             try:
                 return await self.client.convert(block, self.replica), rehomed
             except SessionLost:
@@ -312,6 +323,11 @@ class LiveSession:
     def request_voice(self, voice_id: str) -> None:
         """Switch voice before the next block is converted (between blocks: never two calls in flight)."""
         self._voice_request = voice_id
+
+    def set_controls(self, **changes: float) -> StreamControls:
+        """Change some controls; they apply from the next block converted (input gain: from the next input)."""
+        self.controls = replace(self.controls, **changes)
+        return self.controls
 
     @property
     def resume_state(self) -> ResumeState | None:

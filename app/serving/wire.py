@@ -141,6 +141,10 @@ class BlockIn:
     samples_16k: np.ndarray  # (block_16k,) float32
     lease: int = 0  # of the attachment sending it (OpenReply.lease)
     received_at: float = 0.0  # set by the converter when the request arrives (its own clock)
+    # The session's silence gate (app/serving/controls.py): its client's threshold (None: the converter's configured
+    # one) and hangover. Sent with every block, so a live change and a move to another converter need no extra call.
+    silence_threshold_dbfs: float | None = None
+    silence_hangover_s: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -44,10 +44,12 @@ from app.transport.outbox import Outbox
 from app.transport.protocol import (
     CLOSE_NORMAL,
     FRAME_MS,
+    ControlsSetEvent,
     EndEvent,
     EndMessage,
     ErrorCode,
     ProtocolError,
+    SetControlsMessage,
     SetVoiceMessage,
     StartMessage,
     WarningEvent,
@@ -233,6 +235,8 @@ class SessionDriver(ABC):
         session, ready = await self.stream.start_session(start, self.owner, self.generation)
         self.realtime = start.realtime or not self.allows_offline
         self.session = session  # from here on, `run` closes it whatever happens
+        if start.controls is not None:
+            session.set_controls(**start.controls.changes())
         note(session_id=session.session_id)
         self.events = self.stream.block_events(session, self.owner)
         self.stream.stream_opened(self.transport)
@@ -267,6 +271,9 @@ class SessionDriver(ABC):
                 return
             elif isinstance(message, SetVoiceMessage):
                 await self._switch_voice(session, message.voice_id)
+            elif isinstance(message, SetControlsMessage):
+                controls = session.set_controls(**message.changes())
+                await self.send_text(ControlsSetEvent(controls=controls).model_dump_json())
             else:
                 raise ProtocolError(ErrorCode.bad_message, f"'{message.type}' cannot be sent once the session runs")
 

@@ -17,6 +17,10 @@
    and says so with a `LateEvent`. `WarningEvent`s report conditions that do not stop the stream.
 6. At any time the client may send `SetVoiceMessage` (`{"type": "set_voice", "voice_id": "..."}`); the server
    confirms with a `VoiceSetEvent` that names the first block converted with the new voice.
+   Likewise `SetControlsMessage` (`{"type": "set_controls", "input_gain_db": 6}`, any subset of `ControlOverrides`:
+   silence threshold and hangover, input and output gain, loudness matching) changes the stream's controls from the
+   next block converted; the server confirms with a `ControlsSetEvent` holding all of them. The start message may
+   carry the same fields as `controls` (a resume must send them again: they live with the connection).
 7. To finish, the client sends `EndMessage` (`{"type": "end"}`). The server converts the remaining input, sends an
    `EndEvent` with totals, and closes with code 1000.
    Resuming: a connection that closes without `end` or `error` (the network, or an ingress replica that went away)
@@ -58,6 +62,7 @@ from typing import Annotated, Any, Literal, NamedTuple, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
+from app.serving.controls import StreamControls
 from app.streaming.settings import SettingsError, StreamSettings
 
 PROTOCOL_VERSION = 1
@@ -92,6 +97,10 @@ LOOKAHEAD_RANGE = Range(0.02, 0.5)  # adds directly to latency
 DIFFUSION_STEPS_RANGE = Range(1, 30)  # one DiT forward each; past 30 a block costs more than it lasts
 CFG_RATE_RANGE = Range(0.0, 1.5)  # higher guidance only adds artefacts
 MAX_PROMPT_RANGE = Range(1.0, 10.0)  # the prompt is part of every block's DiT sequence, so it costs on every block
+SILENCE_THRESHOLD_RANGE = Range(-120.0, 0.0)  # dBFS; -120 gates only (near) digital silence
+SILENCE_HANGOVER_RANGE = Range(0.0, 1.0)  # seconds; the window holds at least 0.5 s of input to look back on
+GAIN_DB_RANGE = Range(-30.0, 30.0)
+RMS_MIX_RATE_RANGE = Range(0.0, 1.0)  # RVC's convention: 1 = the model's loudness, 0 = the input's
 
 ID_MAX_CHARS = 64  # session, voice and resume ids are short tokens; a longer one is a broken client
 TOKEN_MAX_CHARS = 1024
@@ -200,6 +209,19 @@ class SettingsOverrides(_Message):
             raise ProtocolError(ErrorCode.bad_settings, str(error)) from error
 
 
+class ControlOverrides(_Message):
+    """Any subset of the stream's controls (app/serving/controls.py); absent or null keeps the current value."""
+
+    silence_threshold_dbfs: float | None = _bounded(SILENCE_THRESHOLD_RANGE)
+    silence_hangover_s: float | None = _bounded(SILENCE_HANGOVER_RANGE)
+    input_gain_db: float | None = _bounded(GAIN_DB_RANGE)
+    output_gain_db: float | None = _bounded(GAIN_DB_RANGE)
+    rms_mix_rate: float | None = _bounded(RMS_MIX_RATE_RANGE)
+
+    def changes(self) -> dict[str, float]:
+        return self.model_dump(exclude_none=True, exclude={"type"})
+
+
 class ResumeRequest(_Message):
     session_id: str = Field(min_length=1, max_length=ID_MAX_CHARS)
     resume_token: str = Field(min_length=1, max_length=TOKEN_MAX_CHARS)
@@ -214,6 +236,7 @@ class StartMessage(_Message):
     realtime: bool = True  # pace the output in real time; false sends blocks as fast as they are converted
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)  # the diffusion noise seed, for reproducible output
     resume: ResumeRequest | None = None
+    controls: ControlOverrides | None = None  # the stream's starting controls (neutral when absent)
 
     @field_validator("version")
     @classmethod
@@ -231,6 +254,10 @@ class StartMessage(_Message):
 class SetVoiceMessage(_Message):
     type: Literal["set_voice"]
     voice_id: str = Field(min_length=1, max_length=ID_MAX_CHARS)
+
+
+class SetControlsMessage(ControlOverrides):
+    type: Literal["set_controls"]
 
 
 class EndMessage(_Message):
@@ -269,11 +296,13 @@ class RtpStartMessage(StartMessage):
     rtp: RtpOptions = Field(default_factory=RtpOptions)
 
 
-ClientMessage = Annotated[StartMessage | SetVoiceMessage | EndMessage, Field(discriminator="type")]
-_CLIENT_MESSAGE: TypeAdapter[StartMessage | SetVoiceMessage | EndMessage] = TypeAdapter(ClientMessage)
+ClientMessage = Annotated[StartMessage | SetVoiceMessage | SetControlsMessage | EndMessage, Field(discriminator="type")]
+_CLIENT_MESSAGE: TypeAdapter[StartMessage | SetVoiceMessage | SetControlsMessage | EndMessage] = TypeAdapter(
+    ClientMessage
+)
 
 
-def parse_client_message(text: str) -> StartMessage | SetVoiceMessage | EndMessage:
+def parse_client_message(text: str) -> StartMessage | SetVoiceMessage | SetControlsMessage | EndMessage:
     """Validate one text message from the client; every problem is a `ProtocolError` naming the field at fault."""
     return _parse(_CLIENT_MESSAGE, text, MAX_TEXT_BYTES)
 
@@ -288,23 +317,29 @@ def _parse(adapter: TypeAdapter[M], text: str, limit: int) -> M:
         raise _protocol_error(error) from None
 
 
-RtcClientMessage = Annotated[StartMessage | OfferMessage | SetVoiceMessage | EndMessage, Field(discriminator="type")]
-_RTC_CLIENT_MESSAGE: TypeAdapter[StartMessage | OfferMessage | SetVoiceMessage | EndMessage] = TypeAdapter(
-    RtcClientMessage
+RtcClientMessage = Annotated[
+    StartMessage | OfferMessage | SetVoiceMessage | SetControlsMessage | EndMessage, Field(discriminator="type")
+]
+_RTC_CLIENT_MESSAGE: TypeAdapter[StartMessage | OfferMessage | SetVoiceMessage | SetControlsMessage | EndMessage] = (
+    TypeAdapter(RtcClientMessage)
 )
 
 
-def parse_rtc_message(text: str) -> StartMessage | OfferMessage | SetVoiceMessage | EndMessage:
+def parse_rtc_message(text: str) -> StartMessage | OfferMessage | SetVoiceMessage | SetControlsMessage | EndMessage:
     """`parse_client_message` for the WebRTC signalling socket: the same messages plus the offer, which needs a
     larger size limit than everything `/v1/stream` receives."""
     return _parse(_RTC_CLIENT_MESSAGE, text, MAX_RTC_TEXT_BYTES)
 
 
-RtpClientMessage = Annotated[RtpStartMessage | SetVoiceMessage | EndMessage, Field(discriminator="type")]
-_RTP_CLIENT_MESSAGE: TypeAdapter[RtpStartMessage | SetVoiceMessage | EndMessage] = TypeAdapter(RtpClientMessage)
+RtpClientMessage = Annotated[
+    RtpStartMessage | SetVoiceMessage | SetControlsMessage | EndMessage, Field(discriminator="type")
+]
+_RTP_CLIENT_MESSAGE: TypeAdapter[RtpStartMessage | SetVoiceMessage | SetControlsMessage | EndMessage] = TypeAdapter(
+    RtpClientMessage
+)
 
 
-def parse_rtp_message(text: str) -> RtpStartMessage | SetVoiceMessage | EndMessage:
+def parse_rtp_message(text: str) -> RtpStartMessage | SetVoiceMessage | SetControlsMessage | EndMessage:
     """`parse_client_message` for the RTP control socket: its start message carries `rtp`."""
     return _parse(_RTP_CLIENT_MESSAGE, text, MAX_TEXT_BYTES)
 
@@ -375,6 +410,13 @@ class VoiceSetEvent(_Message):
     from_block: int  # the first block index converted with this voice
 
 
+class ControlsSetEvent(_Message):
+    """Answers `set_controls`: the stream's controls now, all of them (silence_threshold_dbfs null: the server's)."""
+
+    type: Literal["controls_set"] = "controls_set"
+    controls: StreamControls
+
+
 class LateEvent(_Message):
     type: Literal["late"] = "late"
     dropped_ms: int  # input dropped just now because the server fell behind real time
@@ -418,7 +460,15 @@ class RtpEvent(_Message):
 
 
 ServerEvent = Annotated[
-    ReadyEvent | ResumeTokenEvent | BlockEvent | VoiceSetEvent | LateEvent | WarningEvent | ErrorEvent | EndEvent,
+    ReadyEvent
+    | ResumeTokenEvent
+    | BlockEvent
+    | VoiceSetEvent
+    | ControlsSetEvent
+    | LateEvent
+    | WarningEvent
+    | ErrorEvent
+    | EndEvent,
     Field(discriminator="type"),
 ]
 RtcServerEvent = Annotated[
@@ -427,6 +477,7 @@ RtcServerEvent = Annotated[
     | AnswerEvent
     | BlockEvent
     | VoiceSetEvent
+    | ControlsSetEvent
     | LateEvent
     | WarningEvent
     | ErrorEvent

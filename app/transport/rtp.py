@@ -59,6 +59,7 @@ from app.transport.protocol import (
     ProtocolError,
     RtpEvent,
     RtpStartMessage,
+    SetControlsMessage,
     SetVoiceMessage,
     StartMessage,
     parse_rtp_message,
@@ -154,7 +155,7 @@ class RtpCall(SessionDriver):
         self._first_arrival = 0.0  # loop time of the first packet: the playout clock starts there
         self.dropped_packets = 0  # not RTP, not the call's payload type, SSRC or source, or not decodable
 
-    def parse(self, text: str) -> RtpStartMessage | SetVoiceMessage | EndMessage:
+    def parse(self, text: str) -> RtpStartMessage | SetVoiceMessage | SetControlsMessage | EndMessage:
         return parse_rtp_message(text)
 
     async def connect(self, start: StartMessage, session: LiveSession) -> None:

@@ -81,6 +81,7 @@ from app.transport.protocol import (
     ErrorCode,
     OfferMessage,
     ProtocolError,
+    SetControlsMessage,
     SetVoiceMessage,
     StartMessage,
     parse_rtc_message,
@@ -90,7 +91,7 @@ from app.transport.sessions import StreamServices
 
 log = logging.getLogger(__name__)
 
-RtcMessage = StartMessage | OfferMessage | SetVoiceMessage | EndMessage
+RtcMessage = StartMessage | OfferMessage | SetVoiceMessage | SetControlsMessage | EndMessage
 
 S16_SCALE = 32768
 SILENCE = np.zeros(FRAME_SAMPLES, dtype=np.float32)

@@ -19,6 +19,7 @@ from app.transport.protocol import (
     EndMessage,
     ErrorCode,
     ProtocolError,
+    SetControlsMessage,
     SetVoiceMessage,
     StartMessage,
     check_audio_frame,
@@ -36,7 +37,7 @@ class StreamConnection(SessionDriver):
         self.decoder: OpusDecoder | None = None  # made in `connect`, once a valid start has opened a session
         self.encoder: OpusEncoder | None = None
 
-    def parse(self, text: str) -> StartMessage | SetVoiceMessage | EndMessage:
+    def parse(self, text: str) -> StartMessage | SetVoiceMessage | SetControlsMessage | EndMessage:
         return parse_client_message(text)
 
     async def connect(self, start: StartMessage, session: LiveSession) -> None:
