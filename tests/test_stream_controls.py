@@ -139,9 +139,34 @@ def test_set_controls_is_confirmed_live_by_the_driver(services) -> None:  # noqa
             "input_gain_db": -6.0,  # from the start message, kept
             "output_gain_db": 0.0,
             "rms_mix_rate": 0.25,
+            "monitor": False,
         },
     }
     assert refused["type"] == "error" and "output_gain_db" in refused["message"]
+
+
+def test_monitor_sends_the_input_back_and_off_again_resumes_the_conversion_exactly(model: SeedVC, voice_ids) -> None:
+    store, (voice, _) = voice_ids
+    audio = np.concatenate([tone(1.0, -20.0), tone(1.0, -14.0, hz=330.0)])
+    plain, _ = converted(model, store, voice, audio)
+    session = LiveSession(make_client(model, store), "s", voice, SETTINGS, 7)
+
+    def monitor_blocks_3_to_5(report: BlockReport) -> None:
+        # Set after block k is out: blocks k + 1 .. go back unconverted, on the same session.
+        if report.index in (2, 5):
+            session.set_controls(monitor=report.index == 2)
+
+    monitored, reports = asyncio.run(run_session(session, audio, on_block=monitor_blocks_3_to_5))
+    block = round(SETTINGS.block_time * RATE)
+    # After monitor: only the output resampler's few samples of memory of the monitored block differ.
+    passed, after = slice(3 * block, 6 * block), slice(6 * block + 960, len(plain))
+    resampled_input = audio[passed]  # 48 kHz in, 48 kHz out: the monitored blocks are the input itself
+    assert not np.allclose(plain[passed], monitored[passed], atol=1e-3)
+    assert (
+        np.corrcoef(monitored[passed][block // 2 : -block // 2], resampled_input[block // 2 : -block // 2])[0, 1] > 0.99
+    )
+    assert np.array_equal(plain[after], monitored[after])  # the converter converted every block all along
+    assert [report.index for report in reports] == list(range(len(reports)))  # one session, no block lost
 
 
 @pytest.mark.parametrize("field", ["rms_mix_rate", "silence_hangover_s"])

@@ -25,6 +25,10 @@ class StreamControls:
     # RVC's convention: 1 keeps the model's loudness, 0 gives each block the input's loudness, between mixes the two
     # (output scaled by (input RMS / output RMS) ** (1 - rms_mix_rate)).
     rms_mix_rate: float = 1.0
+    # Hear yourself: each block's input is sent back in place of its conversion, through the same blocks, converter
+    # call and pacing (so with the same latency, less the model's own delay); the converter still converts it, so
+    # that turning monitor off resumes the converted voice exactly where an unmonitored stream would be.
+    monitor: bool = False
 
 
 def db_to_gain(db: float) -> float:

@@ -20,11 +20,12 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from app.audio.files import resample
 from app.audio.framing import Chunker
 from app.audio.opus import FRAME_SAMPLES, SAMPLE_RATE
 from app.audio.stream_resample import StreamingResampler
@@ -267,7 +268,14 @@ class LiveSession:
             rehomed=rehomed,
             voice_id=self.voice_id,
         )
-        return self._frames_of(self._loudness.apply(self.controls, reply.audio, pending.samples_16k)), report
+        audio = self._monitored(pending.samples_16k) if self.controls.monitor else reply.audio
+        return self._frames_of(self._loudness.apply(self.controls, audio, pending.samples_16k)), report
+
+    def _monitored(self, block_16k: np.ndarray) -> np.ndarray:
+        """The input block itself at the output's rate and length, in place of its conversion (monitor)."""
+        assert self.opened is not None
+        audio = resample(torch.from_numpy(block_16k), CONTENT_RATE, self.opened.sample_rate).numpy()
+        return np.pad(audio, (0, max(0, self.opened.block - len(audio))))[: self.opened.block]
 
     def final_frames(self) -> list[np.ndarray]:
         """What the output resampler still holds once the last block is out, in 20 ms frames (last one padded)."""
@@ -324,7 +332,7 @@ class LiveSession:
         """Switch voice before the next block is converted (between blocks: never two calls in flight)."""
         self._voice_request = voice_id
 
-    def set_controls(self, **changes: float) -> StreamControls:
+    def set_controls(self, **changes: Any) -> StreamControls:
         """Change some controls; they apply from the next block converted (input gain: from the next input)."""
         self.controls = replace(self.controls, **changes)
         return self.controls

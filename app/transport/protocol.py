@@ -18,9 +18,9 @@
 6. At any time the client may send `SetVoiceMessage` (`{"type": "set_voice", "voice_id": "..."}`); the server
    confirms with a `VoiceSetEvent` that names the first block converted with the new voice.
    Likewise `SetControlsMessage` (`{"type": "set_controls", "input_gain_db": 6}`, any subset of `ControlOverrides`:
-   silence threshold and hangover, input and output gain, loudness matching) changes the stream's controls from the
-   next block converted; the server confirms with a `ControlsSetEvent` holding all of them. The start message may
-   carry the same fields as `controls` (a resume must send them again: they live with the connection).
+   silence threshold and hangover, input and output gain, loudness matching, monitor) changes the stream's controls
+   from the next block converted; the server confirms with a `ControlsSetEvent` holding all of them. The start
+   message may carry the same fields as `controls` (a resume must send them again: they live with the connection).
 7. To finish, the client sends `EndMessage` (`{"type": "end"}`). The server converts the remaining input, sends an
    `EndEvent` with totals, and closes with code 1000.
    Resuming: a connection that closes without `end` or `error` (the network, or an ingress replica that went away)
@@ -217,8 +217,9 @@ class ControlOverrides(_Message):
     input_gain_db: float | None = _bounded(GAIN_DB_RANGE)
     output_gain_db: float | None = _bounded(GAIN_DB_RANGE)
     rms_mix_rate: float | None = _bounded(RMS_MIX_RATE_RANGE)
+    monitor: bool | None = None  # send the input back unconverted
 
-    def changes(self) -> dict[str, float]:
+    def changes(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True, exclude={"type"})
 
 
