@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import ray
 import torch
+import yaml
 from ray import serve
 
 from app.audio.files import resample
@@ -33,6 +34,7 @@ API_KEY = "test-key-0123456789abcdef"
 OTHER_API_KEY = "another-key-0123456789abcdef"  # a second tenant, for isolation tests
 BASE_URL = "http://127.0.0.1:8000"
 APP = "seedvc"
+SERVE_CONFIG = Path(__file__).resolve().parent.parent / "serve_config.yaml"
 METRICS_PORT = 8085  # this node's Prometheus endpoint (ray start --metrics-export-port in production)
 
 
@@ -106,12 +108,26 @@ def deploy(
 NO_CPU = {"ray_actor_options": {"num_cpus": 0}}
 
 
+def shipped_converter_args() -> dict[str, Any]:
+    """The converter's arguments in serve_config.yaml, as production runs them."""
+    config = yaml.safe_load(SERVE_CONFIG.read_text())
+    [app] = [app for app in config["applications"] if app["name"] == APP]
+    return dict(app["args"]["converter"])
+
+
 def app_args(
     parity: ParitySet, voices: Path, max_sessions: int = 8, ingress: dict[str, Any] | None = None, **converter: Any
 ) -> AppArgs:
     """The application's arguments: the tiny fixture model, one torch thread, the README settings (no CPU profile:
-    the tests expect the settings of the fixtures), the test API keys; `converter` overrides any of them."""
-    defaults = {"model": str(parity.model_dir), "torch_threads": 1, "precision": "fp32", "cpu_settings": None}
+    the tests expect the settings of the fixtures), the deadline control as serve_config.yaml ships it, the test API
+    keys; `converter` overrides any of them."""
+    defaults = {
+        "model": str(parity.model_dir),
+        "torch_threads": 1,
+        "precision": "fp32",
+        "cpu_settings": None,
+        "deadline_min_steps": shipped_converter_args()["deadline_min_steps"],
+    }
     return AppArgs(
         converter=ConverterConfig(
             voice_store=str(voices),

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from app.audio.files import Audio, read_audio
-from app.engine.deadline import DeadlinePolicy, StepCostModel
+from app.engine.deadline import DeadlinePolicy, GroupCost, StepCostModel
 from app.engine.engine import BlockRequest, BlockResult, Engine, SessionError
 from app.engine.plan import ShapeBuckets
 from app.engine.silence import SilenceGate
@@ -206,12 +206,22 @@ def test_step_cost_model_cuts_evenly_to_fit_the_budget() -> None:
     costs = StepCostModel(DeadlinePolicy(min_steps=3))
     costs.observe("x", rows=2, steps=10, stage_seconds={"content_encoder": 0.2, "cfm": 2.0})  # 0.1 s/step/row
     costs.observe("y", rows=1, steps=10, stage_seconds={"vocoder": 0.1, "cfm": 1.0})
+    x, y = GroupCost("x", 2, 10), GroupCost("y", 1, 10)
     # Configured: 0.2 + 0.1 + 3 rows * 10 steps * 0.1 = 3.3 s.
-    assert costs.projected_seconds("x", 2, 10) == pytest.approx(2.2)
-    assert costs.choose_steps([("x", 2, 10), ("y", 1, 10)], budget_seconds=4.0) == [10, 10]
-    assert costs.choose_steps([("x", 2, 10), ("y", 1, 10)], budget_seconds=2.4) == [7, 7]
-    assert costs.choose_steps([("x", 2, 10), ("y", 1, 10)], budget_seconds=0.0) == [3, 3]
-    assert costs.choose_steps([("x", 2, 10), ("z", 1, 10)], budget_seconds=0.0) == [10, 10]
+    assert costs.projected_seconds(x) == pytest.approx(2.2)
+    assert costs.choose_steps([x, y], budget_seconds=4.0) == [10, 10]
+    assert costs.choose_steps([x, y], budget_seconds=2.4) == [7, 7]
+    assert costs.choose_steps([x, y], budget_seconds=0.0) == [3, 3]
+    assert StepCostModel(DeadlinePolicy(min_steps=3)).choose_steps([x], 0.0) == [10], "nothing measured: as configured"
+
+
+def test_a_shape_never_measured_is_projected_from_the_costliest_measured_rate() -> None:
+    costs = StepCostModel(DeadlinePolicy(min_steps=2))
+    costs.observe("small", rows=1, steps=4, stage_seconds={"vocoder": 0.1, "cfm": 0.4}, work=10)  # 0.01/0.01 per work
+    costs.observe("dense", rows=1, steps=4, stage_seconds={"vocoder": 0.3, "cfm": 0.4}, work=10)  # 0.03/0.01
+    unseen = GroupCost("big", rows=1, steps=4, work=20)
+    assert costs.projected_seconds(unseen) == pytest.approx(20 * 0.03 + 4 * 20 * 0.01)  # 1.4 s
+    assert costs.choose_steps([unseen], budget_seconds=1.0) == [2], "its first step is bounded, not run blind"
 
 
 def test_state_stays_bounded_and_closing_frees_it(
@@ -231,7 +241,7 @@ def test_state_stays_bounded_and_closing_frees_it(
         for name in names:
             stream = engine.session(name).stream
             state += [stream.window.numel(), stream.tail.numel(), stream.generator.get_state().numel()]
-        return [*state, len(engine), len(engine._costs._costs)]
+        return [*state, len(engine), len(engine.costs or [])]
 
     def run(steps: int) -> None:
         for step in range(steps):

@@ -19,7 +19,7 @@ from typing import Protocol, TypeVar
 import torch
 from torch import Tensor
 
-from app.engine.deadline import DeadlinePolicy, StepCostModel
+from app.engine.deadline import DeadlinePolicy, GroupCost, StepCostModel
 from app.engine.graphs import ModelGraphs
 from app.engine.plan import BatchShape, GroupPlan, ShapeBuckets, StepPlan
 from app.engine.silence import SilenceGate
@@ -88,6 +88,7 @@ S = TypeVar("S", bound=Session)
 class BlockRequest:
     session_id: str
     block_16k: Tensor  # (block_16k,) the next input block
+    max_steps: int | None = None  # at most this many diffusion steps (a session that moved here starts at its own)
 
 
 @dataclass(frozen=True)
@@ -133,21 +134,23 @@ class WarmUpReport:
 class Engine:
     """`buckets` pads every batched pass to static shapes (GPU); `warm_up` captures them as CUDA graphs on CUDA.
 
-    `runner` is the batched pass itself (default: the model's); tests give a fake one.
+    `runner` is the batched pass itself (default: the model's); tests give a fake one. `costs` is the deadline's cost
+    model (default: its own), which engines of one model on one device may share.
     """
 
     model: SeedVC
     deadline: DeadlinePolicy = field(default_factory=DeadlinePolicy)
     buckets: ShapeBuckets | None = None
     runner: GroupRunner | None = None
+    costs: StepCostModel | None = None
     _sessions: dict[str, Session] = field(default_factory=dict)
-    _costs: StepCostModel = field(init=False)
     _graphs: ModelGraphs | None = field(default=None, init=False)
     # Passes that ran a shape with no captured graph (or no bucket at all) on a GPU engine: should stay 0.
     eager_passes: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
-        self._costs = StepCostModel(self.deadline)
+        if self.costs is None:
+            self.costs = StepCostModel(self.deadline)
         if self.runner is None:
             self.runner = ModelRunner(self.model)
 
@@ -263,8 +266,9 @@ class Engine:
         assert self.runner is not None
         output = self.runner(streams, blocks, settings.diffusion_steps, [False] * shape.rows, shape)
         if output.batch is not None:
-            key = (geometry, settings.diffusion_steps)
-            self._costs.observe(key, shape.rows, settings.diffusion_steps, output.batch.stage_seconds)
+            assert self.costs is not None
+            stages = output.batch.stage_seconds
+            self.costs.observe(geometry, shape.rows, settings.diffusion_steps, stages, work=geometry.mel_frames)
 
     # -- steps -------------------------------------------------------------------------------------------------
 
@@ -278,14 +282,19 @@ class Engine:
         for request in requests:
             session = self.session(request.session_id)
             groups.setdefault(session.shape, []).append((session, request))
-        plan = [(shape, len(members), shape[1]) for shape, members in groups.items()]
-        chosen_steps = self._costs.choose_steps(plan, budget_seconds)
+        plan = [
+            GroupCost(geometry, len(members), steps, work=geometry.mel_frames)
+            for (geometry, steps), members in groups.items()
+        ]
+        assert self.costs is not None
+        chosen_steps = self.costs.choose_steps(plan, budget_seconds)
         results: list[BlockResult] = []
         stage_seconds: dict[str, float] = {}
         passes: list[GroupPlan] = []
         splits = [0]
-        for (shape, members), steps in zip(groups.items(), chosen_steps, strict=True):
-            results += self._run_fitting(shape, members, steps, stage_seconds, passes, splits)
+        for (shape, members), chosen in zip(groups.items(), chosen_steps, strict=True):
+            for steps, capped in _by_steps(members, chosen).items():
+                results += self._run_fitting(shape, capped, steps, stage_seconds, passes, splits)
         order = {session_id: position for position, session_id in enumerate(ids)}
         results.sort(key=lambda result: order[result.session_id])
         return StepReport(
@@ -367,7 +376,10 @@ class Engine:
             GroupPlan(tuple(request.session_id for _, request in members), steps, batch_shape, warmed=not eager)
         )
         if output.batch is not None:
-            self._costs.observe(shape, len(output.converted), steps, output.batch.stage_seconds)
+            assert self.costs is not None
+            geometry = streams[0].geometry
+            rows = len(output.converted)
+            self.costs.observe(geometry, rows, steps, output.batch.stage_seconds, work=geometry.mel_frames)
             for stage, seconds in output.batch.stage_seconds.items():
                 stage_seconds[stage] = stage_seconds.get(stage, 0.0) + seconds
         details: dict[int, RowDetail] = {}
@@ -395,6 +407,15 @@ class Engine:
                 )
             )
         return results
+
+
+def _by_steps(members: list[tuple[Session, BlockRequest]], steps: int) -> dict[int, list[tuple[Session, BlockRequest]]]:
+    """A group's rows by the steps each may spend (`steps`, or less for a capped request): one pass per count."""
+    parts: dict[int, list[tuple[Session, BlockRequest]]] = {}
+    for session, request in members:
+        capped = steps if request.max_steps is None else max(1, min(steps, request.max_steps))
+        parts.setdefault(capped, []).append((session, request))
+    return parts
 
 
 def _refused(request: BlockRequest, next_index: int) -> BlockResult:

@@ -175,7 +175,8 @@ class ConverterService:
         """Convert a few blocks of a synthetic stream at the default settings and say plainly when this machine is
         too slow for real time."""
         settings = self.default_settings
-        engine = Engine(self.model, buckets=self.engine.buckets, runner=self.engine.runner)
+        # Its cost model is the serving engine's: the first served step of any settings is then projected from this.
+        engine = Engine(self.model, buckets=self.engine.buckets, runner=self.engine.runner, costs=self.engine.costs)
         engine.open("speed-check", self._speed_check_voice(settings.max_prompt), settings, seed=0)
         block = torch.zeros(engine.session("speed-check").stream.geometry.block_16k)
         engine.step([BlockRequest("speed-check", block)])  # warm-up: first calls allocate and pick kernels
@@ -237,6 +238,7 @@ class ConverterService:
             lease=next(self._leases),
             next_index=request.resume.next_index if request.resume is not None else 0,
             last_call=self.clock(),
+            steps=request.resume.steps if request.resume is not None else None,
         )
         self.sessions.admit(request.session_id, session)  # a re-open after a lost reply replaces the stale copy
         self.metrics.record("seedvc_sessions", len(self.sessions))
@@ -268,7 +270,8 @@ class ConverterService:
             raise SessionLost(session_id)
         session.lease, session.last_call = next(self._leases), self.clock()
         stream = session.stream
-        state = replace(ResumeState.of(stream, session.next_index), window=stream.window.cpu().numpy().copy())
+        state = ResumeState.of(stream, session.next_index, session.steps)
+        state = replace(state, window=stream.window.cpu().numpy().copy())
         return AttachReply(self._reply(session_id, session), state, session.voice_id, session.settings, session.seed)
 
     def _close_idle(self) -> None:
@@ -390,11 +393,12 @@ class ConverterService:
             session = self._served(block.session_id)
             session.next_index, session.last_call = block.index + 1, self.clock()
             session.gate = self._gate_for(block)
-        rows = self._identity_rows(converting) if self.config.identity else self._engine_rows(converting)
+        budget = self._budget(converting, started)
+        rows = self._identity_rows(converting) if self.config.identity else self._engine_rows(converting, budget)
         computed = time.time() - started
         self.batch_sizes[len(known)] += 1
         self.blocks_converted += len(known)
-        self._record_step(converting, rows, computed)
+        self._record_step(converting, rows, computed, budget)
         for (position, block), (audio, steps, silent) in zip(known, rows, strict=True):
             if audio is None:
                 replies[position] = CapacityExceeded(
@@ -404,6 +408,8 @@ class ConverterService:
                 continue
             session = self._served(block.session_id)
             session.blocks_converted += 1
+            if not silent:
+                session.steps = steps
             replies[position] = BlockOut(
                 session_id=block.session_id,
                 index=block.index,
@@ -413,7 +419,7 @@ class ConverterService:
                 batch_size=len(known),
                 queue_seconds=max(0.0, started - block.received_at) if block.received_at else 0.0,
                 compute_seconds=computed,
-                state=ResumeState.of(session.stream, block.index + 1),
+                state=ResumeState.of(session.stream, block.index + 1, session.steps),
             )
 
     def _gate_for(self, block: BlockIn) -> SilenceGate | None:
@@ -439,11 +445,15 @@ class ConverterService:
         return None
 
     def _record_step(
-        self, blocks: Sequence[BlockIn], rows: Sequence[tuple[np.ndarray | None, int, bool]], seconds: float
+        self,
+        blocks: Sequence[BlockIn],
+        rows: Sequence[tuple[np.ndarray | None, int, bool]],
+        seconds: float,
+        budget: float | None,
     ) -> None:
         self.metrics.record("seedvc_step_seconds", seconds)
         self.metrics.record("seedvc_batch_size", len(blocks))
-        if seconds > self._budget(blocks):
+        if budget is not None and seconds > budget:
             self.metrics.record("seedvc_deadline_misses")
         for block, (_, steps, silent) in zip(blocks, rows, strict=True):
             self.metrics.record("seedvc_diffusion_steps", steps)
@@ -452,16 +462,38 @@ class ConverterService:
             if silent:
                 self.metrics.record("seedvc_silent_blocks")
 
-    def _budget(self, blocks: Sequence[BlockIn]) -> float:
-        """The time one step may take: a share of the shortest block among the rows."""
-        return self.config.deadline_fraction * min(self._served(b.session_id).settings.block_time for b in blocks)
+    def _budget(self, blocks: Sequence[BlockIn], started: float) -> float | None:
+        """The time this step may take: what its blocks' real-time deadlines leave (None: no block has one).
 
-    def _engine_rows(self, blocks: Sequence[BlockIn]) -> list[tuple[np.ndarray | None, int, bool]]:
-        """The engine's step; a refused row (it did not fit in GPU memory) comes back with no audio."""
-        requests = [BlockRequest(b.session_id, torch.from_numpy(b.samples_16k)) for b in blocks]
+        Each block of a session is due one block period (times `deadline_fraction`, the margin the transport needs)
+        after its input completed. A block that was sent `late_s` after that, waited here until `started`, and has
+        `backlog` blocks of its session behind it, shares what is left of their deadlines with them: the step may
+        take ((backlog + 1) * period - late_s - waited) / (backlog + 1). The tightest block sets the budget.
+        """
+        budgets = []
+        for block in blocks:
+            if block.late_s is None:
+                continue
+            period = self.config.deadline_fraction * self._served(block.session_id).settings.block_time
+            waited = max(0.0, started - block.received_at) if block.received_at else 0.0
+            due = block.backlog + 1
+            budgets.append((due * period - block.late_s - waited) / due)
+        return min(budgets) if budgets else None
+
+    def _engine_rows(
+        self, blocks: Sequence[BlockIn], budget: float | None
+    ) -> list[tuple[np.ndarray | None, int, bool]]:
+        """The engine's step; a refused row (it did not fit in GPU memory) comes back with no audio. A session's first
+        block here spends at most the steps it came with (a re-home carries them in its resume state)."""
+        requests = []
+        for block in blocks:
+            session = self._served(block.session_id)
+            first_here = session.blocks_converted == 0
+            max_steps = session.steps if first_here else None
+            requests.append(BlockRequest(block.session_id, torch.from_numpy(block.samples_16k), max_steps))
         eager_before = self.engine.eager_passes
         try:
-            report = self.engine.step(requests, budget_seconds=self._budget(blocks))
+            report = self.engine.step(requests, budget_seconds=budget)
         except Exception:
             self.failed_steps_in_a_row += 1
             self.metrics.record("seedvc_failed_steps")

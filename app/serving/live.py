@@ -102,6 +102,9 @@ class LiveSession:
         self.seed = seed
         self.max_backlog_blocks = max_backlog_blocks
         self.clock = clock
+        # Real-time input has deadlines (the converter spends fewer diffusion steps on a late block); a file's
+        # input has none: its transport sets this False.
+        self.realtime = True
         self.opened: OpenReply | None = None
         self.started_at = time.time()  # wall clock, as it travels in resume tokens; a resume sets the original
         self.rehomes = 0
@@ -246,7 +249,7 @@ class LiveSession:
             report = BlockReport(
                 pending.index, self._input_start_ms(pending.index), 0.0, 0.0, 0, True, 0, False, self.voice_id
             )
-            self._advance_window(pending.samples_16k)
+            # The converter never sees a dropped block, so its window does not move: nor does the mirror.
             return self._frames_of(audio), report
         if self._voice_request is not None:
             self.voice_id, self._voice_request = self._voice_request, None  # a later re-open uses it too
@@ -305,7 +308,8 @@ class LiveSession:
         rehomed = False
         for _ in range(MAX_REOPENS_PER_BLOCK + 1):
             assert self.opened is not None
-            # Built on every try: a re-open gives the session a new lease, which the block must carry.
+            # Built on every try: a re-open gives the session a new lease, which the block must carry, and the block's
+            # lateness grows while it waits.
             block = BlockIn(
                 self.session_id,
                 pending.index,
@@ -313,6 +317,8 @@ class LiveSession:
                 lease=self.opened.lease,
                 silence_threshold_dbfs=self.controls.silence_threshold_dbfs,
                 silence_hangover_s=self.controls.silence_hangover_s,
+                late_s=self.clock() - pending.complete_at if self.realtime else None,
+                backlog=sum(not waiting.dropped for waiting in self._queue),
             )
             try:
                 return await self.client.convert(block, self.replica), rehomed

@@ -28,6 +28,9 @@ class ServedSession(Session):
     next_index: int  # the block number expected next
     last_call: float  # the converter's clock at the last call for this session
     blocks_converted: int = 0
+    # Diffusion steps of its last converted block: what a session that moved here came with (its first block here
+    # spends no more), then what the deadline control last chose. Travels in ResumeState.steps.
+    steps: int | None = None
 
     @property
     def settings(self) -> StreamSettings:

@@ -76,15 +76,19 @@ class ResumeState:
     blocks_done: int  # blocks the stream converted
     next_index: int  # the session's next block number (ahead of blocks_done when the transport dropped input)
     window: np.ndarray | None = None  # (window_16k,) float32; the transport keeps its own and fills it in
+    # Diffusion steps of the session's last converted block (None: none yet): a session that moves to another
+    # replica starts from them, not from a cost history it never had there.
+    steps: int | None = None
 
     @classmethod
-    def of(cls, stream: Stream, next_index: int) -> ResumeState:
+    def of(cls, stream: Stream, next_index: int, steps: int | None) -> ResumeState:
         """A stream's state after its last block, without the window (the transport mirrors that itself)."""
         return cls(
             tail=stream.tail.cpu().numpy().copy(),
             generator_state=stream.generator.get_state().numpy().tobytes(),
             blocks_done=stream.blocks_done,
             next_index=next_index,
+            steps=steps,
         )
 
     def to_stream_state(self) -> StreamState:
@@ -145,6 +149,10 @@ class BlockIn:
     # one) and hangover. Sent with every block, so a live change and a move to another converter need no extra call.
     silence_threshold_dbfs: float | None = None
     silence_hangover_s: float = 0.0
+    # Real-time deadline (None: the input is a file, no deadline): how long ago the block's last input sample arrived
+    # when it was sent, and how many input blocks of the session wait behind it.
+    late_s: float | None = None
+    backlog: int = 0
 
 
 @dataclass(frozen=True)

@@ -234,6 +234,7 @@ class SessionDriver(ABC):
     async def _open(self, start: StartMessage) -> LiveSession:
         session, ready = await self.stream.start_session(start, self.owner, self.generation)
         self.realtime = start.realtime or not self.allows_offline
+        session.realtime = self.realtime  # a file's blocks have no deadline
         self.session = session  # from here on, `run` closes it whatever happens
         if start.controls is not None:
             session.set_controls(**start.controls.changes())

@@ -18,6 +18,7 @@ import pytest
 import websockets
 
 from app.audio.opus import OpusEncoder
+from app.streaming.settings import StreamSettings
 from app.transport.protocol import MAX_FRAME_BYTES
 from bench.harness import (
     BASE_URL,
@@ -117,11 +118,12 @@ def test_killing_a_replica_mid_stream_rehomes_exactly(served: ServeApp) -> None:
     killer.join()
     assert killed, "the replica was never killed"
     assert disturbed.error is None and disturbed.end is not None, disturbed.error
+    assert [e["type"] for e in disturbed.events].count("resume_token") == 1, "the session re-homed, once"
     assert len(blocks(disturbed)) == len(blocks(undisturbed))
-    assert disturbed.output_48k.shape == undisturbed.output_48k.shape
-    assert np.abs(disturbed.output_48k - undisturbed.output_48k).max() <= served.parity.tolerance(
-        "output_stream", "e2e"
-    )
+    # The exactness contract holds while no steps were reduced (a file has no deadline: none may be).
+    assert {b["steps"] for b in blocks(disturbed) + blocks(undisturbed)} == {StreamSettings().diffusion_steps}
+    # fp32 re-homes are bitwise (tests/test_exactness.py), and so is everything around them: the same Opus bytes.
+    assert np.array_equal(disturbed.output_48k, undisturbed.output_48k)
 
 
 def test_voice_switch_is_confirmed_and_unknown_voices_do_not_stop_the_stream(served: ServeApp) -> None:
