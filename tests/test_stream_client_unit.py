@@ -33,6 +33,7 @@ from app.transport.protocol import (
     LateEvent,
     ReadyEvent,
     ResumeTokenEvent,
+    SetControlsMessage,
     SettingsOverrides,
     SetVoiceMessage,
     StartMessage,
@@ -70,7 +71,7 @@ class EchoConverter:
         self.fail_after_packets = fail_after_packets
         self.drop_after_packets = drop_after_packets  # the first connection drops there (with a new resume token)
         self.forget = forget  # answer resumes with session_expired, as when ingress and converter were both replaced
-        self.messages: list[StartMessage | SetVoiceMessage | EndMessage | bytes] = []
+        self.messages: list[StartMessage | SetVoiceMessage | SetControlsMessage | EndMessage | bytes] = []
         self.packet_times: list[float] = []
         self.failures: list[BaseException] = []
 
