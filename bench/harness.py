@@ -27,7 +27,7 @@ from app.serving.config import ConverterConfig, IngressConfig
 from bench.parity import ParitySet
 from client.api import get_token, upload_voice
 from client.stream_client import StreamResult, stream_audio
-from deployments.app import AppArgs, build_app
+from deployments.app import RAY_WORKER_ENV, AppArgs, build_app
 from deployments.router import pin
 
 API_KEY = "test-key-0123456789abcdef"
@@ -57,7 +57,7 @@ class ServeApp:
 def local_ray() -> Iterator[None]:
     # One token secret for every ingress replica, as production's env file gives them: a client that resumes on a
     # replacement ingress replica presents a token the old one issued.
-    shared = {"env_vars": {TOKEN_SECRET: secrets.token_hex(32)}}
+    shared = {"env_vars": {TOKEN_SECRET: secrets.token_hex(32), **RAY_WORKER_ENV}}
     ray.init(
         num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=METRICS_PORT, runtime_env=shared
     )

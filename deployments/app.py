@@ -26,6 +26,17 @@ ROUTING_STATS_PERIOD_S = 1.0  # how fresh the router's view of sessions per repl
 # be found fails every time). Serve's own bound grows with the replica count, up to 20. It holds until a converter
 # of the deploy has started; Serve replaces converters that fail later (a scale-up onto a bad node) without a bound.
 CONVERTER_START_RETRIES = 3
+# Environment of every Ray worker of the application (serve_config*.yaml's runtime_env; bench/harness.py passes it to
+# ray.init). Serve sends each handle call as a streaming generator, and a replica waits on its event loop until the
+# generator's items are reported to the caller. When the caller died (an ingress replica), Ray's RPC client noticed
+# only at its next connection check (every second) and then waited a reconnect timeout (1 s) before asking whether
+# that worker was dead, for each reply in turn, while the converter answered nobody: sessions of the other ingress
+# replica stalled 2-3.6 s. With these, a reply to a dead caller fails 0.2-0.4 s after the death (measured, tiny model,
+# 2 cores; it was 1.1-2.2 s, then 1 s more per reply). A live peer that is briefly unreachable is still retried.
+RAY_WORKER_ENV = {
+    "RAY_grpc_client_check_connection_status_interval_milliseconds": "100",
+    "RAY_core_worker_rpc_server_reconnect_timeout_base_s": "0",
+}
 
 
 class AppArgs(Strict):

@@ -17,7 +17,7 @@ from app.auth.tokens import TokenSigner
 from app.model.seedvc import SeedVC
 from app.serving.config import ConverterConfig
 from app.serving.converter import ConverterService
-from app.serving.live import BlockReport, LiveSession
+from app.serving.live import BlockReport, LateReport, LiveSession
 from app.serving.local import LocalConverterClient
 from app.serving.metrics import RecordedMetrics
 from app.serving.wire import ResumeState, SessionLost, SessionTakenOver
@@ -231,3 +231,35 @@ def test_settings_of_the_resumed_session_are_its_own(model: SeedVC, voice_ids) -
     assert asyncio.run(scenario()).diffusion_steps == 4
     assert isinstance(services.metrics, RecordedMetrics)
     assert services.metrics.values("seedvc_sessions_resumed") == [1.0]
+
+
+def test_a_resumed_sessions_totals_count_its_earlier_connections(parity: ParitySet, model: SeedVC, voice_ids) -> None:
+    """The end event's blocks and dropped time, and the late events' totals, are the session's: a resume carries the
+    blocks answered and dropped before it (the converter's next block number and blocks converted tell them)."""
+    store, (voice, _) = voice_ids
+    client = make_client(model, store, replicas=1)
+    audio = input_48k(parity)
+    block_48k = int(48000 * SETTINGS.block_time)
+
+    async def answered(session: LiveSession) -> None:
+        while session.pending_blocks:
+            assert await session.next_output() is not None
+
+    async def scenario() -> tuple[LiveSession, tuple[int, int], LateReport]:
+        first = LiveSession(client, "totals", voice, SETTINGS, 2, max_backlog_blocks=1)
+        await first.open()
+        first.feed(audio[: 4 * block_48k])  # four blocks at once: the oldest are dropped
+        await answered(first)
+        first.feed(audio[4 * block_48k : 5 * block_48k])
+        await answered(first)
+        second = await LiveSession.resume(client, "totals", first.replica, max_backlog_blocks=1)
+        carried = second.total_dropped_blocks, second.blocks_answered
+        late = second.feed(audio[5 * block_48k : 8 * block_48k])
+        assert late is not None, "the resumed connection drops input too"
+        await answered(second)
+        return first, carried, late
+
+    first, (dropped, answered_before), late = asyncio.run(scenario())
+    assert first.total_dropped_blocks >= 2
+    assert (dropped, answered_before) == (first.total_dropped_blocks, first.blocks_answered)
+    assert late.total_dropped_ms == pytest.approx(late.dropped_ms + 1000 * SETTINGS.block_time * dropped)

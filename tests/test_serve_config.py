@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import ServeDeploySchema
 
-from deployments.app import AppArgs
+from deployments.app import RAY_WORKER_ENV, AppArgs
 from deployments.autoscaling import SessionAwarePolicy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,6 +64,13 @@ def test_serve_accepts_the_file(config: dict[str, Any]) -> None:
 
 def test_no_key_is_unknown(config: dict[str, Any]) -> None:
     assert unknown_keys(config, ServeDeploySchema) == []
+
+
+def test_every_worker_of_the_app_gets_the_ray_environment_the_service_needs(config: dict[str, Any]) -> None:
+    """Without it a converter that owes replies to a dead ingress replica stalls all sessions (deployments/app.py);
+    the tests' Ray gets the same (bench/harness.py)."""
+    [application] = config["applications"]
+    assert application["runtime_env"]["env_vars"] == RAY_WORKER_ENV
 
 
 def test_the_checker_catches_typos() -> None:

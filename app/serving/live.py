@@ -108,7 +108,8 @@ class LiveSession:
         self.opened: OpenReply | None = None
         self.started_at = time.time()  # wall clock, as it travels in resume tokens; a resume sets the original
         self.rehomes = 0
-        self.total_dropped_blocks = 0
+        self.total_dropped_blocks = 0  # over the session's life (a resume carries them over)
+        self.blocks_answered = 0  # input blocks answered (converted or dropped) over the session's life
         self._input = StreamingResampler(SAMPLE_RATE, CONTENT_RATE)
         self._blocks: Chunker | None = None
         self._output: StreamingResampler | None = None
@@ -166,7 +167,9 @@ class LiveSession:
         assert attached.state.window is not None, "an attach reply carries the window"
         session._take(attached.opened, attached.state.window.copy())
         session._state = attached.state
-        session._next_index = attached.state.next_index
+        session._next_index = session.blocks_answered = attached.state.next_index
+        # Its totals span its connections: the blocks it has answered, and those it dropped (numbered, never sent).
+        session.total_dropped_blocks = attached.state.next_index - attached.state.blocks_done
         return session
 
     def _take(self, opened: OpenReply, window: np.ndarray) -> None:
@@ -228,8 +231,7 @@ class LiveSession:
         for block in live[:excess]:
             block.dropped = True
         self.total_dropped_blocks += excess
-        block_ms = 1000 * self.settings.block_time
-        return LateReport(dropped_ms=excess * block_ms, total_dropped_ms=self.total_dropped_blocks * block_ms)
+        return LateReport(dropped_ms=excess * 1000 * self.settings.block_time, total_dropped_ms=self.total_dropped_ms)
 
     # -- output side ---------------------------------------------------------------------------------------------
 
@@ -241,6 +243,7 @@ class LiveSession:
             self._ready.clear()
             await self._ready.wait()
         pending = self._queue.popleft()
+        self.blocks_answered = pending.index + 1
         self._room.set()
         if pending.dropped:
             # Dropped input is answered with silence, so output block k still answers input block k.
@@ -357,6 +360,10 @@ class LiveSession:
     def input_seconds(self) -> float:
         """The audio this session received on this connection so far: what its key's usage is metered in."""
         return self._input_samples / SAMPLE_RATE
+
+    @property
+    def total_dropped_ms(self) -> float:
+        return 1000 * self.settings.block_time * self.total_dropped_blocks
 
     @property
     def next_index(self) -> int:

@@ -78,7 +78,6 @@ class SessionDriver(ABC):
         self.owner = ""  # the API key id of the caller, known once the start message is checked
         self.generation = 0  # of the key's secret its token was issued for
         self.realtime = True
-        self.dropped_ms = 0.0
         self.events = BlockEvents("")
         self.limits = ConnectionLimits(stream.limits)
         self.connected_at = time.time()  # wall clock, comparable with a resumed session's start
@@ -185,9 +184,11 @@ class SessionDriver(ABC):
         # Free the converter slot and the key's lease before the client hears `end`: a client that starts its next
         # session at once must not be refused for the one that just ended.
         await self._free_session()
-        await self.send_text(EndEvent(blocks=self.events.blocks, dropped_ms=round(self.dropped_ms)).model_dump_json())
+        # The session's totals, over every connection it had (a resumed session counts what came before).
+        end = EndEvent(blocks=session.blocks_answered, dropped_ms=round(session.total_dropped_ms))
+        await self.send_text(end.model_dump_json())
         await self.websocket.close(code=CLOSE_NORMAL)
-        log.info("%s %s: ended after %d blocks", self.noun, session.session_id, self.events.blocks)
+        log.info("%s %s: ended after %d blocks", self.noun, session.session_id, session.blocks_answered)
 
     async def _release(self) -> None:
         try:
@@ -313,7 +314,6 @@ class SessionDriver(ABC):
             self.limits.audio(len(pcm_48k) / SAMPLE_RATE)
         late = session.feed(pcm_48k)
         if late is not None:
-            self.dropped_ms = late.total_dropped_ms
             await self.send_text(self.stream.late_event(late))
 
     async def _write(self, session: LiveSession) -> None:

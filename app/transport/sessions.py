@@ -217,7 +217,6 @@ class BlockEvents:
 
     def __init__(self, voice_id: str, resume_token: Callable[[], str] | None = None) -> None:
         self.voice_id = voice_id
-        self.blocks = 0
         self._resume_token = resume_token
 
     def of(self, report: BlockReport) -> list[str]:
@@ -227,7 +226,6 @@ class BlockEvents:
         if report.voice_id != self.voice_id:
             self.voice_id = report.voice_id
             events.append(VoiceSetEvent(voice_id=report.voice_id, from_block=report.index).model_dump_json())
-        self.blocks += 1
         block = BlockEvent(
             index=report.index,
             input_start_ms=round(report.input_start_ms),

@@ -25,6 +25,7 @@ from ray.serve._private.api import serve_start  # what `serve deploy` reaches th
 from ray.serve.schema import ApplicationStatus, ServeDeploySchema
 
 from app.audio.pacing import Pacer
+from app.serving.config import CPU_REALTIME_PROFILE
 from app.transport.protocol import FRAME_MS
 from bench.harness import (
     API_KEY,
@@ -53,6 +54,11 @@ DEPLOY_TIMEOUT_S = 300
 BLOCKS_BEFORE_FAULT = 8  # every session is well under way before the fault
 # A hang, or a session that waited for a timeout, would show as many seconds; a re-home or a resume takes a fraction.
 GAP_BOUND_MS = 5000.0
+# Issue 16's targets when an ingress replica dies with the model converting: sessions of the other ingress must not
+# notice (their output is paced, so any converter stall shows as a gap), resumed ones come back within a second.
+CONVERTING_STREAMS = 4
+BYSTANDER_GAP_MS = 500.0
+RESUMED_GAP_MS = 1000.0
 # Short drains, so that replaced replicas go quickly: a test must not wait out production's 30 s / 300 s.
 FAST_DRAIN = {"graceful_shutdown_timeout_s": 3.0, "graceful_shutdown_wait_loop_s": 0.5}
 
@@ -94,6 +100,11 @@ class LiveCall:
     def longest_gap_ms(self) -> float:
         return 1000 * float(np.diff(self.audio_times).max())
 
+    def longest_gap_ms_between(self, start: float, end: float) -> float:
+        """The longest gap between audio packets that arrived from `start` to `end` (monotonic seconds)."""
+        times = [t for t in self.audio_times if start <= t <= end]
+        return 1000 * float(np.diff(times).max()) if len(times) > 1 else 0.0
+
     def event_count(self, kind: str) -> int:
         return sum(1 for e in self.events if e["type"] == kind)
 
@@ -109,11 +120,11 @@ async def looped(packets: list[bytes], stop: threading.Event) -> AsyncGenerator[
 
 
 class LiveLoad:
-    """STREAMS real-time sessions on a thread of their own, so that the test can break things meanwhile; they run
+    """`streams` real-time sessions on a thread of their own, so that the test can break things meanwhile; they run
     until the `with` block is left plus `tail_s`, then end normally."""
 
-    def __init__(self, app: ServeApp, tail_s: float = TAIL_S) -> None:
-        self.calls = [LiveCall() for _ in range(STREAMS)]
+    def __init__(self, app: ServeApp, tail_s: float = TAIL_S, streams: int = STREAMS) -> None:
+        self.calls = [LiveCall() for _ in range(streams)]
         self.tail_s = tail_s
         self._stop = threading.Event()
         packets = encode_packets(app.source_48k())
@@ -242,6 +253,37 @@ def test_killing_an_ingress_replica_under_eight_live_sessions_resumes_its_sessio
         ready = [e for e in call.events if e["type"] == "ready"]
         assert {e["session_id"] for e in ready} == {call.session_id} and ready[-1]["resumed_at_block"] > 0
     print(f"{len(resumed)} of {STREAMS} sessions were on the killed replica and resumed on the other")
+
+
+@pytest.fixture
+def converting_app(cluster: None, parity: ParitySet, voices: Path) -> ServeApp:
+    """Two converters running the tiny model at the CPU real-time profile (what fits 2 cores), two ingress replicas."""
+    return start_app(
+        parity, voices, converters=2, max_sessions=STREAMS, cpu_settings=CPU_REALTIME_PROFILE, options=options()
+    )
+
+
+def test_killing_an_ingress_replica_stalls_no_converter(converting_app: ServeApp) -> None:
+    """The converters answer calls from the dead ingress too: that must cost the other sessions nothing."""
+    with LiveLoad(converting_app, streams=CONVERTING_STREAMS) as load:
+        killed_at = time.monotonic()
+        ray.kill(ray.get_actor(next(iter(ingress_replicas().values())), namespace="serve"), no_restart=True)
+        load.wait_for(
+            lambda: any(call.result is None and call.event_count("ready") > 1 for call in load.calls), "a resume"
+        )
+    load.check_every_session_went_on(f"ingress replica killed under {CONVERTING_STREAMS} converting sessions")
+    resumed = [call for call in load.calls if call.result and call.result.resumes]
+    bystanders = [call for call in load.calls if call.result and not call.result.resumes]
+    print(f"bystanders' longest gaps (ms): {sorted(round(call.longest_gap_ms) for call in bystanders)}")
+    print(f"  ... before the kill: {sorted(round(call.longest_gap_ms_between(0, killed_at)) for call in bystanders)}")
+    print(f"resumed sessions' longest gaps (ms): {sorted(round(call.longest_gap_ms) for call in resumed)}")
+    assert resumed and bystanders
+    for call in resumed:
+        assert call.result and call.result.end is not None
+        last = max(event["index"] for event in call.events if event["type"] == "block")
+        assert call.result.end["blocks"] == last + 1, "the end event counts the blocks before the resume too"
+    assert max(call.longest_gap_ms for call in bystanders) <= BYSTANDER_GAP_MS
+    assert max(call.longest_gap_ms for call in resumed) <= RESUMED_GAP_MS
 
 
 def test_redeploying_the_whole_app_under_eight_live_sessions(app: ServeApp, parity: ParitySet, voices: Path) -> None:
