@@ -9,7 +9,7 @@ Serve applies min/max replicas and the up/down-scale delays around it.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 from ray.serve.config import AutoscalingContext
 
@@ -23,16 +23,27 @@ def replicas_for_queue(total_requests: float, target_ongoing_requests: float) ->
 
 
 class SessionAwarePolicy:
-    def __init__(self, sessions_per_replica: float = 12.0, target_ongoing_requests: float = 8.0) -> None:
+    """`queue_signal`: "ongoing" reads the requests in flight at the converters (Serve's count: computing, batching or
+    queued), "waiting" only the blocks that wait for an engine step (the converters report them). Measured under a
+    step increase of load (README, "Guarantees under load"; bench/autoscaling_signal.py), "ongoing" is the default."""
+
+    def __init__(
+        self,
+        sessions_per_replica: float = 12.0,
+        target_ongoing_requests: float = 8.0,
+        queue_signal: Literal["ongoing", "waiting"] = "ongoing",
+    ) -> None:
         self.sessions_per_replica = sessions_per_replica
         self.target_ongoing_requests = target_ongoing_requests
+        self.queue_signal = queue_signal
 
     def __call__(self, ctx: AutoscalingContext) -> tuple[int, dict[str, Any]]:
         metrics = ctx.aggregated_metrics or {}
         sessions = sum(metrics.get("sessions", {}).values())
+        queue = ctx.total_num_requests if self.queue_signal == "ongoing" else sum(metrics.get("waiting", {}).values())
         wanted = max(
             replicas_for_sessions(sessions, self.sessions_per_replica),
-            replicas_for_queue(ctx.total_num_requests, self.target_ongoing_requests),
+            replicas_for_queue(queue, self.target_ongoing_requests),
             1,
         )
-        return wanted, {"sessions": sessions}
+        return wanted, {"sessions": sessions, self.queue_signal: queue}

@@ -37,6 +37,8 @@ class Converter:
         route_to(logging.getLogger("ray.serve"))  # app/ records (model load, speed check) into this replica's Serve log
         replica = serve.get_replica_context().replica_id.unique_id
         self.service = ConverterService(ConverterConfig(**config, replica_tag=replica), metrics=RayServeMetrics())
+        # Blocks received and not yet answered, and those in the engine step now: the rest wait (autoscaling).
+        self.blocks_in_flight = self.blocks_in_step = 0
 
     def __del__(self) -> None:
         """Serve calls this when it stops the replica: the engine thread and the voice purger stop with it."""
@@ -59,11 +61,19 @@ class Converter:
         return await answer_of(self.service.attach(session_id))
 
     async def convert(self, block: BlockIn) -> BlockOut | Refusal:
-        return await self._convert_batch(replace(block, received_at=time.time()))
+        self.blocks_in_flight += 1
+        try:
+            return await self._convert_batch(replace(block, received_at=time.time()))
+        finally:
+            self.blocks_in_flight -= 1
 
     @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
     async def _convert_batch(self, blocks: list[BlockIn]) -> list[BlockOut | ConverterError]:
-        return await self.service.convert_blocks(blocks)
+        self.blocks_in_step = len(blocks)  # one batch at a time: entering it is starting its engine step
+        try:
+            return await self.service.convert_blocks(blocks)
+        finally:
+            self.blocks_in_step = 0
 
     async def set_voice(self, session_id: str, voice_id: str) -> Refusal | None:
         return await answer_of(self.service.set_voice(session_id, voice_id))
@@ -85,4 +95,5 @@ class Converter:
         return {"sessions": len(self.service.sessions), "capacity": self.service.config.max_sessions}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        return {"sessions": float(len(self.service.sessions))}
+        waiting = self.blocks_in_flight - self.blocks_in_step
+        return {"sessions": float(len(self.service.sessions)), "waiting": float(waiting)}

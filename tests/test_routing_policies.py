@@ -75,6 +75,14 @@ def test_policy_scales_on_sessions_or_queue_whichever_needs_more() -> None:
     assert wanted([30, 1], 0) == 4
 
 
+def test_the_waiting_signal_counts_only_blocks_that_wait_for_a_step() -> None:
+    policy = SessionAwarePolicy(sessions_per_replica=10, target_ongoing_requests=2, queue_signal="waiting")
+    metrics = {"sessions": {"r0": 3.0}, "waiting": {"r0": 5.0, "r1": 0.0}}
+    busy: Any = SimpleNamespace(aggregated_metrics=metrics, total_num_requests=40)  # 40 in flight, 5 of them wait
+    assert policy(busy)[0] == 3
+    assert SessionAwarePolicy(sessions_per_replica=10, target_ongoing_requests=2)(busy)[0] == 20
+
+
 def test_histogram_buckets_are_what_ray_accepts() -> None:
     from app.serving.metrics import METRICS
 

@@ -1,0 +1,156 @@
+"""Converter autoscaling under real Serve, with the session-aware policy (deployments/autoscaling.py) and up to two
+converter replicas: sessions past the policy's threshold make Serve add a replica, new sessions land on it, and when
+the load falls Serve removes one, whose sessions re-home with nothing lost. The timings are printed (`-s`).
+
+Converters run in identity mode: the scaling is under test, and real-time sessions of the tiny model on two
+replicas plus the ones Serve starts would not fit two cores. Metrics are pushed every 0.5 s (production: 10 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from ray import serve
+from ray.serve.schema import DeploymentStatus
+
+from bench.harness import APP, ServeApp, converter_replicas, local_ray, replica_stats, start_app
+from bench.parity import ParitySet
+from client.stream_client import encode_packets, run_stream, start_message
+from tests.serve.test_resilience import FAST_DRAIN, LiveCall, block_indexes_by_session, looped
+
+pytestmark = pytest.mark.serve
+
+PUSH_INTERVALS = {
+    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+    "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+}
+SESSIONS_PER_REPLICA = 2
+TIMEOUT_S = 120
+
+
+def autoscaled_converters() -> dict[str, Any]:
+    return {
+        "num_replicas": None,
+        "autoscaling_config": {
+            "min_replicas": 1,
+            "initial_replicas": 1,
+            "max_replicas": 2,
+            "upscale_delay_s": 1,
+            "downscale_delay_s": 4,
+            "look_back_period_s": 2,
+            "policy": {
+                "policy_function": "deployments.autoscaling:SessionAwarePolicy",
+                "policy_kwargs": {"sessions_per_replica": SESSIONS_PER_REPLICA},
+            },
+        },
+        **FAST_DRAIN,
+    }
+
+
+@pytest.fixture(scope="module")
+def app(parity: ParitySet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeApp]:
+    saved = {name: os.environ.get(name) for name in PUSH_INTERVALS}
+    os.environ.update(PUSH_INTERVALS)  # Ray's processes (controller, replicas) inherit them
+    try:
+        with local_ray():
+            options = {"Converter": autoscaled_converters(), "Ingress": {"max_ongoing_requests": 32}}
+            yield start_app(parity, tmp_path_factory.mktemp("voices"), converters=1, identity=True, options=options)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+class Session:
+    """One real-time session on a thread of its own, until `stop`."""
+
+    def __init__(self, app: ServeApp, seed: int) -> None:
+        self.call = LiveCall()
+        self._stop = threading.Event()
+        packets = encode_packets(app.source_48k())
+        start = start_message(app.token, app.voice_id, realtime=True, seed=seed)
+
+        async def run() -> None:
+            try:
+                self.call.result = await run_stream(
+                    app.base_url,
+                    start,
+                    looped(packets, self._stop),
+                    on_event=self.call.events.append,
+                    on_message=self.call.on_message,
+                )
+            except Exception as error:  # reported by the test
+                self.call.failure = error
+
+        self._thread = threading.Thread(target=lambda: asyncio.run(run()))
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+        assert not self._thread.is_alive(), f"{self.call.session_id} did not end"
+
+    def went_on(self) -> None:
+        call = self.call
+        assert call.failure is None and call.result is not None, call.failure
+        assert call.result.error is None and call.result.end is not None, call.result.error
+        assert call.result.restarts == 0 and call.result.resumes == 0
+        for indexes in block_indexes_by_session(call.events):
+            assert indexes == sorted(set(indexes)), "blocks out of order"
+
+
+def wait_for(condition: Callable[[], bool], what: str, sessions: list[Session]) -> float:
+    """Seconds until `condition` held (sessions may not fail meanwhile)."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < TIMEOUT_S, f"timed out waiting for {what}"
+        assert all(session.call.failure is None for session in sessions), [s.call.failure for s in sessions]
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
+def converters_running(count: int) -> bool:
+    status = serve.status().applications[APP].deployments["Converter"]
+    return len(converter_replicas()) == count and status.status == DeploymentStatus.HEALTHY
+
+
+def holder(session: Session) -> str:
+    [replica] = [r for r in converter_replicas() if session.call.session_id in replica_stats(r)["blocks_by_session"]]
+    return replica
+
+
+def test_load_past_the_threshold_adds_a_converter_and_scaling_down_rehomes_its_sessions(app: ServeApp) -> None:
+    [first_replica] = converter_replicas()
+    early = [Session(app, seed) for seed in range(SESSIONS_PER_REPLICA + 1)]
+    wait_for(lambda: all(s.call.blocks >= 3 for s in early), "the first sessions to run", early)
+    scale_up_s = wait_for(lambda: converters_running(2), "a second converter", early)
+    [added] = set(converter_replicas()) - {first_replica}
+    late = [Session(app, seed) for seed in range(10, 12)]
+    wait_for(lambda: all(s.call.blocks >= 3 for s in late), "the later sessions to run", early + late)
+    assert {holder(session) for session in late} == {added}, "new sessions go to the new, emptier converter"
+
+    for session in early:
+        session.stop()
+    scale_down_s = wait_for(lambda: converters_running(1), "the scale-down", late)
+    [kept] = converter_replicas()
+    time.sleep(2.0)  # the moved sessions go on on the replica that stayed
+    for session in late:
+        session.stop()
+    for session in early + late:
+        session.went_on()
+    moved = [s for s in late if s.call.event_count("resume_token") == 1]
+    print(
+        f"\nscale-up: second converter running {scale_up_s:.1f} s after the third session started converting; "
+        f"scale-down: {scale_down_s:.1f} s after the early sessions ended; {len(moved)} of {len(late)} sessions "
+        f"moved ({'the added replica was removed' if kept == first_replica else 'the first replica was removed'})"
+    )
+    if kept == first_replica:
+        assert len(moved) == len(late), "the removed replica's sessions re-homed, each once"
