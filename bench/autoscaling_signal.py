@@ -21,36 +21,16 @@ from tempfile import TemporaryDirectory
 
 from app.audio.pacing import Pacer
 from app.transport.protocol import FRAME_MS
-from bench.harness import ServeApp, converter_replicas, local_ray, start_app
+from bench.harness import (
+    FAST_AUTOSCALING_METRICS,
+    ServeApp,
+    autoscaled_converters,
+    converter_replicas,
+    local_ray,
+    start_app,
+)
 from bench.parity import parity_sets
 from client.stream_client import StreamResult, encode_packets, run_stream, start_message
-
-PUSH_INTERVALS = {
-    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
-    "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
-}
-
-
-def converter_options(signal: str, target: float) -> dict[str, object]:
-    return {
-        "num_replicas": None,
-        "autoscaling_config": {
-            "min_replicas": 1,
-            "initial_replicas": 1,
-            "max_replicas": 2,
-            "upscale_delay_s": 1,
-            "downscale_delay_s": 600,
-            "look_back_period_s": 2,
-            "policy": {
-                "policy_function": "deployments.autoscaling:SessionAwarePolicy",
-                "policy_kwargs": {
-                    "sessions_per_replica": 100,
-                    "target_ongoing_requests": target,
-                    "queue_signal": signal,
-                },
-            },
-        },
-    }
 
 
 async def paced(packets: list[bytes], seconds: float) -> AsyncGenerator[bytes, None]:
@@ -87,14 +67,16 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--target", type=float, default=1.0, help="target_ongoing_requests (per replica)")
     args = parser.parse_args()
-    os.environ.update(PUSH_INTERVALS)
+    os.environ.update(FAST_AUTOSCALING_METRICS)
     parity = parity_sets()[0]
     print(
         f"{args.sessions} real-time sessions at once for {args.seconds:.0f} s, 1 -> 2 converters, target {args.target}"
     )
     for signal in ("ongoing", "waiting"):
         with TemporaryDirectory() as voices, local_ray():
-            options = {"Converter": converter_options(signal, args.target)}
+            # Sessions never decide here: only the queue signal under test may add the second converter.
+            policy = {"sessions_per_replica": 100, "target_ongoing_requests": args.target, "queue_signal": signal}
+            options = {"Converter": autoscaled_converters(downscale_delay_s=600, **policy)}
             app = start_app(parity, Path(voices), converters=1, max_sessions=8, options=options)
             results, scaled_at = asyncio.run(step_load(app, args.sessions, args.seconds))
         ended = [r for r in results if isinstance(r, StreamResult) and r.end is not None]

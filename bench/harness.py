@@ -141,6 +141,30 @@ def app_args(
     )
 
 
+# Serve pushes autoscaling metrics every 10 s by default; tests and benchmarks set these before Ray starts.
+FAST_AUTOSCALING_METRICS = {
+    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+    "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+}
+
+
+def autoscaled_converters(downscale_delay_s: float = 4.0, **policy_kwargs: Any) -> dict[str, Any]:
+    """Converter options for `start_app`: from one replica up to two, on the session-aware policy with
+    `policy_kwargs`, deciding within seconds (production waits longer: serve_config.yaml)."""
+    return {
+        "num_replicas": None,
+        "autoscaling_config": {
+            "min_replicas": 1,
+            "initial_replicas": 1,
+            "max_replicas": 2,
+            "upscale_delay_s": 1,
+            "downscale_delay_s": downscale_delay_s,
+            "look_back_period_s": 2,
+            "policy": {"policy_function": "deployments.autoscaling:SessionAwarePolicy", "policy_kwargs": policy_kwargs},
+        },
+    }
+
+
 def converter_replicas() -> dict[str, str]:
     """Unique id -> actor name of every live converter replica."""
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "#Converter#" in a["name"]]

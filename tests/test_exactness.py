@@ -20,7 +20,7 @@ A GPU pads rows to warmed batch shapes: its bounds are not measured yet (no GPU 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -140,25 +140,33 @@ def largest_difference(left: list[np.ndarray], right: list[np.ndarray]) -> float
     return float(np.abs(np.concatenate(left) - np.concatenate(right)).max())
 
 
-async def uninterrupted(service: ConverterService, voice: str, parity: ParitySet) -> list[BlockOut]:
-    session = Session(service, "steady", voice, seed=5)
+async def converted(
+    session: Session, parity: ParitySet, interrupt: Callable[[Session], Awaitable[None]] | None = None
+) -> list[BlockOut]:
+    """The session's blocks one at a time; `interrupt` happens before block CUT."""
     blocks = source_blocks(parity, await session.open())
-    return [session.took((await service.convert_blocks([session.block(n, b)]))[0], b) for n, b in enumerate(blocks)]
+    outputs = []
+    for n, samples in enumerate(blocks):
+        if n == CUT and interrupt is not None:
+            await interrupt(session)
+        [reply] = await session.service.convert_blocks([session.block(n, samples)])
+        outputs.append(session.took(reply, samples))
+    return outputs
+
+
+async def uninterrupted(service: ConverterService, voice: str, parity: ParitySet) -> list[BlockOut]:
+    return await converted(Session(service, "steady", voice, seed=5), parity)
 
 
 def test_a_resume_on_the_same_replica(replicas, voice_ids, parity: ParitySet, precision: Precision) -> None:
     (a, _), (_, (voice, _)) = replicas, voice_ids
 
+    async def dropped_connection(session: Session) -> None:
+        session.lease = (await a.attach(session.session_id)).opened.lease  # a new connection takes the session over
+
     async def scenario() -> tuple[list[BlockOut], list[BlockOut]]:
         steady = await uninterrupted(a, voice, parity)
-        session = Session(a, "resumed", voice, seed=5)
-        blocks = source_blocks(parity, await session.open())
-        outputs = []
-        for n, samples in enumerate(blocks):
-            if n == CUT:  # the connection dropped; a new one takes the session over
-                session.lease = (await a.attach("resumed")).opened.lease
-            outputs.append(session.took((await a.convert_blocks([session.block(n, samples)]))[0], samples))
-        return steady, outputs
+        return steady, await converted(Session(a, "resumed", voice, seed=5), parity, dropped_connection)
 
     steady, resumed = asyncio.run(scenario())
     difference = largest_difference(steps_never_reduced(steady), steps_never_reduced(resumed))
@@ -169,21 +177,15 @@ def test_a_resume_on_the_same_replica(replicas, voice_ids, parity: ParitySet, pr
 def test_a_rehome_to_another_replica(replicas, voice_ids, parity: ParitySet, precision: Precision) -> None:
     (a, b), (_, (voice, _)) = replicas, voice_ids
 
+    async def lost_replica(session: Session) -> None:
+        a.forget_all()  # replica a is gone: the session re-opens on b with its state and the mirrored window
+        assert session.state is not None
+        session.service = b
+        await session.open(replace(session.state, window=session.window))
+
     async def scenario() -> tuple[list[BlockOut], list[BlockOut]]:
         steady = await uninterrupted(a, voice, parity)
-        session = Session(a, "moving", voice, seed=5)
-        blocks = source_blocks(parity, await session.open())
-        outputs = []
-        for n, samples in enumerate(blocks):
-            if n == CUT:  # replica a is gone: the session re-opens on b with its state and the mirrored window
-                a.forget_all()
-                assert session.state is not None
-                session.service = b
-                await session.open(replace(session.state, window=session.window))
-            outputs.append(
-                session.took((await session.service.convert_blocks([session.block(n, samples)]))[0], samples)
-            )
-        return steady, outputs
+        return steady, await converted(Session(a, "moving", voice, seed=5), parity, lost_replica)
 
     steady, moved = asyncio.run(scenario())
     difference = largest_difference(steps_never_reduced(steady), steps_never_reduced(moved))

@@ -13,53 +13,39 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import pytest
 from ray import serve
 from ray.serve.schema import DeploymentStatus
 
-from bench.harness import APP, ServeApp, converter_replicas, local_ray, replica_stats, start_app
+from bench.harness import (
+    APP,
+    FAST_AUTOSCALING_METRICS,
+    ServeApp,
+    autoscaled_converters,
+    converter_replicas,
+    local_ray,
+    replica_stats,
+    start_app,
+)
 from bench.parity import ParitySet
 from client.stream_client import encode_packets, run_stream, start_message
 from tests.serve.test_resilience import FAST_DRAIN, LiveCall, block_indexes_by_session, looped
 
 pytestmark = pytest.mark.serve
 
-PUSH_INTERVALS = {
-    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
-    "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
-}
 SESSIONS_PER_REPLICA = 2
 TIMEOUT_S = 120
 
 
-def autoscaled_converters() -> dict[str, Any]:
-    return {
-        "num_replicas": None,
-        "autoscaling_config": {
-            "min_replicas": 1,
-            "initial_replicas": 1,
-            "max_replicas": 2,
-            "upscale_delay_s": 1,
-            "downscale_delay_s": 4,
-            "look_back_period_s": 2,
-            "policy": {
-                "policy_function": "deployments.autoscaling:SessionAwarePolicy",
-                "policy_kwargs": {"sessions_per_replica": SESSIONS_PER_REPLICA},
-            },
-        },
-        **FAST_DRAIN,
-    }
-
-
 @pytest.fixture(scope="module")
 def app(parity: ParitySet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeApp]:
-    saved = {name: os.environ.get(name) for name in PUSH_INTERVALS}
-    os.environ.update(PUSH_INTERVALS)  # Ray's processes (controller, replicas) inherit them
+    saved = {name: os.environ.get(name) for name in FAST_AUTOSCALING_METRICS}
+    os.environ.update(FAST_AUTOSCALING_METRICS)  # Ray's processes (controller, replicas) inherit them
     try:
         with local_ray():
-            options = {"Converter": autoscaled_converters(), "Ingress": {"max_ongoing_requests": 32}}
+            converters = {**autoscaled_converters(sessions_per_replica=SESSIONS_PER_REPLICA), **FAST_DRAIN}
+            options = {"Converter": converters, "Ingress": {"max_ongoing_requests": 32}}
             yield start_app(parity, tmp_path_factory.mktemp("voices"), converters=1, identity=True, options=options)
     finally:
         for name, value in saved.items():
