@@ -95,12 +95,19 @@ def deploy(
     options: dict[str, dict[str, Any]] | None = None,
     **converter: Any,
 ) -> None:
-    """`serve.run` the app: a first deployment, or a redeploy of the running one with what changed."""
+    """`serve.run` the app: a first deployment, or a redeploy of the running one with what changed. Deployments
+    run with serve_config.yaml's admission and batching options (`shipped_deployment_options`), then `options`."""
     options = options or {}
+    shipped = shipped_deployment_options()
     app = build_app(
         app_args(parity, voices, max_sessions, ingress, **converter),
-        converter_options={"num_replicas": converters, **options.get("Converter", {}), **NO_CPU},
-        ingress_options={**options.get("Ingress", {}), **NO_CPU},
+        converter_options={
+            "num_replicas": converters,
+            **shipped["Converter"],
+            **options.get("Converter", {}),
+            **NO_CPU,
+        },
+        ingress_options={**shipped["Ingress"], **options.get("Ingress", {}), **NO_CPU},
     )
     serve.run(app, name=APP, route_prefix="/")
 
@@ -108,11 +115,27 @@ def deploy(
 NO_CPU = {"ray_actor_options": {"num_cpus": 0}}
 
 
-def shipped_converter_args() -> dict[str, Any]:
-    """The converter's arguments in serve_config.yaml, as production runs them."""
+def shipped_app_config() -> dict[str, Any]:
+    """The application's entry in serve_config.yaml, as production runs it."""
     config = yaml.safe_load(SERVE_CONFIG.read_text())
     [app] = [app for app in config["applications"] if app["name"] == APP]
-    return dict(app["args"]["converter"])
+    return dict(app)
+
+
+def shipped_converter_args() -> dict[str, Any]:
+    """The converter's arguments in serve_config.yaml, as production runs them."""
+    return dict(shipped_app_config()["args"]["converter"])
+
+
+def shipped_deployment_options() -> dict[str, dict[str, Any]]:
+    """Per deployment, serve_config.yaml's options that decide admission and batching: `max_ongoing_requests`
+    (Serve's default of 5 would let an ingress hold 5 open WebSockets, the 6th waiting for a slot until its
+    handshake times out) and the converter's `user_config` (max_batch_size, batch_wait_s)."""
+    deployments = {d["name"]: d for d in shipped_app_config()["deployments"]}
+    return {
+        "Converter": {k: deployments["Converter"][k] for k in ("max_ongoing_requests", "user_config")},
+        "Ingress": {"max_ongoing_requests": deployments["Ingress"]["max_ongoing_requests"]},
+    }
 
 
 def app_args(

@@ -534,7 +534,7 @@ def local_target(
         overrides |= {"model": bundle} if bundle is not None else {}
         overrides |= {"precision": local.precision} if local.precision is not None else {}
         overrides |= {"cpu_settings": CPU_REALTIME_PROFILE} if local.cpu_profile else {}
-        app, _ = deploy(ParitySet(PARITY_A), Path(voices), max_sessions, 1, "config", identity, **overrides)
+        app, _ = deploy(ParitySet(PARITY_A), Path(voices), max_sessions, 1, identity, **overrides)
         tokens = Tokens(app.base_url, API_KEY, app.token)
         yield Target(app.base_url, app.voice_id, tokens, f"local app, {local.describe(converter)}, 1 replica", settings)
 

@@ -7,7 +7,6 @@ Usage (from the repo root; nothing else may run Ray or use port 8000 meanwhile):
     .venv/bin/python -m bench.serving_overhead --client-procs 2         # the clients in 2 subprocesses
     .venv/bin/python -m bench.serving_overhead --aligned                # every stream's blocks end together
     .venv/bin/python -m bench.serving_overhead --pacing paced --no-real-model
-    .venv/bin/python -m bench.serving_overhead --serve-options harness  # tests' start_app as is (see below)
 
 What runs: a local Ray (2 CPUs) and the real Serve application, started with the Serve harness (bench/harness.py:
 local_ray, the tiny fixture bundle tests/fixtures/parity_a/model, replicas with num_cpus 0 and one torch thread),
@@ -19,12 +18,10 @@ identity work, and the way back. `latency_ms` of a block event runs from the arr
 completes the block to the ingress holding the converted block (app/serving/live.py); the network to the client
 and the output Opus encoding are outside it.
 
-Deployment options (`--serve-options`, bench/local_app.py): `config` (default) uses serve_config.yaml's Converter
-and Ingress `max_ongoing_requests` and the Converter's `user_config` (batching: max_batch_size, batch_wait_s), with
-the harness's num_cpus 0, `--converters` replicas (default 1, as serve_config.yaml) and max_sessions = the most
-streams. `harness` calls bench.harness.start_app unchanged: Serve's default max_ongoing_requests of 5 then caps the
-ingress at 5 open WebSockets (and the converter's batches at 5): at 8 streams the 6th to 8th wait for a slot (the
-table's `late` column: measured 3 of 8) and run after the others.
+Deployment options (bench/local_app.py): serve_config.yaml's Converter and Ingress `max_ongoing_requests` and the
+Converter's `user_config` (batching: max_batch_size, batch_wait_s), with the harness's num_cpus 0, `--converters`
+replicas (default 1, as serve_config.yaml) and max_sessions = the most streams. (Serve's default max_ongoing_requests
+of 5, which the harness once ran with, capped the ingress at 5 open WebSockets: at 8 streams 3 waited for a slot.)
 
 Streams: `--seconds` (6) of the fixture's source, looped, pre-encoded once as 20 ms Opus packets and sent in real time
 (one packet per 20 ms against an absolute clock). Every stream connects first; once all are ready their first packets
@@ -183,7 +180,6 @@ class BenchArgs:
     pacing: list[str]
     aligned: bool
     converters: int
-    serve_options: str
     client_procs: int
     real_model: bool
     json: Path | None
@@ -191,7 +187,7 @@ class BenchArgs:
 
 def start_service(parity: ParitySet, voices: Path, args: BenchArgs, identity: bool) -> tuple[ServeApp, dict[str, Any]]:
     """The app (re)deployed for this bench's largest run; see `deploy`."""
-    return deploy(parity, voices, max(args.streams) + 1, args.converters, args.serve_options, identity)
+    return deploy(parity, voices, max(args.streams) + 1, args.converters, identity)
 
 
 def identity_work_ms(model_rate: int, block_16k: int, repeats: int = 50) -> float:
@@ -464,7 +460,6 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchArgs:
     parser.add_argument("--pacing", type=_pacings, default=["paced", "unpaced"], help="output pacing: paced,unpaced")
     parser.add_argument("--aligned", action="store_true", help="start every stream at the same phase")
     parser.add_argument("--converters", type=int, default=1, help="converter replicas (1, as serve_config.yaml)")
-    parser.add_argument("--serve-options", choices=("config", "harness"), default="config")
     parser.add_argument("--client-procs", type=int, default=0, help="client subprocesses; 0 = in this process")
     parser.add_argument("--no-real-model", dest="real_model", action="store_false", help="skip the real-model run")
     parser.add_argument("--json", type=Path, help="write per-block rows, summaries and metadata here")
