@@ -1,5 +1,6 @@
-"""Load tool: N concurrent real-time streams through the WebSocket protocol (/v1/stream) of any deployment; per run
-the block latency (server and client side), deadline misses, refusals and bandwidth per stream each way.
+"""Load tool: N concurrent real-time streams through the WebSocket protocol (/v1/stream), or calls over RTP
+(/v1/rtp) or WebRTC (/v1/rtc), of any deployment; per run the block latency (server and client side), deadline
+misses, refusals and bandwidth per stream each way.
 
 Usage (from the repo root):
 
@@ -9,6 +10,7 @@ Usage (from the repo root):
     # A local Serve app this tool starts itself (local Ray, the tiny fixture bundle; identity converter by default):
     .venv/bin/python -m bench.load --local --streams 8 --seconds 10 --json /tmp/load.json
     .venv/bin/python -m bench.load --local --converter model --streams 2     # the tiny model really converting
+    .venv/bin/python -m bench.load --local --converter model --streams 1 --transport rtp     # or webrtc
     # The full-size model (random weights, written as a temporary bundle) serving its CPU real-time profile, as
     # `serve run serve_config.yaml` does on a machine without a GPU (README, "CPU real-time profile"):
     .venv/bin/python -m bench.load --local --converter model --model full-size --precision auto --threads 2 \
@@ -23,7 +25,9 @@ looped), --setting KEY=VALUE (repeatable: settings every stream sends; none by d
 apply), --json OUT. With --local: --model (tiny: the fixture bundle; full-size: bench/full_size.py's random-weight
 model, written to a temporary bundle for the run, ~0.85 GB; or a bundle directory), --precision (fp32), --threads
 (the converter's torch threads, 1), --cpu-profile (the converter serves its CPU real-time profile to streams that
-send no settings, as serve_config.yaml does without a GPU; by default the README settings, as in the tests).
+send no settings, as serve_config.yaml does without a GPU; by default the README settings, as in the tests),
+--transport (websocket; rtp or webrtc: bench/udp_calls.py, the same input as calls; with --local the ingress serves
+RTP and ICE on 127.0.0.1).
 
 What runs: every stream is the client library's own (client/stream_client.py: run_stream), so the protocol is the
 real one: a start message, the input as 20 ms Opus packets (32 kbit/s, the client's encoder) sent in real time
@@ -50,8 +54,11 @@ blocks that flush the lookahead come at once after it and are left out):
   per packet), and WebSocket (the same plus every text message, each with its RFC 6455 frame header: 2 bytes, + 2
   from 126 bytes on, + a 4-byte mask client -> server; computed from the message sizes, exact for this protocol,
   which uses no extension). Below that, TCP/IP adds ~52 bytes per segment (up to ~21 kbit/s at 50 messages a
-  second when each rides its own segment) and TLS ~25 bytes per record: not counted. The issue's goal is <= 64 kbit/s
-  each way; the table prints the median and the worst stream against it.
+  second when each rides its own segment) and TLS ~25 bytes per record: not counted. RTP and WebRTC calls add UDP:
+  their datagrams with UDP and IPv4 headers (RTP: RTP header + Opus; WebRTC: SRTP, SRTCP and DTLS; see
+  bench/udp_calls.py), their WebSocket figure being the control socket's (events). `total` is WebSocket + UDP, what
+  the goal is about: <= 64 kbit/s each way; the table prints the median and the worst stream against it. Client
+  latency is measured on WebSocket streams only (the first output message of a block).
 The machine this runs on may be shared: the 1-minute load average before and after is in the header.
 """
 
@@ -86,7 +93,8 @@ from app.model.precision import Precision
 from app.serving.config import CPU_REALTIME_PROFILE
 from app.streaming.settings import CONTENT_RATE, StreamSettings
 from app.transport.protocol import FRAME_MS, ErrorCode
-from bench import client_pool
+from app.transport.webrtc import restrict_ice_host_addresses
+from bench import client_pool, udp_calls
 from bench.common import distribution, figure, machine_meta, write_json
 from bench.cpu_usage import cpu_snapshot, format_cpu, neighbour_cpu, own_tree
 from bench.fixtures import PARITY_A, PARITY_A_SOURCE
@@ -116,6 +124,16 @@ TOKEN_REFRESH_S = 300.0
 # The connection failures a load run counts as errors and goes on; anything else is a bug in this tool.
 STREAM_FAILURES = (StreamError, OSError, InvalidHandshake, InvalidURI)
 Outcome = Literal["ok", "miss", "dropped"]
+Transport = Literal["websocket", "rtp", "webrtc"]
+UDP_CALLS = {"rtp": udp_calls.rtp_call, "webrtc": udp_calls.webrtc_call}
+# With --local and an RTP or WebRTC transport: the ingress serves both on loopback, the only interface there may be.
+LOOPBACK_UDP_INGRESS = {
+    "rtp_enabled": True,
+    "rtp_host": "127.0.0.1",
+    "rtp_bind_address": "127.0.0.1",
+    "ice_host_addresses": ["127.0.0.1"],
+    "outbound_networks": ["127.0.0.0/8"],
+}
 
 
 # ---- pure accounting ----------------------------------------------------------------------------------------------
@@ -186,15 +204,32 @@ def flatness(first: float | None, last: float | None, limit: float) -> Flatness:
 
 @dataclass
 class Traffic:
-    """Bytes one stream moved each way: Opus payload, and WebSocket (every message with its frame header)."""
+    """Bytes one stream moved each way: Opus payload, WebSocket (every message with its frame header) and, for RTP
+    and WebRTC calls, UDP (every datagram with its UDP and IPv4 headers)."""
 
     stream: int
     packets_up: int = 0
     opus_up: int = 0
     ws_up: int = 0
+    udp_up: int = 0
     packets_down: int = 0
     opus_down: int = 0
     ws_down: int = 0
+    udp_down: int = 0
+
+    def datagrams(self, up: bool, count: int, udp_payload_bytes: int) -> None:
+        on_the_wire = udp_payload_bytes + count * udp_calls.UDP_IPV4_HEADER_BYTES
+        if up:
+            self.udp_up += on_the_wire
+        else:
+            self.udp_down += on_the_wire
+
+    def audio(self, up: bool, packets: int, opus_bytes: int) -> None:
+        """Audio that went in datagrams (a WebSocket stream's is counted from its binary messages)."""
+        if up:
+            self.packets_up, self.opus_up = self.packets_up + packets, self.opus_up + opus_bytes
+        else:
+            self.packets_down, self.opus_down = self.packets_down + packets, self.opus_down + opus_bytes
 
     def sent(self, message: bytes | str) -> None:
         self._count(message, up=True)
@@ -216,16 +251,31 @@ class Traffic:
             self.opus_down += size if audio else 0
 
     def rates(self) -> dict[str, float | None]:
-        """kbit/s per second of audio each way; WebSocket rates over the same audio as the payload's."""
+        """kbit/s per second of audio each way; the other rates over the same audio as the payload's (UDP: None for
+        a WebSocket stream, which sends none)."""
+        udp = self.udp_up > 0 or self.udp_down > 0
         return {
             "opus_up_kbps": kbit_per_s(self.opus_up, self.packets_up),
             "ws_up_kbps": kbit_per_s(self.ws_up, self.packets_up),
+            "udp_up_kbps": kbit_per_s(self.udp_up, self.packets_up) if udp else None,
+            "total_up_kbps": kbit_per_s(self.ws_up + self.udp_up, self.packets_up),
             "opus_down_kbps": kbit_per_s(self.opus_down, self.packets_down),
             "ws_down_kbps": kbit_per_s(self.ws_down, self.packets_down),
+            "udp_down_kbps": kbit_per_s(self.udp_down, self.packets_down) if udp else None,
+            "total_down_kbps": kbit_per_s(self.ws_down + self.udp_down, self.packets_down),
         }
 
 
-RATE_KEYS = ("opus_up_kbps", "ws_up_kbps", "opus_down_kbps", "ws_down_kbps")
+RATE_KEYS = (
+    "opus_up_kbps",
+    "ws_up_kbps",
+    "udp_up_kbps",
+    "total_up_kbps",
+    "opus_down_kbps",
+    "ws_down_kbps",
+    "udp_down_kbps",
+    "total_down_kbps",
+)
 
 
 def bandwidth(traffic: Sequence[Traffic]) -> dict[str, dict[str, float | bool | None]]:
@@ -353,6 +403,7 @@ class Target:
     settings: dict[str, Any] | None = None  # what every stream's start message asks for; None: the server's defaults
     # Where the server's clock of a block starts (see completing_packet); 0 for a server that cuts 48 kHz blocks.
     lookahead_48k: int = field(default_factory=input_lookahead_48k)
+    transport: Transport = "websocket"
 
 
 class StreamProbe:
@@ -446,9 +497,14 @@ async def run_one_stream(target: Target, stream: int, packets: Sequence[bytes], 
         ledger.current.errors.append(f"stream {stream}: no token: {error}")
         return None
     probe = StreamProbe(stream, packets, ledger, target.lookahead_48k)  # its clock of the session opening starts here
-    probe.traffic.sent(json.dumps(start))  # the client sends it exactly so
     try:
-        await run_stream(target.base_url, start, probe.outgoing(), on_event=probe.on_event, on_message=probe.on_message)
+        if target.transport == "websocket":
+            probe.traffic.sent(json.dumps(start))  # the client sends it exactly so
+            await run_stream(
+                target.base_url, start, probe.outgoing(), on_event=probe.on_event, on_message=probe.on_message
+            )
+        else:
+            await UDP_CALLS[target.transport](target.base_url, start, packets, probe)
     except STREAM_FAILURES as error:
         ledger.current.errors.append(f"stream {stream}: {type(error).__name__}: {error}")
     finally:
@@ -514,11 +570,19 @@ def model_bundle(model: str) -> Iterator[str | None]:
 
 @contextlib.contextmanager
 def local_target(
-    converter: str, max_sessions: int, local: LocalModel | None = None, settings: dict[str, Any] | None = None
+    converter: str,
+    max_sessions: int,
+    local: LocalModel | None = None,
+    settings: dict[str, Any] | None = None,
+    transport: Transport = "websocket",
 ) -> Iterator[Target]:
     """A local Ray with the app on it (the tiny fixture bundle unless `local` says otherwise; `converter` identity or
     model), torn down after."""
     local = local or LocalModel()
+    ingress = None
+    if transport != "websocket":
+        ingress = LOOPBACK_UDP_INGRESS
+        restrict_ice_host_addresses(["127.0.0.1"])  # this process's WebRTC caller too: loopback may be all there is
     if port_in_use(BASE_URL):
         raise SystemExit(
             f"something already listens on {BASE_URL} (another Serve?): run in a private network namespace, "
@@ -534,13 +598,19 @@ def local_target(
         overrides |= {"model": bundle} if bundle is not None else {}
         overrides |= {"precision": local.precision} if local.precision is not None else {}
         overrides |= {"cpu_settings": CPU_REALTIME_PROFILE} if local.cpu_profile else {}
-        app, _ = deploy(ParitySet(PARITY_A), Path(voices), max_sessions, 1, identity, **overrides)
+        app, _ = deploy(ParitySet(PARITY_A), Path(voices), max_sessions, 1, identity, ingress, **overrides)
         tokens = Tokens(app.base_url, API_KEY, app.token)
-        yield Target(app.base_url, app.voice_id, tokens, f"local app, {local.describe(converter)}, 1 replica", settings)
+        description = f"local app, {local.describe(converter)}, 1 replica, {transport}"
+        yield Target(app.base_url, app.voice_id, tokens, description, settings, transport=transport)
 
 
 def remote_target(
-    url: str, api_key: str, voice: str | None, reference: Path | None, settings: dict[str, Any] | None = None
+    url: str,
+    api_key: str,
+    voice: str | None,
+    reference: Path | None,
+    settings: dict[str, Any] | None = None,
+    transport: Transport = "websocket",
 ) -> Target:
     tokens = Tokens(url, api_key)
     voice_id = voice
@@ -549,7 +619,7 @@ def remote_target(
         voice_id = uploaded["voice_id"]
         print(f"uploaded {reference} as voice {voice_id} ({uploaded['seconds']:.1f} s)", file=sys.stderr)
     assert voice_id is not None
-    return Target(url, voice_id, tokens, url, settings)
+    return Target(url, voice_id, tokens, f"{url}, {transport}", settings, transport=transport)
 
 
 @contextlib.contextmanager
@@ -557,10 +627,10 @@ def open_target(args: argparse.Namespace, max_sessions: int) -> Iterator[Target]
     settings = dict(args.setting) or None
     if args.local:
         local = LocalModel(args.model, args.precision, args.threads, args.cpu_profile)
-        with local_target(args.converter, max_sessions, local, settings) as target:
+        with local_target(args.converter, max_sessions, local, settings, args.transport) as target:
             yield target
     else:
-        yield remote_target(args.url, args.api_key, args.voice, args.reference, settings)
+        yield remote_target(args.url, args.api_key, args.voice, args.reference, settings, args.transport)
 
 
 def read_input(path: Path, seconds: float) -> np.ndarray:
@@ -595,6 +665,9 @@ def add_target_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ramp", type=float, default=0.18, help="seconds over which the starts spread (%(default)s)")
     parser.add_argument("--input", type=Path, default=DEFAULT_INPUT, help="audio to send, looped (the fixture's)")
     parser.add_argument("--json", type=Path, help="write the report here as JSON")
+    parser.add_argument(
+        "--transport", choices=("websocket", "rtp", "webrtc"), default="websocket", help="how streams connect"
+    )
 
 
 def check_target_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -663,11 +736,17 @@ def format_report(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     labels = {
         "opus_up_kbps": "up   (client -> server), Opus payload",
         "ws_up_kbps": "up   WebSocket (+ frames, start, end)",
+        "udp_up_kbps": "up   UDP datagrams (+ UDP/IPv4 headers)",
+        "total_up_kbps": "up   total: WebSocket + UDP",
         "opus_down_kbps": "down (server -> client), Opus payload",
         "ws_down_kbps": "down WebSocket (+ frames, events)",
+        "udp_down_kbps": "down UDP datagrams (+ UDP/IPv4 headers)",
+        "total_down_kbps": "down total: WebSocket + UDP",
     }
     for key, label in labels.items():
         b = summary["bandwidth_kbps"][key]
+        if b["median"] is None and key.startswith("udp"):
+            continue  # a WebSocket stream sends no datagrams
         verdict = "-" if b["within_goal"] is None else "ok" if b["within_goal"] else "OVER"
         lines.append(f"  {label:<46}{figure(b['median']):>8}{figure(b['max']):>8}   {verdict}")
     lines.append("  (TCP/IP and TLS headers below the WebSocket are not counted; see the docstring)")

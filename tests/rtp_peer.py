@@ -125,10 +125,12 @@ async def rtp_call(
     *,
     network: Impairment | None = None,
     alongside: Callable[[Address], Coroutine[Any, Any, None]] | None = None,
+    hang_up: bool = True,
 ) -> RtpCallResult:
     """One call: sends the packets in real time (through a relay that impairs both ways like `network`, when
     given), hangs up with `end`, and collects events and the converted voice until the server closes. `alongside`
-    runs with the sending, given the server's RTP address."""
+    runs with the sending, given the server's RTP address. Without `hang_up`, the control socket drops at the first
+    block event after the packets instead, with no `end`: the session waits for a resume."""
     result = RtpCallResult()
     async with contextlib.AsyncExitStack() as stack:
         udp, received, _ = await stack.enter_async_context(udp_socket())
@@ -152,10 +154,16 @@ async def rtp_call(
             udp.sendto(packet, destination)
         if other is not None:
             await other
-        await socket.send(json.dumps({"type": "end"}))
-        with contextlib.suppress(websockets.ConnectionClosed):
-            while True:
-                result.events.append(await next_event(socket))
+        if hang_up:
+            await socket.send(json.dumps({"type": "end"}))
+            with contextlib.suppress(websockets.ConnectionClosed):
+                while True:
+                    result.events.append(await next_event(socket))
+        else:
+            while (event := await next_event(socket))["type"] != "block":
+                result.events.append(event)
+            result.events.append(event)
+            await socket.close()
         result.close_code = socket.close_code
         await asyncio.sleep(0.2)  # the last packets are on their way with the end event
         result.output = [data for data, _ in received.received]

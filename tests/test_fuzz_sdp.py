@@ -15,15 +15,12 @@ from functools import cache
 
 import aioice.ice
 import pytest
-from aiortc import RTCConfiguration, RTCPeerConnection
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from app.streaming.settings import StreamSettings
-from app.transport.protocol import MAX_SDP_BYTES, AnswerEvent, ErrorCode, OfferMessage, ProtocolError
-from app.transport.sessions import StreamServices
-from app.transport.webrtc import ConvertedAudioTrack, RtcCall, RtcServices, restrict_ice_host_addresses
-from tests.test_webrtc_unit import SignallingSocket
+from app.transport.protocol import MAX_SDP_BYTES, AnswerEvent, ErrorCode, ProtocolError
+from app.transport.webrtc import restrict_ice_host_addresses
+from tests.test_webrtc_unit import aiortc_offer, answer_event
 
 FUZZ = settings(
     max_examples=300,
@@ -32,9 +29,6 @@ FUZZ = settings(
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-# Applying an offer takes milliseconds; an mDNS candidate adds aioice's 1 s resolution timeout. Far beyond both is a
-# hang, as is a peer connection that does not close.
-ANSWER_TIMEOUT_S = 10.0
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -49,44 +43,18 @@ def loopback_ice() -> Iterator[None]:
         aioice.ice.get_host_addresses = original
 
 
-def unused_stream_services() -> StreamServices:
-    """`_answer` neither converts nor checks tokens or voices: services that would fail if it tried."""
-    return StreamServices(client=None, tokens=None, voices=None, defaults=StreamSettings())  # type: ignore[arg-type]  # None, on purpose
-
-
 @cache
 def real_offer() -> str:
     """What a caller sends: a complete aiortc offer with one sendrecv audio section and its host candidate."""
-
-    async def offer() -> str:
-        peer = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        peer.addTransceiver("audio", direction="sendrecv")
-        await peer.setLocalDescription(await peer.createOffer())
-        await peer.close()
-        return peer.localDescription.sdp
-
-    return asyncio.run(offer())
+    return asyncio.run(aiortc_offer())
 
 
 def answer(sdp: str) -> str | ProtocolError:
     """The answer event `_answer` sends for this offer, or the ProtocolError it raises."""
-
-    async def run() -> str | ProtocolError:
-        socket = SignallingSocket()
-        call = RtcCall(socket, RtcServices(unused_stream_services()))  # type: ignore[arg-type]  # what _answer uses of a WebSocket
-        peer = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        try:
-            async with asyncio.timeout(ANSWER_TIMEOUT_S):
-                await call._answer(peer, OfferMessage(type="offer", sdp=sdp), ConvertedAudioTrack(4))
-        except ProtocolError as error:
-            return error
-        finally:
-            async with asyncio.timeout(ANSWER_TIMEOUT_S):
-                await peer.close()
-        [event] = socket.sent
-        return event
-
-    return asyncio.run(run())
+    try:
+        return asyncio.run(answer_event(sdp))
+    except ProtocolError as error:
+        return error
 
 
 def check(sdp: str) -> str | ProtocolError:

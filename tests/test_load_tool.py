@@ -14,9 +14,10 @@ import torch
 from app.audio.framing import Chunker
 from app.audio.opus import FRAME_SAMPLES, SAMPLE_RATE
 from app.audio.stream_resample import StreamingResampler
+from app.processes import descendants
 from app.streaming.settings import CONTENT_RATE
 from bench import load, soak
-from bench.cpu_usage import CpuSnapshot, descendants, neighbour_cpu
+from bench.cpu_usage import CpuSnapshot, neighbour_cpu
 from bench.load import (
     BlockSample,
     Flatness,
@@ -72,6 +73,23 @@ def test_traffic_counts_payload_and_framed_bytes_each_way() -> None:
     assert rates["ws_up_kbps"] == pytest.approx(8 * (50 * 86 + 20) / 1000)
     assert rates["opus_down_kbps"] == pytest.approx(40.0)
     assert rates["ws_down_kbps"] == pytest.approx(8 * (50 * 102 + 204) / 1000)
+    assert rates["udp_up_kbps"] is None and rates["total_up_kbps"] == rates["ws_up_kbps"]  # a WebSocket stream
+
+
+def test_a_call_adds_its_datagrams_with_udp_and_ipv4_headers() -> None:
+    traffic = Traffic(stream=0)
+    traffic.sent("x" * 300)  # the control socket's start message: 300 + 4 + 4 bytes
+    for _ in range(50):
+        traffic.datagrams(up=True, count=1, udp_payload_bytes=12 + 80)  # RTP header + Opus
+        traffic.audio(up=True, packets=1, opus_bytes=80)
+    traffic.datagrams(up=False, count=50, udp_payload_bytes=50 * 110)  # as WebRTC's statistics give them
+    traffic.audio(up=False, packets=50, opus_bytes=50 * 80)
+    rates = traffic.rates()
+    assert rates["opus_up_kbps"] == rates["opus_down_kbps"] == pytest.approx(32.0)
+    assert rates["udp_up_kbps"] == pytest.approx(8 * 50 * (92 + 28) / 1000)
+    assert rates["udp_down_kbps"] == pytest.approx(8 * 50 * (110 + 28) / 1000)
+    assert rates["total_up_kbps"] == pytest.approx(8 * (308 + 50 * 120) / 1000)
+    assert rates["ws_down_kbps"] == 0.0 and rates["total_down_kbps"] == rates["udp_down_kbps"]
 
 
 def test_bandwidth_takes_the_median_and_the_worst_served_stream_against_the_goal() -> None:

@@ -33,15 +33,16 @@ from app.transport.rtp_jitter import CONCEAL_STEP, Gap, JitterBuffer, Packet
 from app.transport.sessions import StreamServices
 from bench.parity import ParitySet
 from tests.fakes import websocket_server
-from tests.rtp_peer import PEER_SSRC, next_event, rtp_call, rtp_packets, udp_socket
+from tests.rtp_peer import PEER_SSRC, Event, RtpCallResult, next_event, rtp_call, rtp_packets, udp_socket
 from tests.test_webrtc_unit import (
     LocalServer,
     correlation_at_best_lag,
     delays_and_correlations,
     identity_converter,
+    lossy_call_input,
     source_48k,
 )
-from tests.udp_relay import Impairment
+from tests.udp_relay import LOSSY
 
 __all__ = ["identity_converter"]  # a fixture, used by name
 
@@ -218,18 +219,26 @@ async def local_server(
         yield LocalServer(f"ws://127.0.0.1:{port}/v1/rtp", tokens.issue("k").token, voice_id, converter)
 
 
+def identity_rtp_call(
+    identity_converter: tuple[ConverterService, str], audio: np.ndarray, start: Event | None = None, **options: Any
+) -> RtpCallResult:
+    """One call of `audio` (with these fields added to its start message) to the identity converter; `options` are
+    rtp_call's."""
+    converter, voice_id = identity_converter
+
+    async def run() -> RtpCallResult:
+        async with local_server(converter, voice_id) as server:
+            return await rtp_call(server.url, server.start(**(start or {})), rtp_packets(audio), **options)
+
+    return asyncio.run(run())
+
+
 @pytest.mark.slow
 def test_identity_call_returns_the_input_over_rtp(
     identity_converter: tuple[ConverterService, str], parity: ParitySet
 ) -> None:
-    converter, voice_id = identity_converter
     audio = source_48k(parity, 3.0)
-
-    async def run() -> Any:
-        async with local_server(converter, voice_id) as server:
-            return await rtp_call(server.url, server.start(rtp={"ssrc": PEER_SSRC}), rtp_packets(audio))
-
-    result = asyncio.run(run())
+    result = identity_rtp_call(identity_converter, audio, start={"rtp": {"ssrc": PEER_SSRC}})
     assert result.close_code == 1000
     ready, rtp = result.events[:2]
     assert (ready["type"], rtp["type"], rtp["host"], rtp["payload_type"]) == ("ready", "rtp", "127.0.0.1", 96)
@@ -244,14 +253,13 @@ def test_identity_call_returns_the_input_over_rtp(
     sent = len(rtp_packets(audio)) * FRAME_SAMPLES
     assert abs(len(output) - sent) <= block, (len(output), sent)  # the input's length, within one block
     assert 0 < delay < SAMPLE_RATE
-    assert len(converter.engine) == 0  # the session was closed
+    assert len(identity_converter[0].engine) == 0  # the session was closed
 
 
 @pytest.mark.slow
 def test_packets_from_another_source_or_ssrc_are_dropped(
     identity_converter: tuple[ConverterService, str], parity: ParitySet
 ) -> None:
-    converter, voice_id = identity_converter
     audio = source_48k(parity, 2.0)
     noise = np.random.default_rng(0).uniform(-0.5, 0.5, len(audio)).astype(np.float32)
 
@@ -263,11 +271,7 @@ def test_packets_from_another_source_or_ssrc_are_dropped(
                 intruder.sendto(foreign, server_address)
                 await asyncio.sleep(FRAME_SAMPLES / SAMPLE_RATE)
 
-    async def run() -> Any:
-        async with local_server(converter, voice_id) as server:
-            return await rtp_call(server.url, server.start(), rtp_packets(audio), alongside=intrude)
-
-    result = asyncio.run(run())
+    result = identity_rtp_call(identity_converter, audio, alongside=intrude)
     correlation, _ = correlation_at_best_lag(audio, result.output_48k)
     assert result.close_code == 1000 and correlation >= 0.9, correlation
 
@@ -293,6 +297,36 @@ def test_a_declared_address_is_where_the_voice_goes_and_must_pass_the_filter(
     assert error["type"] == "error" and error["code"] == "address_refused" and refused.close_code == 1008
     assert declared.close_code == 1000 and declared.output == [] and len(at_declared) > 0
     assert len(at_declared) >= len(declared.of_type("block"))
+
+
+@pytest.mark.slow
+def test_a_resumed_call_gets_a_new_port_and_a_peer_that_follows_it_continues(
+    identity_converter: tuple[ConverterService, str], parity: ParitySet
+) -> None:
+    converter, voice_id = identity_converter
+    audio = source_48k(parity, 3.0)
+    packets = rtp_packets(audio)
+    half = len(packets) // 2
+
+    async def run() -> tuple[RtpCallResult, RtpCallResult]:
+        async with local_server(converter, voice_id) as server:
+            # The first connection: half the input, then the control socket drops (no `end`).
+            first = await rtp_call(server.url, server.start(), packets[:half], hang_up=False)
+            resume = {"session_id": first.events[0]["session_id"], "resume_token": first.events[0]["resume_token"]}
+            return first, await rtp_call(server.url, server.start(resume=resume), packets[half:])
+
+    first, second = asyncio.run(run())
+    ready, rtp = second.events[:2]
+    assert (ready["type"], rtp["type"], second.close_code) == ("ready", "rtp", 1000)
+    assert ready["session_id"] == first.events[0]["session_id"] and ready["resumed_at_block"] >= 1
+    assert rtp["port"] != first.events[1]["port"]  # a new connection, a new port
+    blocks = [event["index"] for event in second.of_type("block")]
+    assert blocks and blocks[0] == ready["resumed_at_block"] and blocks == list(range(blocks[0], blocks[-1] + 1))
+    assert second.events[-1]["type"] == "end" and second.events[-1]["blocks"] > blocks[-1]  # over both connections
+    # The converted voice after the resume comes from the new port, and is the second half of the input.
+    assert second.sources == {(rtp["host"], rtp["port"])}
+    correlation, _ = correlation_at_best_lag(audio[half * FRAME_SAMPLES :][:SAMPLE_RATE], second.output_48k)
+    assert correlation >= 0.9, correlation
 
 
 @pytest.mark.slow
@@ -331,22 +365,13 @@ def test_the_cluster_opens_the_rtp_ports_to_a_private_network_only() -> None:
 
 # -- a lossy network ---------------------------------------------------------------------------------------------
 
-LOSSY = Impairment(loss=0.05, duplicate=0.02, jitter_s=0.03)
-
 
 @pytest.mark.slow
 def test_a_lossy_network_keeps_the_timeline_concealed_not_shortened(
     identity_converter: tuple[ConverterService, str], parity: ParitySet
 ) -> None:
-    converter, voice_id = identity_converter
-    source = source_48k(parity, 4.0)
-    audio = np.concatenate([source, source[::-1]])  # enough losses to count; reversed, so no stretch repeats
-
-    async def run() -> Any:
-        async with local_server(converter, voice_id) as server:
-            return await rtp_call(server.url, server.start(), rtp_packets(audio), network=LOSSY)
-
-    result = asyncio.run(run())
+    audio = lossy_call_input(parity)
+    result = identity_rtp_call(identity_converter, audio, network=LOSSY)
     assert result.close_code == 1000 and result.relay is not None
     assert result.relay.counts.dropped >= 10 and result.relay.counts.duplicated > 0  # the network did its worst
     sent = len(rtp_packets(audio)) * FRAME_SAMPLES

@@ -27,6 +27,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.jitterbuffer import JitterFrame
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcicetransport import RTCIceGatherer
+from aiortc.rtp import RtpPacket
 from av import AudioFrame
 from pydantic import TypeAdapter, ValidationError
 from starlette.websockets import WebSocket, WebSocketState
@@ -57,7 +58,14 @@ from app.transport.protocol import (
     parse_client_message,
     parse_rtc_message,
 )
-from app.transport.rtc_opus import ConcealingDecoder, OpusPackets, with_opus_fec
+from app.transport.rtc_opus import (
+    REORDER_PACKETS,
+    ConcealingDecoder,
+    OpusPackets,
+    OrderingJitterBuffer,
+    conceal_lost_audio,
+    with_opus_fec,
+)
 from app.transport.sessions import StreamServices
 from app.transport.webrtc import (
     ConvertedAudioTrack,
@@ -70,6 +78,7 @@ from app.transport.webrtc import (
 from app.voices.store import VoiceStore
 from bench.parity import ParitySet
 from tests.fakes import websocket_server
+from tests.udp_relay import LOSSY, Address, Impairment, Relay, lossy_relay
 
 TAIL_S = 0.3  # silence sent after the audio, so that its last packets arrive before `end`
 EVENT_TIMEOUT_S = 30.0
@@ -131,6 +140,7 @@ class Call:
     source: ArrayTrack
     events: list[Event] = field(default_factory=list)
     received: list[np.ndarray] = field(default_factory=list)
+    relay: Relay | None = None  # the lossy network the media goes through, when there is one
     _recorder: asyncio.Task[None] | None = None
 
     @property
@@ -154,7 +164,11 @@ class Call:
         """Waits for `ready` and `answer`, applies the answer, and records the audio that comes back."""
         await self.event("ready")
         answer = await self.event("answer")
-        await self.peer.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type="answer"))
+        sdp = answer["sdp"]
+        if self.relay is not None:  # the server's media port is known now: the relay forwards to it
+            self.relay.upstream = candidate_address(sdp)
+            sdp = with_candidates_at(sdp, self.relay.address)
+        await self.peer.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
         [transceiver] = self.peer.getTransceivers()
         self._recorder = asyncio.create_task(self._record(transceiver.receiver.track))
 
@@ -187,18 +201,49 @@ class Call:
             await asyncio.wait({self._recorder}, timeout=5)
 
 
+def candidate_address(sdp: str) -> Address:
+    """The address and port of the SDP's first ICE candidate (a loopback-only peer has one)."""
+    # candidate:<foundation> <component> <transport> <priority> <address> <port> typ <type> ...
+    fields = next(line for line in sdp.splitlines() if line.startswith("a=candidate:")).split()
+    return fields[4], int(fields[5])
+
+
+def with_candidates_at(sdp: str, address: Address) -> str:
+    """The SDP with every ICE candidate moved to `address`: what a peer behind a NAT would announce."""
+    lines = []
+    for line in sdp.splitlines():
+        if line.startswith("a=candidate:"):
+            fields = line.split()
+            fields[4:6] = [address[0], str(address[1])]
+            line = " ".join(fields)
+        lines.append(line)
+    return "\r\n".join(lines) + "\r\n"
+
+
 @contextlib.asynccontextmanager
-async def rtc_call(ws_url: str, start: Event, audio_48k: np.ndarray, offer: str | None = None) -> AsyncIterator[Call]:
-    """Opens the signalling socket, sends the start message and the complete offer (or the `offer` SDP given)."""
+async def rtc_call(
+    ws_url: str, start: Event, audio_48k: np.ndarray, offer: str | None = None, network: Impairment | None = None
+) -> AsyncIterator[Call]:
+    """Opens the signalling socket, sends the start message and the complete offer (or the `offer` SDP given).
+
+    With a `network`, all media goes through a lossy relay (tests/udp_relay.py) that impairs both ways: each side
+    is told that the other's only candidate is the relay, which then forwards between the two real ports."""
+    conceal_lost_audio()  # the caller conceals what it loses, as a browser does (made before its receiver)
     peer = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # an explicit empty list: no public STUN server
     source = ArrayTrack(audio_48k)
     peer.addTransceiver(source, direction="sendrecv")
     try:
-        async with websockets.connect(ws_url) as socket:
+        async with contextlib.AsyncExitStack() as stack:
+            socket = await stack.enter_async_context(websockets.connect(ws_url))
             call = Call(socket, peer, source)
             await socket.send(json.dumps(start))
             await peer.setLocalDescription(await peer.createOffer())  # gathers every candidate: no trickle
-            await socket.send(json.dumps({"type": "offer", "sdp": offer or peer.localDescription.sdp}))
+            sdp = offer or peer.localDescription.sdp
+            if network is not None:
+                own = candidate_address(sdp)
+                relay_address, call.relay = await stack.enter_async_context(lossy_relay(None, network, client=own))
+                sdp = with_candidates_at(sdp, relay_address)
+            await socket.send(json.dumps({"type": "offer", "sdp": sdp}))
             yield call
             await peer.close()
             await call.recorded()
@@ -268,7 +313,8 @@ def tone(level: float) -> np.ndarray:
 def encoded(frames: list[np.ndarray], bitrate: int = 32000) -> list[bytes]:
     """What the output track should send for these frames: libopus is deterministic, so the same bytes."""
     packets = OpusPackets(bitrate)
-    return [bytes(packets.packet(frame, index)) for index, frame in enumerate(frames)]
+    sent = [packets.packet(frame, index) for index, frame in enumerate(frames)]
+    return [bytes(packet) for packet in sent if packet is not None]  # None: DTX sent nothing for a frame
 
 
 def test_output_track_paces_in_real_time_and_fills_gaps_with_silence() -> None:
@@ -342,6 +388,32 @@ def test_lost_microphone_packets_are_concealed_from_their_timestamps() -> None:
     assert len(samples) == len(frames) * FRAME_SAMPLES  # concealed, not shortened
     assert decoder.concealed_samples == 3 * FRAME_SAMPLES
     assert decoder.decode(JitterFrame(payloads[5], (first + 5 * FRAME_SAMPLES) % 2**32)) == []  # too late now
+
+
+def test_the_receive_buffer_orders_packets_and_skips_only_the_lost() -> None:
+    def packet(index: int) -> RtpPacket:
+        # Sequence numbers and timestamps both wrap during the call.
+        sequence, timestamp = (65534 + index) % 2**16, (2**32 - 2 * FRAME_SAMPLES + index * FRAME_SAMPLES) % 2**32
+        return RtpPacket(payload_type=96, sequence_number=sequence, timestamp=timestamp, payload=bytes([index]))
+
+    # 3 and 9 are lost; 1 and 2 swap, 6 comes twice, 5 comes again after its turn.
+    arrivals = [0, 2, 1, 4, 5, 6, 6, 7, 8, 5, 10, 11, 12, 13]
+    buffer = OrderingJitterBuffer()
+    played = []
+    for index in arrivals:
+        key_frame, frame = buffer.add(packet(index))
+        assert not key_frame
+        if frame is not None:
+            played.append(frame)
+    # Every packet that came plays once, in order (each with its timestamp, so the decoder conceals the gaps); the
+    # lost are given up once REORDER_PACKETS later ones are in. One out per packet in: the last are still held.
+    assert [frame.data[0] for frame in played] == [0, 1, 2, 4, 5, 6, 7, 8, 10, 11]
+    assert [frame.timestamp for frame in played] == [packet(frame.data[0]).timestamp for frame in played]
+    assert REORDER_PACKETS == 3  # what the expected order above assumes
+    # A sender that starts its sequence over, far back, is followed from there, not ignored as late.
+    for sequence, payload in ((65000, b"r"), (65001, b"s")):
+        _, frame = buffer.add(RtpPacket(payload_type=96, sequence_number=sequence, timestamp=0, payload=payload))
+        assert frame is not None and frame.data == payload
 
 
 # -- ICE configuration -------------------------------------------------------------------------------------------
@@ -432,14 +504,7 @@ def test_restricted_host_addresses_offer_loopback(monkeypatch: pytest.MonkeyPatc
     assert aioice.ice.get_host_addresses(use_ipv4=True, use_ipv6=False) == ["127.0.0.1"]
     assert aioice.ice.get_host_addresses(use_ipv4=True, use_ipv6=True) == ["127.0.0.1", "::1"]
 
-    async def offer() -> str:
-        peer = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        peer.addTransceiver("audio")
-        await peer.setLocalDescription(await peer.createOffer())
-        await peer.close()
-        return peer.localDescription.sdp
-
-    candidates = [line for line in asyncio.run(offer()).splitlines() if line.startswith("a=candidate:")]
+    candidates = [line for line in asyncio.run(aiortc_offer()).splitlines() if line.startswith("a=candidate:")]
     assert candidates and all(" 127.0.0.1 " in line or " ::1 " in line for line in candidates), candidates
 
 
@@ -503,6 +568,37 @@ class SignallingSocket:
         self.sent.append(text)
 
 
+# Applying an offer takes milliseconds; an mDNS candidate adds aioice's 1 s resolution timeout. Far beyond both is a
+# hang, as is a peer connection that does not close.
+ANSWER_TIMEOUT_S = 10.0
+
+
+async def aiortc_offer(kind: str = "audio") -> str:
+    """A complete offer of one sendrecv section of this kind, as aiortc makes it, with its host candidates."""
+    peer = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    peer.addTransceiver(kind, direction="sendrecv")
+    await peer.setLocalDescription(await peer.createOffer())
+    await peer.close()
+    return peer.localDescription.sdp
+
+
+async def answer_event(sdp: str) -> str:
+    """The answer event `RtcCall._answer` sends for this offer; raises the ProtocolError it raises."""
+    # `_answer` neither converts nor checks tokens or voices: services that would fail if it tried.
+    services = StreamServices(client=None, tokens=None, voices=None, defaults=StreamSettings())  # type: ignore[arg-type]  # None, on purpose
+    socket = SignallingSocket()
+    call = RtcCall(socket, RtcServices(services))  # type: ignore[arg-type]  # what _answer uses of a WebSocket
+    peer = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    try:
+        async with asyncio.timeout(ANSWER_TIMEOUT_S):
+            await call._answer(peer, OfferMessage(type="offer", sdp=sdp), ConvertedAudioTrack(4))
+    finally:
+        async with asyncio.timeout(ANSWER_TIMEOUT_S):
+            await peer.close()
+    [event] = socket.sent
+    return event
+
+
 def malformed_offer(offer: str, case: str) -> str:
     lines = offer.split("\r\n")
     if case == "media_line_without_fields":
@@ -523,23 +619,33 @@ def test_offers_aiortc_trips_over_are_bad_offer(case: str, loopback: None) -> No
     # Found by tests/test_fuzz_sdp.py. aiortc failed on these with an AssertionError, an AttributeError, a
     # StopIteration turned RuntimeError and (in setLocalDescription) a ValueError: all reported as `internal` before.
     async def run() -> ProtocolError:
-        peer = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        peer.addTransceiver("audio", direction="sendrecv")
-        await peer.setLocalDescription(await peer.createOffer())
-        await peer.close()
-        services = StreamServices(client=None, tokens=None, voices=None, defaults=StreamSettings())  # type: ignore[arg-type]  # None, on purpose
-        call = RtcCall(SignallingSocket(), RtcServices(services))  # type: ignore[arg-type]  # what _answer uses of a WebSocket
-        answerer = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        offer = OfferMessage(type="offer", sdp=malformed_offer(peer.localDescription.sdp, case))
-        try:
-            with pytest.raises(ProtocolError) as refused:
-                await call._answer(answerer, offer, ConvertedAudioTrack(4))
-        finally:
-            await answerer.close()
+        with pytest.raises(ProtocolError) as refused:
+            await answer_event(malformed_offer(await aiortc_offer(), case))
         return refused.value
 
     error = asyncio.run(run())
     assert error.code == ErrorCode.bad_offer and error.message.startswith("unusable SDP offer: "), error.message
+
+
+def test_the_answer_negotiates_no_rtp_header_extensions(loopback: None) -> None:
+    # An offer with the extensions a browser offers for audio (aiortc offers the first two of them): the answer
+    # takes none, so that neither side adds them to its packets.
+    extensions = [
+        "a=extmap:1 urn:ietf:params:rtp-hdrext:sdes:mid",
+        "a=extmap:2 urn:ietf:params:rtp-hdrext:ssrc-audio-level",
+        "a=extmap:3 http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time",
+        "a=extmap:4 http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01",
+    ]
+
+    async def run() -> tuple[str, str]:
+        offer = await aiortc_offer()
+        assert all(line in offer.splitlines() for line in extensions[:2]), offer  # what aiortc would answer
+        browser_like = offer.replace(extensions[0] + "\r\n", "".join(line + "\r\n" for line in extensions))
+        return browser_like, json.loads(await answer_event(browser_like))["sdp"]
+
+    offer, answer = asyncio.run(run())
+    assert all(line in offer for line in extensions)
+    assert "a=extmap" not in answer and "a=rtpmap:96 opus/48000/2" in answer and "a=mid:0" in answer, answer
 
 
 # -- whole calls in this process ---------------------------------------------------------------------------------
@@ -596,20 +702,37 @@ def source_48k(parity: ParitySet, seconds: float) -> np.ndarray:
     return audio[: int(SAMPLE_RATE * seconds)]
 
 
-@pytest.mark.slow
-def test_identity_call_returns_the_input_on_the_track(
-    identity_converter: tuple[ConverterService, str], parity: ParitySet, loopback: None
-) -> None:
+def lossy_call_input(parity: ParitySet) -> np.ndarray:
+    """8 s of speech for the lossy-network tests: enough losses to count; reversed in its second half, so that no
+    stretch repeats (a stretch found at another delay would be a skip)."""
+    source = source_48k(parity, 4.0)
+    return np.concatenate([source, source[::-1]])
+
+
+def identity_rtc_call(
+    identity_converter: tuple[ConverterService, str], audio: np.ndarray, network: Impairment | None = None
+) -> tuple[Call, Event, int | None]:
+    """One whole call of `audio` to the identity converter: (the call, its end event, the socket's close code)."""
     converter, voice_id = identity_converter
-    audio = source_48k(parity, 2.0)
 
     async def run() -> tuple[Call, Event, int | None]:
-        async with local_server(converter, voice_id) as server, rtc_call(server.url, server.start(), audio) as call:
+        async with (
+            local_server(converter, voice_id) as server,
+            rtc_call(server.url, server.start(), audio, network=network) as call,
+        ):
             await call.connect()
             end = await call.hang_up()
             return call, end, await call.closed_code()
 
-    call, end, code = asyncio.run(run())
+    return asyncio.run(run())
+
+
+@pytest.mark.slow
+def test_identity_call_returns_the_input_on_the_track(
+    identity_converter: tuple[ConverterService, str], parity: ParitySet, loopback: None
+) -> None:
+    audio = source_48k(parity, 2.0)
+    call, end, code = identity_rtc_call(identity_converter, audio)
     assert code == 1000
     assert [e["type"] for e in call.events[:2]] == ["ready", "answer"]
     indexes = [event["index"] for event in call.of_type("block")]
@@ -626,7 +749,7 @@ def test_identity_call_returns_the_input_on_the_track(
     window = call.output_48k[delays[0] : delays[0] + len(audio)]
     level = np.sqrt(np.mean(window**2) / np.mean(audio[: len(window)] ** 2))
     assert 0.8 < level < 1.25, level  # mono Opus down, decoded at full level on both channels: no 3 dB lost
-    assert len(converter.engine) == 0  # the session was closed
+    assert len(identity_converter[0].engine) == 0  # the session was closed
 
 
 @pytest.mark.slow
@@ -636,15 +759,8 @@ def test_unusable_offer_gets_bad_offer(
 ) -> None:
     converter, voice_id = identity_converter
 
-    async def video_only_offer() -> str:
-        peer = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        peer.addTransceiver("video")
-        await peer.setLocalDescription(await peer.createOffer())
-        await peer.close()
-        return peer.localDescription.sdp
-
     async def run() -> tuple[Call, int | None]:
-        sdp = "not an SDP at all" if offer == "garbage" else await video_only_offer()
+        sdp = "not an SDP at all" if offer == "garbage" else await aiortc_offer("video")
         async with (
             local_server(converter, voice_id) as server,
             rtc_call(server.url, server.start(), source_48k(parity, 0.1), offer=sdp) as call,
@@ -665,12 +781,8 @@ def test_a_peer_that_never_connects_ends_the_call(
 
     async def run() -> tuple[Call, int | None, float]:
         async with local_server(converter, voice_id, connect_timeout_s=1.0) as server:
-            peer = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-            peer.addTransceiver("audio")
-            await peer.setLocalDescription(await peer.createOffer())
-            await peer.close()
             # No candidates: ICE has nothing to try, and the server gives up after its connect timeout.
-            sdp = "".join(line + "\r\n" for line in peer.localDescription.sdp.splitlines() if "candidate" not in line)
+            sdp = "".join(line + "\r\n" for line in (await aiortc_offer()).splitlines() if "candidate" not in line)
             started = time.monotonic()
             async with rtc_call(server.url, server.start(), source_48k(parity, 0.1), offer=sdp) as call:
                 return call, await call.closed_code(), time.monotonic() - started
@@ -748,3 +860,48 @@ def test_the_callers_peer_connection_closing_ends_the_call(
     # The media worked and then died: the network's fault, so the converter holds the session for a resume.
     assert code == 1011 and len(converter.engine) == 1
     converter.forget_all()
+
+
+# -- a lossy network ---------------------------------------------------------------------------------------------
+
+
+def correlations_at(
+    sent: np.ndarray, received: np.ndarray, delay: int, slack: int, segment_s: float = 0.2
+) -> np.ndarray:
+    """For each audible segment of `sent`: how closely it comes back at `delay` samples later, give or take `slack`."""
+    size = int(SAMPLE_RATE * segment_s)
+    found = []
+    for start in range(0, len(sent) - size + 1, size):
+        segment = sent[start : start + size]
+        window = received[max(0, start + delay - slack) : start + delay + slack + size]
+        if np.sqrt(np.mean(segment**2)) > 1e-3 and len(window) >= size:
+            found.append(correlation_at_best_lag(segment, window)[0])
+    return np.array(found)
+
+
+@pytest.mark.slow
+def test_a_lossy_network_keeps_the_call_concealed_not_shortened(
+    identity_converter: tuple[ConverterService, str], parity: ParitySet, loopback: None
+) -> None:
+    audio = lossy_call_input(parity)
+    call, end, code = identity_rtc_call(identity_converter, audio, network=LOSSY)
+    assert call.relay is not None and end["blocks"] > 0 and code == 1000
+    # Both ways: ICE, DTLS and the media of each direction all went through the relay.
+    assert call.relay.counts.dropped >= 20 and call.relay.counts.duplicated > 0, call.relay.counts
+    assert len(call.of_type("late")) <= 2 * -(-len(audio) // (10 * SAMPLE_RATE)), call.of_type("late")  # 2 a 10 s
+    # The output lasts as long as the input, within a block: where a stretch of the input comes back moves by no
+    # more than that from the first quarter of the call to the last. (A lost packet skipped instead of concealed
+    # takes its 20 ms out of the timeline: the call's ~40 losses would move the end ~0.8 s earlier.) It may move
+    # later: each direction's buffer holds up to REORDER_PACKETS once packets go missing, and the output track
+    # plays silence while the converted audio is late.
+    delays = np.array([delay for delay, _ in delays_and_correlations(audio, call.output_48k)])
+    quarter = len(delays) // 4
+    first, last = np.median(delays[:quarter]), np.median(delays[-quarter:])
+    block = call.events[0]["block_ms"] * SAMPLE_RATE // 1000
+    assert abs(last - first) <= block, delays
+    # Continuous: every stretch is there, at that delay give or take the buffers' depth, holding its concealed
+    # losses (at 5 % a packet each way, most 0.2 s stretches hold one).
+    correlations = correlations_at(
+        audio, call.output_48k, round(np.median(delays)), 2 * REORDER_PACKETS * FRAME_SAMPLES
+    )
+    assert np.median(correlations) > 0.8 and np.mean(correlations > 0.5) >= 0.8, correlations

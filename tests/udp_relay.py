@@ -1,8 +1,10 @@
 """A lossy network in user space (`tc netem` needs privileges these machines do not give): a UDP relay on loopback
 that drops, duplicates, delays and so reorders datagrams, both ways, reproducibly (seeded).
 
-The first peer to send becomes the client; what it sends goes to `upstream`, and what comes back from `upstream`
-goes to the client. The server sees the relay's address as its peer, as it would see a NAT's.
+The first peer to send becomes the client, unless the client is named; what it sends goes to `upstream`, and what
+comes back from `upstream` goes to the client. The server sees the relay's address as its peer, as it would see a
+NAT's. `upstream` may be set after the relay starts (a WebRTC caller knows the server's port only from the answer,
+after its offer named the relay): until then nothing passes.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ class Impairment:
     jitter_s: float = 0.0  # each copy is delayed uniformly in [0, jitter_s]: later ones overtake earlier ones
 
 
+# The network every UDP transport must ride out (issue 13): 5 % loss, 30 ms jitter, a few duplicates.
+LOSSY = Impairment(loss=0.05, duplicate=0.02, jitter_s=0.03)
+
+
 @dataclass
 class RelayCounts:
     forwarded: int = 0
@@ -32,16 +38,23 @@ class RelayCounts:
 
 
 class Relay(asyncio.DatagramProtocol):
-    def __init__(self, upstream: Address, impairment: Impairment, seed: int) -> None:
+    def __init__(self, upstream: Address | None, impairment: Impairment, seed: int, client: Address | None) -> None:
         self.upstream = upstream
         self.impairment = impairment
         self.random = random.Random(seed)
-        self.client: Address | None = None
+        self.client = client
         self.transport: asyncio.DatagramTransport | None = None
         self.counts = RelayCounts()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)  # asyncio's own is no subclass of it
+
+    @property
+    def address(self) -> Address:
+        """Where to send instead of `upstream`."""
+        assert self.transport is not None, "the relay is bound"
+        host, port = self.transport.get_extra_info("sockname")[:2]
+        return host, port
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         source = (addr[0], addr[1])
@@ -68,12 +81,14 @@ class Relay(asyncio.DatagramProtocol):
 
 
 @contextlib.asynccontextmanager
-async def lossy_relay(upstream: Address, impairment: Impairment, seed: int = 0) -> AsyncIterator[tuple[Address, Relay]]:
+async def lossy_relay(
+    upstream: Address | None, impairment: Impairment, seed: int = 0, client: Address | None = None
+) -> AsyncIterator[tuple[Address, Relay]]:
     """A relay in front of `upstream`; yields its address (send there instead) and itself (for its counts)."""
     transport, relay = await asyncio.get_running_loop().create_datagram_endpoint(
-        lambda: Relay(upstream, impairment, seed), local_addr=("127.0.0.1", 0)
+        lambda: Relay(upstream, impairment, seed, client), local_addr=("127.0.0.1", 0)
     )
     try:
-        yield transport.get_extra_info("sockname")[:2], relay
+        yield relay.address, relay
     finally:
         transport.close()

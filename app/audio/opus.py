@@ -11,7 +11,10 @@ Behaviour of PyAV 18.1 / FFmpeg's libopus wrapper (libopus 1.6.1), measured when
 - FFmpeg's libopus decoder outputs int16 unless `request_sample_fmt` asks for float;
 - an empty packet is FFmpeg's end-of-stream signal: after it the decoder context refuses every packet, so empty
   packets never reach it;
-- many malformed packets still decode (Opus has no checksum); libopus rejects only structurally invalid ones.
+- many malformed packets still decode (Opus has no checksum); libopus rejects only structurally invalid ones;
+- the wrapper has no option for libopus' DTX (OPUS_SET_DTX; unknown options are ignored without a word), and
+  digital silence still costs a packet every 20 ms: 3 bytes in CELT, about 21 with in-band FEC (SILK). The encoder
+  does what DTX does for such silence itself (`dtx=True`, see `OpusEncoder.encode`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,15 @@ LOOKAHEAD_SAMPLES = 312
 # Opus' lowest rate (RFC 6716 abstract) and FFmpeg's cap for one channel (avcodec_open2 fails above it).
 MIN_BITRATE = 6000
 MAX_BITRATE = 256000
+# Discontinuous transmission: a frame whose every sample rounds to 0 in 16 bits is silence. After
+# DTX_AFTER_SILENT_FRAMES silent frames (libopus' own DTX waits as long: by then the receiver's decoder holds only
+# silence, so concealing what is not sent gives silence, not an echo of the last sound), the encoder sends one
+# TOC-only packet (a code-0 packet with an empty frame: the receiver's decoder conceals it, and a WebRTC receiver
+# takes it as the start of DTX, as Chrome's sender does), then nothing, except a real packet every
+# DTX_REFRESH_FRAMES (libopus' DTX interval, 400 ms), which keeps a receiver's clock and jitter estimate fed.
+DTX_SILENCE_PEAK = 0.5 / 32768
+DTX_AFTER_SILENT_FRAMES = 10
+DTX_REFRESH_FRAMES = 20
 
 
 class OpusError(ValueError):
@@ -80,9 +92,10 @@ class OpusEncoder:
 
     delay_samples = LOOKAHEAD_SAMPLES
 
-    def __init__(self, bitrate: int = 32000, expected_loss_percent: int = 0) -> None:
+    def __init__(self, bitrate: int = 32000, expected_loss_percent: int = 0, dtx: bool = False) -> None:
         """`expected_loss_percent` > 0 turns on in-band FEC (for UDP): each packet then also carries a coarse copy
-        of the previous frame, sized for that loss, which a receiver decodes when the previous packet is lost."""
+        of the previous frame, sized for that loss, which a receiver decodes when the previous packet is lost.
+        `dtx`: silence costs (almost) no packets; `encode` returns b"" for a frame that needs none (RTP, WebRTC)."""
         if not MIN_BITRATE <= bitrate <= MAX_BITRATE:
             raise ValueError(f"Opus bitrate {bitrate} is outside [{MIN_BITRATE}, {MAX_BITRATE}] bit/s")
         self._context = av.CodecContext.create("libopus", "w")
@@ -97,10 +110,12 @@ class OpusEncoder:
             options |= {"fec": "1", "packet_loss": str(expected_loss_percent)}
         self._context.options = options
         self._context.open()
+        self._dtx = dtx
+        self._silent_frames = 0  # in a row, this one included
 
     def encode(self, frame: np.ndarray) -> bytes:
         """Encodes FRAME_SAMPLES mono samples in [-1, 1]. The last `delay_samples` of a stream only come out once
-        one more frame (silence, for instance) has been encoded after them."""
+        one more frame (silence, for instance) has been encoded after them. With `dtx`, b"" means: send nothing."""
         if frame.shape != (FRAME_SAMPLES,):
             raise ValueError(f"an Opus frame is {FRAME_SAMPLES} mono samples, got shape {frame.shape}")
         if not np.isfinite(frame).all():
@@ -112,4 +127,18 @@ class OpusEncoder:
         if len(packets) != 1:
             # Never observed (see the module docstring); a silent gap or a merged packet would corrupt the stream.
             raise RuntimeError(f"libopus returned {len(packets)} packets for one frame instead of one")
-        return bytes(packets[0])
+        # Encoded even when it is not sent: the encoder's state runs on as if every frame went out, so the packet that
+        # ends a silence is a normal one.
+        packet = bytes(packets[0])
+        return self._discontinuous(packet, frame) if self._dtx else packet
+
+    def _discontinuous(self, packet: bytes, frame: np.ndarray) -> bytes:
+        """DTX (DTX_SILENCE_PEAK): the packet, its TOC byte alone, or b"" for nothing to send."""
+        silent = float(np.max(np.abs(frame))) < DTX_SILENCE_PEAK
+        self._silent_frames = self._silent_frames + 1 if silent else 0
+        into_dtx = self._silent_frames - DTX_AFTER_SILENT_FRAMES - 1  # the first silent frames are sent in full
+        if into_dtx < 0:
+            return packet
+        if into_dtx == 0:
+            return bytes([packet[0] & 0xFC])  # the same configuration, frame count code 0, no frame data
+        return packet if into_dtx % DTX_REFRESH_FRAMES == 0 else b""

@@ -20,7 +20,9 @@ Protocol: the messages and events of protocol v1 (app/transport/protocol.py) on 
    them out on their timestamps; a lost packet is concealed (the next packet's in-band FEC, else libopus PLC), so the
    converted voice keeps the input's length.
 5. The converted voice comes back as RTP Opus, mono, `opus_bitrate`, with in-band FEC, 20 ms a packet, in real
-   time, to the declared address or else to the peer's source address. Events as on `/v1/stream`.
+   time, to the declared address or else to the peer's source address. Silence is sent with DTX
+   (app/audio/opus.py): one TOC-only packet, then one packet every 400 ms; the timestamps go on counting, and the
+   packet that ends a pause has the marker bit (RFC 3551, 4.1). Events as on `/v1/stream`.
 6. `set_voice` and `end` as on `/v1/stream`: after `end`, the rest of the input is converted and sent, then the
    `end` event, and the socket closes.
 7. Resume: as `/v1/stream`; the new connection answers with a new `RtpEvent`, a new port. A peer that cannot
@@ -146,11 +148,11 @@ class RtpCall(SessionDriver):
         self.destination: Address | None = None  # the converted voice goes here
         self.buffer = JitterBuffer(round((services.jitter_s + MAX_EXTRA_DEPTH_S) * SAMPLE_RATE))
         self.decoder = ConcealingOpusDecoder()
-        self.encoder = OpusEncoder(services.stream.opus_bitrate, EXPECTED_LOSS_PERCENT)
+        self.encoder = OpusEncoder(services.stream.opus_bitrate, EXPECTED_LOSS_PERCENT, dtx=True)
         self.output_ssrc = secrets.randbits(32)
         self._output_sequence = secrets.randbits(16)  # random starts (RFC 3550, 5.1)
         self._output_timestamp = secrets.randbits(32)
-        self._sent_packets = 0
+        self._talkspurt = True  # the next packet starts one: the first, or the first after DTX sent nothing
         self._first_packet = asyncio.Event()
         self._first_arrival = 0.0  # loop time of the first packet: the playout clock starts there
         self.dropped_packets = 0  # not RTP, not the call's payload type, SSRC or source, or not decodable
@@ -266,15 +268,17 @@ class RtpCall(SessionDriver):
     async def send_frame(self, frame: np.ndarray) -> None:
         if self.udp is None or self.destination is None:
             return  # no packet from the peer yet, so nowhere to send: the voice of silence is not missed
-        packet = RtpPacket(
-            payload_type=self.payload_type,
-            marker=int(self._sent_packets == 0),  # the start of a talkspurt (RFC 3551, 4.1)
-            sequence_number=self._output_sequence,
-            timestamp=self._output_timestamp,
-            ssrc=self.output_ssrc,
-            payload=self.encoder.encode(frame),
-        )
-        self.udp.sendto(packet.serialize(), self.destination)
-        self._sent_packets += 1
-        self._output_sequence = (self._output_sequence + 1) % (1 << 16)
-        self._output_timestamp = (self._output_timestamp + FRAME_SAMPLES) % (1 << 32)
+        payload = self.encoder.encode(frame)
+        if payload:
+            packet = RtpPacket(
+                payload_type=self.payload_type,
+                marker=int(self._talkspurt),  # the start of a talkspurt (RFC 3551, 4.1)
+                sequence_number=self._output_sequence,
+                timestamp=self._output_timestamp,
+                ssrc=self.output_ssrc,
+                payload=payload,
+            )
+            self.udp.sendto(packet.serialize(), self.destination)
+            self._output_sequence = (self._output_sequence + 1) % (1 << 16)  # counts packets sent: no loss shown
+        self._talkspurt = not payload
+        self._output_timestamp = (self._output_timestamp + FRAME_SAMPLES) % (1 << 32)  # counts time, sent or not

@@ -1,7 +1,7 @@
 // Transport 2 (the default): WebRTC audio, with signalling and the protocol's events on a WebSocket at /v1/rtc
 // that stays open for the whole call.
 //
-//   1. create the peer connection, add (a clone of) the mic track, create an offer, wait for ICE gathering to
+//   1. create the peer connection, add the mic track, create an offer, wait for ICE gathering to
 //      complete (non-trickle: every candidate goes in the one offer);
 //   2. open the signalling socket, send the start message (as on /v1/stream), then {"type":"offer","sdp"};
 //   3. the server sends ready (for the start message) and {"type":"answer","sdp"} (for the offer), in either
@@ -14,6 +14,10 @@
 // Failures of WebRTC itself (no answer in 8 s, signalling refused, ICE or the connection failed, the server's
 // bad_offer / connection_failed errors) end the session with fallback: true, so that the page can retry over the
 // WebSocket transport. Other server errors (unauthorized, unknown_voice, overloaded, ...) do not.
+// ICE gets ICE_DEADLINE_MS from the answer: with no candidate pair that works (UDP blocked, no TURN) Chromium never
+// says "failed" (it stays "checking", or "new" with no pairs at all), so this deadline is what detects it. When the
+// page will fall back (`endsOnFallback`), a failed session that had started sends `end` before it closes: the server
+// then frees it at once, instead of holding it on a converter for a resume that will never come.
 //
 // Resume: failures of the connection rather than refusals by the server end the session with dropped: true, among
 // them the server's connection_failed once the media had connected (it then keeps the session). When the call was
@@ -34,7 +38,10 @@ import { ControlSession } from "./transport-session.js";
 const GATHER_TIMEOUT_MS = 5000; // then send the candidates found so far
 const OPEN_TIMEOUT_MS = 8000;
 const ANSWER_TIMEOUT_MS = 8000;
-const CONNECT_TIMEOUT_MS = 10000; // answer received -> peer connection connected
+// Answer applied -> peer connection connected. ICE and DTLS take tens of milliseconds on a LAN and one to two seconds
+// through a distant TURN relay (the relay is allocated while gathering, before the offer); 4 s leaves room for that
+// and keeps the fallback to the WebSocket transport quick.
+const ICE_DEADLINE_MS = 4000;
 const DISCONNECTED_MS = 5000; // "disconnected" this long counts as failed (Chromium takes ~15 s to say "failed")
 // Server error codes that mean WebRTC itself failed (app/transport/webrtc.py): the WebSocket transport may work.
 const WEBRTC_ERRORS = new Set(["bad_offer", "connection_failed"]);
@@ -106,13 +113,14 @@ export async function negotiate(session) {
 }
 
 export class RtcSession extends ControlSession {
-  constructor({ url, start, iceServers, engine, remoteAudio, hooks }) {
+  constructor({ url, start, iceServers, engine, remoteAudio, hooks, endsOnFallback = false }) {
     super({ url, start, engine, hooks });
+    this.endsOnFallback = endsOnFallback; // the page starts a new session over WebSocket if WebRTC fails
     this.socketName = "signalling";
     this.iceServers = iceServers;
     this.remoteAudio = remoteAudio;
     this.pc = null;
-    this.track = null;
+    this.onMicTrack = null; // in engine.micListeners while this session sends the microphone
     this.remoteSource = null;
     this.answer = deferred();
     this.answered = false;
@@ -138,9 +146,15 @@ export class RtcSession extends ControlSession {
     }
     this.pc = createPeerConnection(this.iceServers, (name, value) => this.onPeerState(name, value));
     this.pc.addEventListener("track", (event) => this.onTrack(event));
-    // A clone: the engine's mic track outlives this call if the page falls back to the WebSocket transport.
-    this.track = this.engine.micStream.getAudioTracks()[0].clone();
-    this.pc.addTrack(this.track, new MediaStream([this.track]));
+    // The engine's own track, not a clone: a clone would keep the microphone open with its old processing when the
+    // engine re-opens it (setServerNoiseSuppression), which then replaces the track being sent. The engine stops it
+    // (the call may go on over WebSocket after this session); closing the peer connection leaves it live.
+    const [track] = this.engine.micStream.getAudioTracks();
+    const sender = this.pc.addTrack(track, new MediaStream([track]));
+    this.onMicTrack = (replacement) => sender.replaceTrack(replacement).catch((error) => {
+      this.hooks.log(`cannot send the re-opened microphone: ${errorInfo(error).message}`);
+    });
+    this.engine.micListeners.add(this.onMicTrack);
     await this.pc.setLocalDescription(await this.pc.createOffer());
     this.hooks.log("offer created; gathering ICE candidates");
     const complete = await waitForIceGathering(this.pc, GATHER_TIMEOUT_MS);
@@ -161,13 +175,13 @@ export class RtcSession extends ControlSession {
     this.answered = true;
     this.timers.push(setTimeout(() => {
       if (!this.peerConnected) {
-        this.finish({
-          error: { code: "ice_timeout", message: `the WebRTC connection did not connect within ${CONNECT_TIMEOUT_MS / 1000} s` },
+        this.fail({
+          error: { code: "ice_timeout", message: `the WebRTC connection did not connect within ${ICE_DEADLINE_MS / 1000} s` },
           fallback: true,
           dropped: true,
         });
       }
-    }, CONNECT_TIMEOUT_MS));
+    }, ICE_DEADLINE_MS));
     this.statsTimer = setInterval(() => this.pollStats(), STATS_INTERVAL_MS);
   }
 
@@ -182,7 +196,7 @@ export class RtcSession extends ControlSession {
     if (name === "peer") {
       clearTimeout(this.disconnectTimer);
       if (value === "disconnected" && !this.stopping) {
-        this.disconnectTimer = setTimeout(() => this.finish({
+        this.disconnectTimer = setTimeout(() => this.fail({
           error: { code: "webrtc_failed", message: `the WebRTC connection was interrupted for ${DISCONNECTED_MS / 1000} s` },
           fallback: true,
           dropped: true,
@@ -191,8 +205,18 @@ export class RtcSession extends ControlSession {
     }
     if ((name === "peer" || name === "ice") && value === "failed" && !this.stopping) {
       const what = name === "ice" ? "ICE connectivity" : "the WebRTC connection";
-      this.finish({ error: { code: "webrtc_failed", message: `${what} failed` }, fallback: true, dropped: true });
+      this.fail({ error: { code: "webrtc_failed", message: `${what} failed` }, fallback: true, dropped: true });
     }
+  }
+
+  /**
+   * WebRTC failed: `failedAt` says when (the page times its fallback from it). A session the page will not resume
+   * (it never carried audio, and the page falls back) is ended on the server first.
+   */
+  fail(outcome) {
+    const failed = { ...outcome, failedAt: performance.now() };
+    if (failed.fallback && this.endsOnFallback && !this.established) this.giveUp(failed);
+    else this.finish(failed);
   }
 
   maybeConnected() {
@@ -299,7 +323,7 @@ export class RtcSession extends ControlSession {
         }
       }
     }
-    if (this.track) this.track.stop();
+    if (this.onMicTrack) this.engine.micListeners.delete(this.onMicTrack);
     if (this.pc) this.pc.close();
     if (this.remoteSource) this.remoteSource.disconnect();
     this.remoteAudio.pause();
