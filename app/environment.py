@@ -27,6 +27,9 @@ SERVICE_VARIABLES = (MODEL, VOICE_STORE, API_KEYS, ADMIN_KEY, TOKEN_SECRET, TURN
 # ---- read by the clients (client/, bench.load), never by the service -----------------------------------------------
 CLIENT_API_KEY = "SEEDVC_API_KEY"  # the API key the command-line clients send, when --api-key is not given
 
+# ---- set, never read as a setting: marks every process of `deployments.local_cluster` so `down` stops only those ----
+LOCAL_CLUSTER_MARKER = "SEEDVC_LOCAL_CLUSTER"
+
 # ---- test-only switches ---------------------------------------------------------------------------------------------
 BROWSER_TESTS = "SEEDVC_BROWSER_TESTS"  # "1": collect tests/browser (scripts/test sets it in a network namespace)
 

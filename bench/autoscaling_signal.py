@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import time
 from collections.abc import AsyncGenerator
 from pathlib import Path
@@ -22,7 +21,6 @@ from tempfile import TemporaryDirectory
 from app.audio.pacing import Pacer
 from app.transport.protocol import FRAME_MS
 from bench.harness import (
-    FAST_AUTOSCALING_METRICS,
     ServeApp,
     autoscaled_converters,
     converter_replicas,
@@ -67,7 +65,6 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--target", type=float, default=1.0, help="target_ongoing_requests (per replica)")
     args = parser.parse_args()
-    os.environ.update(FAST_AUTOSCALING_METRICS)
     parity = parity_sets()[0]
     print(
         f"{args.sessions} real-time sessions at once for {args.seconds:.0f} s, 1 -> 2 converters, target {args.target}"

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import os
 import time
-from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from app.processes import descendants, parent_pids
 
 INGRESS, CONVERTER, PROXY, CONTROLLER, RAY_OTHER, BENCH, CLIENTS, OTHER = (
     "ingress", "converter", "proxy", "controller", "ray other", "bench", "clients", "other",
@@ -130,25 +131,9 @@ def ray_running() -> list[str]:
 # ---- this tool against the rest of the machine --------------------------------------------------------------------
 
 
-def descendants(parents: Mapping[int, int], root: int) -> set[int]:
-    """Every process below `root` in the tree given as pid -> parent pid."""
-    children: dict[int, list[int]] = defaultdict(list)
-    for pid, parent in parents.items():
-        children[parent].append(pid)
-    found: set[int] = set()
-    todo = [root]
-    while todo:
-        for child in children[todo.pop()]:
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
 def own_tree() -> set[int]:
     """This process and every process below it (with --local: the Ray it started, the app's replicas)."""
-    parents = {pid: int(fields[1]) for pid, _, fields in process_table()}
-    return {os.getpid(), *descendants(parents, os.getpid())}
+    return {os.getpid(), *descendants(parent_pids(), os.getpid())}
 
 
 def neighbour_cpu(before: CpuSnapshot, after: CpuSnapshot, ours: set[int]) -> dict[str, float]:

@@ -164,13 +164,6 @@ def app_args(
     )
 
 
-# Serve pushes autoscaling metrics every 10 s by default; tests and benchmarks set these before Ray starts.
-FAST_AUTOSCALING_METRICS = {
-    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
-    "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
-}
-
-
 def autoscaled_converters(downscale_delay_s: float = 4.0, **policy_kwargs: Any) -> dict[str, Any]:
     """Converter options for `start_app`: from one replica up to two, on the session-aware policy with
     `policy_kwargs`, deciding within seconds (production waits longer: serve_config.yaml)."""
@@ -183,6 +176,9 @@ def autoscaled_converters(downscale_delay_s: float = 4.0, **policy_kwargs: Any) 
             "upscale_delay_s": 1,
             "downscale_delay_s": downscale_delay_s,
             "look_back_period_s": 2,
+            # Replicas and handles push their metrics every metrics_interval_s (Serve's default 10 s). Ray 2.60
+            # deprecates the field for RAY_SERVE_*_AUTOSCALING_METRIC_PUSH_INTERVAL_S, which nothing reads yet.
+            "metrics_interval_s": 0.5,
             "policy": {"policy_function": "deployments.autoscaling:SessionAwarePolicy", "policy_kwargs": policy_kwargs},
         },
     }

@@ -14,11 +14,26 @@ SETTLE_SECONDS = 5.0
 
 
 def deploy(
-    parity: ParitySet, voices: Path, max_sessions: int, converters: int, identity: bool, **converter: Any
+    parity: ParitySet,
+    voices: Path,
+    max_sessions: int,
+    converters: int,
+    identity: bool,
+    ingress: dict[str, Any] | None = None,
+    **converter: Any,
 ) -> tuple[ServeApp, dict[str, Any]]:
     """The app (re)deployed with the tiny bundle, a token and an uploaded voice; and the deployment options it runs
-    with, for the report. `converter` overrides ConverterConfig fields (bench/harness.py: app_args)."""
-    app = start_app(parity, voices, converters=converters, max_sessions=max_sessions, identity=identity, **converter)
+    with, for the report. `ingress` and `converter` override IngressConfig and ConverterConfig fields
+    (bench/harness.py: app_args)."""
+    app = start_app(
+        parity,
+        voices,
+        converters=converters,
+        max_sessions=max_sessions,
+        ingress=ingress,
+        identity=identity,
+        **converter,
+    )
     time.sleep(SETTLE_SECONDS)  # the replicas a redeploy replaced stop, and Ray's workers settle, before measuring
     return app, {"mode": "serve_config.yaml options", **shipped_deployment_options()}
 

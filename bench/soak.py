@@ -37,9 +37,10 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from app.processes import descendants
 from app.transport.protocol import FRAME_MS
 from bench.common import figure, write_json
-from bench.cpu_usage import CONVERTER, INGRESS, PROXY, cpu_snapshot, descendants, neighbour_cpu, own_tree, process_table
+from bench.cpu_usage import CONVERTER, INGRESS, PROXY, cpu_snapshot, neighbour_cpu, own_tree, process_table
 from bench.load import (
     Flatness,
     Ledger,

@@ -39,9 +39,10 @@ from app.environment import TOKEN_SECRET, ServiceEnvironment
 from app.logs import route_to
 from app.offload import Busy, Offload
 from app.serving.config import IngressConfig
+from app.serving.retry_after import ScaleUpWatch
 from app.transport.limits import MessageLimits
 from app.transport.origins import origin_allowed
-from app.transport.protocol import CLOSE_POLICY_VIOLATION
+from app.transport.protocol import CLOSE_POLICY_VIOLATION, published_limits
 from app.transport.quotas import SessionQuotas
 from app.transport.rtp import RtpCall, RtpServices
 from app.transport.sessions import StreamServices
@@ -52,6 +53,7 @@ from app.voices.uploads import Uploads
 from deployments.client import RayConverterClient
 from deployments.keys import admin_error, key_store, usage_meter
 from deployments.metrics import RayServeMetrics
+from deployments.scale_up import ServeScaleUpOutlook
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +153,11 @@ class Ingress:
             resume_tokens=TokenSigner(purpose_secret(secret, "resume"), ttl_seconds=self.config.resume_token_ttl_s),
             max_backlog_blocks=self.config.max_backlog_blocks,
             retry_after_s=self.config.retry_after_s,
+            capacity_outlook=ServeScaleUpOutlook(
+                converter.app_name,
+                converter.deployment_name,
+                ScaleUpWatch(self.config.scale_up_estimate_s, self.config.retry_after_s, self.config.retry_after_max_s),
+            ),
             opus_bitrate=self.config.opus_bitrate,
             metrics=RayServeMetrics(),
             limits=MessageLimits.from_config(self.config),
@@ -224,6 +231,12 @@ class Ingress:
             detail = {"detail": "too many ICE server requests for this key", "reason": "rate_limited"}
             return JSONResponse(status_code=429, content=detail, headers={"Retry-After": str(retry_after)})
         return JSONResponse(content={"iceServers": self.rtc_services.browser_ice_servers(key_id, time.time())})
+
+    @api.get("/v1/limits")
+    async def limits(self) -> dict[str, Any]:
+        """The ranges of the settings and controls, their neutral values and the retry policy for a refused start:
+        public, like the page that takes its fields from them (so that they cannot drift from what the server takes)."""
+        return published_limits()
 
     @api.post("/v1/tokens")
     async def issue_token(self, request: Request, authorization: str | None = Header(None)) -> dict[str, Any]:

@@ -11,13 +11,19 @@ pending requests by that id alone. Every converter call a WebSocket connection m
 so a close sent right after a cancelled convert that was still waiting for its replica was never handed one (the
 index skipped it as a duplicate, then the cancellation removed the id): the close hung. This router indexes pending
 requests per call instead (private API: see `_CallIndex`).
+
+A replica that a call found dead or unreachable (Serve's `on_replica_actor_died` / `on_replica_actor_unavailable`
+hooks) is passed over at once: its pinned calls go to another replica (which answers SessionLost, and the session
+is re-opened there) and opens never go back to it. The base router only re-probed such a replica, with back-off,
+until the controller dropped it: when a node crashed, its sessions waited ~7.5 s.
 """
 
 from __future__ import annotations
 
 import random
+import time
 
-from ray.serve._private.common import RequestMetadata
+from ray.serve._private.common import ReplicaID, RequestMetadata
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 PIN_PREFIX = "pin:"
@@ -40,6 +46,11 @@ def avoiding(replicas: list[str]) -> str:
 
 def avoided_replicas(session_id: str) -> set[str]:
     return set(session_id.removeprefix(AVOID_PREFIX).split(",")) if session_id.startswith(AVOID_PREFIX) else set()
+
+
+# How long a replica found dead or unreachable is passed over. Serve's controller drops a dead replica within seconds
+# (measured: ~7.5 s after its node crashed); a replica that was only briefly unreachable is chosen again after this.
+UNREACHABLE_FOR_S = 30.0
 
 
 def load(replica: RunningReplica) -> float:
@@ -78,10 +89,41 @@ class _CallIndex:
         return pending if pending is not None and not pending.future.done() else None
 
 
-class SessionPinningRouter(_CallIndex, RequestRouter):
+class _Unreachable:
+    """Replicas a call found dead or unreachable, and since when (the router is built by Serve: no __init__ here)."""
+
+    _since: dict[str, float]
+
+    def _unreachable(self) -> dict[str, float]:
+        if not hasattr(self, "_since"):
+            self._since = {}
+        now = time.monotonic()
+        for replica, since in list(self._since.items()):
+            if now - since > UNREACHABLE_FOR_S:
+                del self._since[replica]
+        return self._since
+
+    def _mark_unreachable(self, replica_id: ReplicaID) -> None:
+        self._unreachable()[replica_id.unique_id] = time.monotonic()
+
+
+class SessionPinningRouter(_CallIndex, _Unreachable, RequestRouter):
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self._mark_unreachable(replica_id)
+
+    def on_replica_actor_unavailable(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_unavailable(replica_id)
+        self._mark_unreachable(replica_id)
+
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
+        unreachable = self._unreachable()
+        # Every replica unreachable: wait for them (with Serve's back-off) rather than fail the call.
+        candidate_replicas = [
+            r for r in candidate_replicas if r.replica_id.unique_id not in unreachable
+        ] or candidate_replicas
         call = ""
         if pending_request is not None:
             call = pending_request.metadata.session_id

@@ -29,17 +29,14 @@ from ray.autoscaler._private.util import fillout_defaults, prepare_config, valid
 from ray.serve.schema import ServeDeploySchema
 
 from deployments.app import AppArgs
+from deployments.production import GPU_SERVE_CONFIG, INGRESS_RESOURCE, deployments_of, production_serve_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "cluster.yaml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 TURN_TEMPLATE = ROOT / "deploy" / "turnserver.conf"
-GPU_SERVE_CONFIG = ROOT / "serve_config.gpu.yaml"
 ENV_FILE = "/home/ray/seedvc.env"  # where file_mounts puts the secrets file on every node
-
-# The override docs/production.md tells operators to add to the Ingress deployment's ray_actor_options.
-INGRESS_RESOURCE = "ingress"
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -111,10 +108,8 @@ def gpu_deployments() -> dict[str, dict[str, Any]]:
 
 
 def ingress_with_override() -> dict[str, Any]:
-    """The GPU config's Ingress with the documented override: `resources: {ingress: 1}` in its ray_actor_options."""
-    ingress = copy.deepcopy(gpu_deployments()["Ingress"])
-    ingress["ray_actor_options"]["resources"] = {INGRESS_RESOURCE: 1}
-    return ingress
+    """The production config's Ingress (deployments/production.py: the documented `resources: {ingress: 1}`)."""
+    return deployments_of(production_serve_config())["Ingress"]
 
 
 # -- Ray's schema ------------------------------------------------------------------------------------------------
@@ -210,14 +205,14 @@ def test_ingress_override_pins_ingress_to_ingress_nodes(cluster: dict[str, Any])
 
 
 def test_documented_production_overrides_are_valid_serve_config() -> None:
-    """docs/production.md's private copy of serve_config.gpu.yaml: the Ingress resource plus TURN, as Serve and the
-    app's own argument models read them."""
-    config = load(GPU_SERVE_CONFIG)
+    """docs/production.md's private copy of serve_config.gpu.yaml (deployments/production.py makes it): the Ingress
+    resource plus TURN, as Serve and the app's own argument models read them."""
+    config = production_serve_config(turn_host="203.0.113.7")
     (app,) = config["applications"]
-    app["deployments"] = [
-        ingress_with_override() if deployment["name"] == "Ingress" else deployment for deployment in app["deployments"]
+    assert app["args"]["ingress"]["turn_urls"] == [
+        "turn:203.0.113.7:3478?transport=udp",
+        "turn:203.0.113.7:3478?transport=tcp",
     ]
-    app["args"]["ingress"]["turn_urls"] = ["turn:203.0.113.7:3478?transport=udp", "turn:203.0.113.7:3478?transport=tcp"]
     app["args"]["ingress"]["turn_secret"] = "0123456789abcdef" * 4
     parsed = ServeDeploySchema(**config)
     (ingress,) = [d for d in parsed.applications[0].deployments if d.name == "Ingress"]

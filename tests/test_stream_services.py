@@ -16,10 +16,11 @@ from app.auth.tokens import TokenSigner
 from app.model.seedvc import SeedVC
 from app.serving.config import ConverterConfig
 from app.serving.converter import ConverterService
+from app.serving.live import BlockReport
 from app.serving.local import LocalConverterClient
 from app.streaming.settings import StreamSettings
 from app.transport.protocol import ErrorCode, ProtocolError, StartMessage, parse_client_message
-from app.transport.sessions import StreamServices
+from app.transport.sessions import BlockEvents, StreamServices
 from app.voices.store import VoiceStore
 from bench.parity import ParitySet
 
@@ -44,3 +45,12 @@ def test_settings_the_model_cannot_stream_are_bad_settings(model: SeedVC, parity
     assert refused.value.code == ErrorCode.bad_settings
     assert "DiT context is too short" in refused.value.message
     assert len(converter.engine) == 0  # nothing was left open on the converter
+
+
+def test_block_events_carry_times_to_a_tenth_of_a_millisecond() -> None:
+    times = {"input_start_ms": 1260.4, "latency_ms": 45.678912341234, "queue_ms": 3.0499999}
+    report = BlockReport(index=7, steps=10, silent=False, batch_size=1, rehomed=False, voice_id="v", **times)
+    [text] = BlockEvents("v").of(report)
+    event = json.loads(text)
+    assert (event["input_start_ms"], event["latency_ms"], event["queue_ms"]) == (1260, 45.7, 3.0)
+    assert len(text) < 126  # one WebSocket frame header of 2 bytes, not 4 (RFC 6455: 126 and longer take 4)

@@ -23,9 +23,10 @@ ICE_URL_SCHEMES = ("stun:", "stuns:", "turn:", "turns:")
 # (upstream) settings, which are several times slower than real time on 2 cores. Chosen by measurement (README, "CPU
 # real-time profile", bench/cpu_profile.py); the settings it leaves out are the README's. Through the service a step
 # costs ~1.6x what the engine alone measures (Opus, resampling and Serve share the 2 cores with the engine's threads),
-# so the engine's real-time factor must stay near 0.5: a 0.8 s block, 3 steps without guidance, short contexts.
+# so the engine's real-time factor must stay near 0.5: a 0.8 s block, 2 steps without guidance, short contexts
+# (p99 block latency of one stream through the service: 0.85-1.14 s with 3 steps, 0.75 and 0.86 s with 2).
 CPU_REALTIME_PROFILE = SettingsOverrides(
-    block_time=0.8, diffusion_steps=3, cfg_rate=0.0, ce_context=0.5, dit_context=0.15, max_prompt=1.0
+    block_time=0.8, diffusion_steps=2, cfg_rate=0.0, ce_context=0.5, dit_context=0.15, max_prompt=1.0
 )
 
 
@@ -121,7 +122,19 @@ class IngressConfig(Strict):
         24 * 3600, gt=0, description="lifetime of a resume token (it also needs the session held and a session token)"
     )
     max_backlog_blocks: int = Field(3, ge=1, description="pending input blocks per session before the oldest drops")
-    retry_after_s: float = Field(5.0, gt=0, description="what a refused client is told to wait")
+    retry_after_s: float = Field(
+        5.0,
+        gt=0,
+        description="what a client refused for capacity is told to wait when no converter is starting (a session may "
+        "end at any moment), and the least it is ever told (app/serving/retry_after.py)",
+    )
+    scale_up_estimate_s: float = Field(
+        60.0,
+        gt=0,
+        description="seconds from Serve's request for a converter replica to it serving (a node joining, the model "
+        "loading), told to refused clients during a scale-up until the ingress has measured a replica start",
+    )
+    retry_after_max_s: float = Field(300.0, gt=0, description="the most a client refused for capacity is told to wait")
     opus_bitrate: int = Field(32000, ge=6000, le=256000, description="bit rate of the converted audio")
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="largest voice upload")
     max_concurrent_uploads: int = Field(
@@ -255,6 +268,12 @@ class IngressConfig(Strict):
         for network in networks:
             ipaddress.ip_network(network)  # its ValueError names the bad network
         return networks
+
+    @model_validator(mode="after")
+    def _retry_after_bounds(self) -> IngressConfig:
+        if self.retry_after_s > self.retry_after_max_s:
+            raise ValueError(f"retry_after_s {self.retry_after_s} is above retry_after_max_s {self.retry_after_max_s}")
+        return self
 
     @model_validator(mode="after")
     def _rtp_port_range(self) -> IngressConfig:

@@ -55,7 +55,7 @@ from app.transport.protocol import (
     WarningEvent,
     close_code,
 )
-from app.transport.sessions import EVERY_CONVERTER_FULL, BlockEvents, StreamServices
+from app.transport.sessions import BlockEvents, StreamServices
 
 log = logging.getLogger(__name__)
 
@@ -340,7 +340,7 @@ class SessionDriver(ABC):
         except SessionLost as error:
             raise ProtocolError(ErrorCode.internal, "the converter was lost and could not be replaced") from error
         except CapacityExceeded as error:  # its converter was lost, and every other one is full
-            raise ProtocolError(ErrorCode.overloaded, EVERY_CONVERTER_FULL) from error
+            raise await self.stream.every_converter_full() from error
         finally:
             sender.cancel()
 

@@ -17,6 +17,7 @@ from app.auth.tokens import TokenClaims, TokenError, TokenSigner
 from app.offload import Busy, Offload
 from app.serving.live import BlockReport, ConverterClient, LateReport, LiveSession
 from app.serving.metrics import Metrics, NoMetrics
+from app.serving.retry_after import CapacityOutlook
 from app.serving.wire import CapacityExceeded, SessionLost, UnknownVoice
 from app.streaming.settings import SettingsError, StreamSettings
 from app.transport.limits import MessageLimits
@@ -41,6 +42,17 @@ DEFAULT_RESUME_TOKEN_TTL_S = 24 * 3600
 
 
 EVERY_CONVERTER_FULL = "every converter is full; try again shortly"  # with `overloaded` and a retry-after
+# Times in block events to 0.1 ms: finer is clock noise, and a float's 15 digits cost 20 bytes an event more, at
+# 5 events a second (1 kbit/s of a stream's 64 kbit/s budget).
+MS_DECIMALS = 1
+
+
+class Overloaded(ProtocolError):
+    """`overloaded` because no converter can take the session, with how long the caller should wait."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(ErrorCode.overloaded, message)
+        self.retry_after_s = retry_after_s
 
 
 def _process_resume_tokens() -> TokenSigner:
@@ -60,7 +72,10 @@ class StreamServices:
     defaults: StreamSettings | None
     resume_tokens: TokenSigner = field(default_factory=_process_resume_tokens)
     max_backlog_blocks: int = 3
-    retry_after_s: float = 5.0
+    retry_after_s: float = 5.0  # for a refusal the capacity outlook does not answer (the voice store is busy)
+    # What a caller refused because every converter is full should wait (the ingress: from the converters' scale-up,
+    # see app/serving/retry_after.py); None: retry_after_s.
+    capacity_outlook: CapacityOutlook | None = None
     opus_bitrate: int = 32000
     metrics: Metrics = field(default_factory=NoMetrics)
     open_streams: Counter[str] = field(default_factory=Counter)  # by transport
@@ -139,7 +154,7 @@ class StreamServices:
         try:
             await self.quotas.open(owner, session, generation)  # the key's quotas (rate_limited), then a converter
         except CapacityExceeded as error:
-            raise ProtocolError(ErrorCode.overloaded, EVERY_CONVERTER_FULL) from error
+            raise await self.every_converter_full() from error
         except UnknownVoice as error:
             raise ProtocolError(ErrorCode.unknown_voice, f"unknown voice {start.voice_id}") from error
         except SettingsError as error:
@@ -204,8 +219,13 @@ class StreamServices:
     def block_events(self, session: LiveSession, owner: str) -> BlockEvents:
         return BlockEvents(session.voice_id, lambda: self.resume_token(session, owner))
 
+    async def every_converter_full(self) -> Overloaded:
+        """The refusal of a session no converter can take, with the wait the capacity outlook expects."""
+        outlook = self.capacity_outlook
+        return Overloaded(EVERY_CONVERTER_FULL, await outlook.expected_wait_s() if outlook else self.retry_after_s)
+
     def error_event(self, error: ProtocolError) -> ErrorEvent:
-        if isinstance(error, RateLimited):
+        if isinstance(error, RateLimited | Overloaded):
             return ErrorEvent(code=error.code, message=error.message, retry_after_s=error.retry_after_s)
         retry_after_s = self.retry_after_s if error.code == ErrorCode.overloaded else None
         return ErrorEvent(code=error.code, message=error.message, retry_after_s=retry_after_s)
@@ -229,8 +249,8 @@ class BlockEvents:
         block = BlockEvent(
             index=report.index,
             input_start_ms=round(report.input_start_ms),
-            latency_ms=report.latency_ms,
-            queue_ms=report.queue_ms,
+            latency_ms=round(report.latency_ms, MS_DECIMALS),
+            queue_ms=round(report.queue_ms, MS_DECIMALS),
             steps=report.steps,
             silent=report.silent,
         )

@@ -3,13 +3,14 @@ converter replicas: sessions past the policy's threshold make Serve add a replic
 the load falls Serve removes one, whose sessions re-home with nothing lost. The timings are printed (`-s`).
 
 Converters run in identity mode: the scaling is under test, and real-time sessions of the tiny model on two
-replicas plus the ones Serve starts would not fit two cores. Metrics are pushed every 0.5 s (production: 10 s).
+replicas plus the ones Serve starts would not fit two cores. Metrics are pushed every 0.5 s (Serve's default: 10 s;
+serve_config.gpu.yaml: 1 s). What an ingress would tell a caller refused meanwhile (deployments/scale_up.py: the added
+replica seen starting, then its start measured) is read from Serve's controller as the ingress reads it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,9 +19,9 @@ import pytest
 from ray import serve
 from ray.serve.schema import DeploymentStatus
 
+from app.serving.retry_after import ScaleUpWatch
 from bench.harness import (
     APP,
-    FAST_AUTOSCALING_METRICS,
     ServeApp,
     autoscaled_converters,
     converter_replicas,
@@ -30,29 +31,22 @@ from bench.harness import (
 )
 from bench.parity import ParitySet
 from client.stream_client import encode_packets, run_stream, start_message
+from deployments.scale_up import ServeScaleUpOutlook
 from tests.serve.test_resilience import FAST_DRAIN, LiveCall, block_indexes_by_session, looped
 
 pytestmark = pytest.mark.serve
 
 SESSIONS_PER_REPLICA = 2
+OUTLOOK_ESTIMATE_S = 120.0  # longer than a converter's start here: the measured start must be below it
 TIMEOUT_S = 120
 
 
 @pytest.fixture(scope="module")
 def app(parity: ParitySet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeApp]:
-    saved = {name: os.environ.get(name) for name in FAST_AUTOSCALING_METRICS}
-    os.environ.update(FAST_AUTOSCALING_METRICS)  # Ray's processes (controller, replicas) inherit them
-    try:
-        with local_ray():
-            converters = {**autoscaled_converters(sessions_per_replica=SESSIONS_PER_REPLICA), **FAST_DRAIN}
-            options = {"Converter": converters, "Ingress": {"max_ongoing_requests": 32}}
-            yield start_app(parity, tmp_path_factory.mktemp("voices"), converters=1, identity=True, options=options)
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    with local_ray():
+        converters = {**autoscaled_converters(sessions_per_replica=SESSIONS_PER_REPLICA), **FAST_DRAIN}
+        options = {"Converter": converters, "Ingress": {"max_ongoing_requests": 32}}
+        yield start_app(parity, tmp_path_factory.mktemp("voices"), converters=1, identity=True, options=options)
 
 
 class Session:
@@ -113,11 +107,32 @@ def holder(session: Session) -> str:
     return replica
 
 
+class Outlook:
+    """What an ingress would tell a caller refused for capacity (deployments/scale_up.py), read from this process."""
+
+    def __init__(self) -> None:
+        self.scale_up = ServeScaleUpOutlook(APP, "Converter", ScaleUpWatch(OUTLOOK_ESTIMATE_S, 5.0, 300.0), 0.0)
+        self.waits: list[float] = []
+
+    def read(self) -> float:
+        self.waits.append(asyncio.run(self.scale_up.expected_wait_s()))
+        return self.waits[-1]
+
+
 def test_load_past_the_threshold_adds_a_converter_and_scaling_down_rehomes_its_sessions(app: ServeApp) -> None:
     [first_replica] = converter_replicas()
+    outlook = Outlook()
+    outlook.read()
+    assert outlook.waits == [5.0], "nothing is starting: the least wait"
     early = [Session(app, seed) for seed in range(SESSIONS_PER_REPLICA + 1)]
     wait_for(lambda: all(s.call.blocks >= 3 for s in early), "the first sessions to run", early)
-    scale_up_s = wait_for(lambda: converters_running(2), "a second converter", early)
+    scale_up_s = wait_for(lambda: outlook.read() > 0 and converters_running(2), "a second converter", early)
+    outlook.read()
+    # The start was seen under way (the estimate less its age) and then measured, from Serve's request to running.
+    starting = [wait for wait in outlook.waits if wait > 5.0]
+    measured_s = outlook.scale_up.watch.measured_start_s
+    assert starting and max(starting) <= OUTLOOK_ESTIMATE_S and outlook.waits[-1] == 5.0
+    assert measured_s is not None and 0 < measured_s < OUTLOOK_ESTIMATE_S
     [added] = set(converter_replicas()) - {first_replica}
     late = [Session(app, seed) for seed in range(10, 12)]
     wait_for(lambda: all(s.call.blocks >= 3 for s in late), "the later sessions to run", early + late)
@@ -134,7 +149,9 @@ def test_load_past_the_threshold_adds_a_converter_and_scaling_down_rehomes_its_s
         session.went_on()
     moved = [s for s in late if s.call.event_count("resume_token") == 1]
     print(
-        f"\nscale-up: second converter running {scale_up_s:.1f} s after the third session started converting; "
+        f"\nscale-up: second converter running {scale_up_s:.1f} s after the third session started converting "
+        f"(measured by the ingress's outlook: {measured_s:.1f} s from Serve's request; a refused caller would have "
+        f"been told {max(starting):.0f} s at first); "
         f"scale-down: {scale_down_s:.1f} s after the early sessions ended; {len(moved)} of {len(late)} sessions "
         f"moved ({'the added replica was removed' if kept == first_replica else 'the first replica was removed'})"
     )
