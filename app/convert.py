@@ -1,7 +1,9 @@
 """File-to-file voice conversion through the streaming algorithm, block by block, exactly as a live stream runs.
 
 Usage:
-    python -m app.convert SOURCE REFERENCE OUTPUT [--model hub|BUNDLE_DIR] [--seed 0] [--device auto]
+    python -m app.convert SOURCE REFERENCE OUTPUT [--model hub|BUNDLE_DIR] [--seed 0] [--device auto] [--pitch 0]
+        [--silence-threshold DBFS [--hangover S]] [--input-gain DB] [--output-gain DB] [--rms-mix-rate R]
+        [--noise-suppression]
     python -m app.convert --manifest JOBS.jsonl [settings flags as defaults for every job]
 
 OUTPUT holds what a live listener would hear: output block k answers input block k (no delay compensation),
@@ -10,8 +12,17 @@ followed by the blocks that flush the lookahead. WAV output is 32-bit float at t
 
 A manifest has one JSON object per line: {"source": ..., "reference": ..., "output": ..., "seed": 0} plus any
 setting to override for that job (block_time, crossfade_time, ce_context, dit_context, lookahead, diffusion_steps,
-cfg_rate, max_prompt). Relative paths are relative to the manifest's folder. All jobs run as concurrent streams of
-one model: jobs with equal block settings are batched together, block by block.
+cfg_rate, max_prompt) and any stream control but monitor (pitch_shift, silence_threshold_dbfs, silence_hangover_s,
+input_gain_db, output_gain_db, rms_mix_rate, noise_suppression; the flags below give every job's default). Relative
+paths are relative to the manifest's folder. All jobs run as concurrent streams of one model: jobs with equal block
+settings are batched together, block by block.
+
+The stream controls (app/serving/controls.py) work as they do on a live stream, with the service's code and the
+protocol's ranges: --input-gain and --noise-suppression (RNNoise at 48 kHz, 20 ms later) change the input before it
+is cut into blocks; --silence-threshold skips the model for silent blocks (no gate unless given), --hangover keeps
+converting that long after the input was last above it; each converted block is then pitch shifted (--pitch, its
+formants kept, 46 ms later), matched in loudness (--rms-mix-rate) and given --output-gain. Every control is neutral
+unless given: without them the output is bitwise what it was before they existed.
 """
 
 from __future__ import annotations
@@ -20,18 +31,26 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
+from app.audio.denoise import NoiseControl
 from app.audio.files import Audio, AudioError, read_audio, resample, write_audio
+from app.audio.opus import SAMPLE_RATE
+from app.audio.pitch_shift import PitchControl
+from app.cli_controls import CONTROL_FLAGS, ControlError, add_control_flags, check_controls, given_controls
 from app.engine.engine import BlockRequest, Engine
+from app.engine.silence import SilenceGate
 from app.model.config import ConfigError
 from app.model.precision import Precision
 from app.model.seedvc import SeedVC
 from app.model.sources import HUB, ModelLoadError
+from app.serving.controls import Loudness, StreamControls, apply_input_gain
 from app.streaming.settings import CONTENT_RATE, SettingsError, StreamGeometry, StreamSettings
 from app.streaming.voice import VoiceCache
 
@@ -46,6 +65,11 @@ SETTING_FLAGS = {
     "max_prompt": ("--max-prompt", float, "seconds of the reference used as the voice prompt"),
 }
 
+NEUTRAL_CONTROLS = StreamControls()
+# The stream controls a file job takes: all but monitor, which hears the input itself (a file has it already).
+NOT_FOR_FILES = frozenset({"monitor"})
+FILE_CONTROLS = frozenset(control.field for control in CONTROL_FLAGS) - NOT_FOR_FILES
+
 
 class JobError(ValueError):
     """A manifest line or job that cannot be run; the message names the line."""
@@ -58,6 +82,7 @@ class Job:
     output: Path
     seed: int
     settings: StreamSettings
+    controls: StreamControls = NEUTRAL_CONTROLS  # the service's stream controls, applied as a stream applies them
 
 
 @dataclass
@@ -66,15 +91,31 @@ class RunningJob:
     session_id: str
     blocks: list[torch.Tensor]  # input blocks at 16 kHz, padded, plus the flush blocks
     outputs: list[torch.Tensor]
+    pitch: PitchControl
+    loudness: Loudness = field(default_factory=Loudness)
+
+    def add(self, audio: torch.Tensor) -> None:
+        """The engine's output block, through the output controls in LiveSession's order (neutral: as it was)."""
+        controls = self.job.controls
+        answered = self.blocks[len(self.outputs)].numpy()  # the input block this output block answers
+        shaped = self.loudness.apply(controls, self.pitch.apply(controls.pitch_shift, audio.numpy()), answered)
+        self.outputs.append(torch.from_numpy(shaped))
 
     @property
     def done(self) -> bool:
         return len(self.outputs) == len(self.blocks)
 
 
-def input_blocks(source: Audio, geometry: StreamGeometry) -> list[torch.Tensor]:
-    """The source at 16 kHz cut into blocks (the last one zero-padded), then silent blocks that flush the lookahead."""
-    samples = resample(torch.from_numpy(source.samples), source.rate, CONTENT_RATE)
+def input_blocks(source: Audio, geometry: StreamGeometry, controls: StreamControls) -> list[torch.Tensor]:
+    """The source at 16 kHz cut into blocks (the last one zero-padded), then silent blocks that flush the lookahead;
+    the input gain and noise suppression first, as the service's ingress applies them."""
+    samples, rate = torch.from_numpy(apply_input_gain(controls, source.samples)), source.rate
+    if controls.noise_suppression:
+        # RNNoise runs at 48 kHz, where the service's ingress runs it; what its delay line holds comes out at the end.
+        noise = NoiseControl()
+        at_48k = resample(samples, rate, SAMPLE_RATE).numpy()
+        samples, rate = torch.from_numpy(np.concatenate([noise.apply(True, at_48k), noise.flush()])), SAMPLE_RATE
+    samples = resample(samples, rate, CONTENT_RATE)
     size = geometry.block_16k
     count = -(-len(samples) // size) + geometry.flush_blocks
     padded = torch.zeros(count * size)
@@ -95,23 +136,41 @@ def run_jobs(model: SeedVC, jobs: Sequence[Job], output_rate: int, progress: boo
     running = []
     for number, job in enumerate(jobs):
         voice = voices.get(read_audio(job.reference), job.settings.max_prompt)
-        session = engine.open(str(number), voice, job.settings, job.seed)
-        blocks = input_blocks(read_audio(job.source), session.stream.geometry)
-        running.append(RunningJob(job=job, session_id=str(number), blocks=blocks, outputs=[]))
+        session = engine.open(str(number), voice, job.settings, job.seed, gate=silence_gate(job.controls))
+        blocks = input_blocks(read_audio(job.source), session.stream.geometry, job.controls)
+        pitch = PitchControl(model.sample_rate)
+        running.append(RunningJob(job=job, session_id=str(number), blocks=blocks, outputs=[], pitch=pitch))
     by_id = {r.session_id: r for r in running}
     with tqdm(total=sum(len(r.blocks) for r in running), unit="block", disable=not progress) as bar:
         while active := [r for r in running if not r.done]:
             report = engine.step([BlockRequest(r.session_id, r.blocks[len(r.outputs)]) for r in active])
             for result in report.results:
                 finished = by_id[result.session_id]
-                finished.outputs.append(result.audio)
+                finished.add(result.audio)
                 if finished.done:
                     finish_job(finished, model.sample_rate, output_rate)
                     engine.close(finished.session_id)
             bar.update(len(report.results))
 
 
-def read_manifest(path: Path, defaults: StreamSettings, default_seed: int) -> list[Job]:
+def silence_gate(controls: StreamControls) -> SilenceGate | None:
+    """Files have no configured gate (the service's converter has one): none unless a threshold is given."""
+    if controls.silence_threshold_dbfs is None:
+        return None
+    return SilenceGate(controls.silence_threshold_dbfs, controls.silence_hangover_s)
+
+
+def job_controls(defaults: StreamControls, changes: dict[str, Any], where: str) -> StreamControls:
+    """The defaults with a job's changes, already checked against the protocol (`check_controls`)."""
+    controls = replace(defaults, **changes)
+    if controls.silence_hangover_s and controls.silence_threshold_dbfs is None:
+        raise JobError(f"{where}: a hangover needs a silence threshold (files are converted without a gate otherwise)")
+    return controls
+
+
+def read_manifest(
+    path: Path, defaults: StreamSettings, default_seed: int, default_controls: StreamControls = NEUTRAL_CONTROLS
+) -> list[Job]:
     base = path.parent
     known_settings = {f.name for f in fields(StreamSettings)}
     jobs = []
@@ -129,7 +188,7 @@ def read_manifest(path: Path, defaults: StreamSettings, default_seed: int) -> li
             raise JobError(f"{where}: not valid JSON ({error.msg})") from error
         if not isinstance(entry, dict):
             raise JobError(f"{where}: each line must be a JSON object")
-        unknown = set(entry) - {"source", "reference", "output", "seed"} - known_settings
+        unknown = set(entry) - {"source", "reference", "output", "seed"} - known_settings - FILE_CONTROLS
         if unknown:
             raise JobError(f"{where}: unknown keys {sorted(unknown)}")
         missing = {"source", "reference", "output"} - set(entry)
@@ -139,6 +198,10 @@ def read_manifest(path: Path, defaults: StreamSettings, default_seed: int) -> li
             settings = replace(defaults, **{key: entry[key] for key in known_settings & set(entry)})
         except SettingsError as error:
             raise JobError(f"{where}: {error}") from error
+        try:
+            changes = check_controls({key: entry[key] for key in FILE_CONTROLS & set(entry)}, lambda key: key)
+        except ControlError as error:
+            raise JobError(f"{where}: {error}") from error
         jobs.append(
             Job(
                 source=base / entry["source"],
@@ -146,6 +209,7 @@ def read_manifest(path: Path, defaults: StreamSettings, default_seed: int) -> li
                 output=base / entry["output"],
                 seed=int(entry.get("seed", default_seed)),
                 settings=settings,
+                controls=job_controls(default_controls, changes, where),
             )
         )
     if not jobs:
@@ -178,6 +242,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--output-rate", type=int, help="resample the output to this rate (default: model rate)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_control_flags(parser, without=NOT_FOR_FILES)
     args = parser.parse_args(argv)
     single = [args.source, args.reference, args.output]
     if args.manifest is None and None in single:
@@ -202,13 +267,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         settings = StreamSettings(**{name: getattr(args, name) for name in SETTING_FLAGS})
+        controls = job_controls(NEUTRAL_CONTROLS, given_controls(args), "--hangover")
         if args.manifest is not None:
-            jobs = read_manifest(args.manifest, settings, args.seed)
+            jobs = read_manifest(args.manifest, settings, args.seed, controls)
         else:
-            jobs = [Job(args.source, args.reference, args.output, args.seed, settings)]
+            jobs = [Job(args.source, args.reference, args.output, args.seed, settings, controls)]
         model = SeedVC.load(args.model, choose_device(args.device), args.precision)
         run_jobs(model, jobs, args.output_rate or model.sample_rate, progress=not args.quiet)
-    except (SettingsError, JobError, AudioError, ConfigError, ModelLoadError) as error:
+    except (SettingsError, JobError, ControlError, AudioError, ConfigError, ModelLoadError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

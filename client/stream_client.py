@@ -8,8 +8,16 @@ Usage:
     # Eight streams of the same input at once (writes OUTPUT-0.wav ... OUTPUT-7.wav), reproducible, fewer steps:
     python -m client.stream_client INPUT.wav OUTPUT.wav --voice VOICE_ID --concurrency 8 --seed 0 \\
         --setting diffusion_steps=6 --setting block_time=0.24
+    # The converted voice five semitones higher (its formants kept; -12..12):
+    python -m client.stream_client INPUT.wav OUTPUT.wav --voice VOICE_ID --pitch 5
+    # Louder, quieter gate with a longer hold for word ends, noise suppression on the input:
+    python -m client.stream_client INPUT.wav OUTPUT.wav --voice VOICE_ID --output-gain 6 --silence-threshold -50 \
+        --hangover 0.3 --noise-suppression
     # The default microphone until Ctrl+C (needs the optional package: pip install sounddevice):
     python -m client.stream_client --mic OUTPUT.wav --voice VOICE_ID
+    # A chosen microphone and speaker (by index or part of the name), the converted voice played live as well:
+    python -m client.stream_client --list-devices
+    python -m client.stream_client --mic OUTPUT.wav --voice VOICE_ID --input-device USB --output-device 3 --play
 
 As a library (inside a coroutine):
     token = client.api.get_token("http://127.0.0.1:8000", api_key)
@@ -45,13 +53,30 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from app.audio.files import AudioError, read_audio, resample, write_audio
-from app.audio.framing import Chunker
 from app.audio.opus import FRAME_SAMPLES, OpusDecoder, OpusEncoder, OpusError
 from app.audio.pacing import Pacer
-from app.audio.stream_resample import StreamingResampler
+from app.cli_controls import ControlError, add_control_flags, given_controls
 from app.environment import CLIENT_API_KEY, client_api_key
-from app.transport.protocol import FRAME_MS, PROTOCOL_VERSION, SAMPLE_RATE, ErrorCode, SettingsOverrides
+from app.transport.protocol import (
+    FRAME_MS,
+    PROTOCOL_VERSION,
+    SAMPLE_RATE,
+    START_RETRIES,
+    START_RETRY_DEFAULT_S,
+    START_RETRY_MAX_S,
+    ErrorCode,
+    SettingsOverrides,
+)
 from client.api import ClientError, get_token, upload_voice
+from client.audio_devices import (
+    PLAY_PREBUFFER_S,
+    AudioDeviceError,
+    Microphone,
+    Player,
+    choose_device,
+    describe_devices,
+    sound_library,
+)
 
 STREAM_PATH = "/v1/stream"
 FRAME_SECONDS = FRAME_MS / 1000
@@ -61,22 +86,25 @@ READY_TIMEOUT_S = 30.0
 # all, well within the converter's detached_session_ttl_s (30 s by default), for which it holds the session.
 RESUME_ATTEMPTS = 6
 RESUME_BACKOFF_S = 0.5
+# A start the server refused for capacity (`overloaded`, `rate_limited`) is tried again after its `retry_after_s`
+# (the time a new converter takes to serve, when the service is scaling), longer each time, up to START_RETRIES
+# times: the protocol's policy (app/transport/protocol.py), which the page follows too.
+RETRYABLE_REFUSALS = frozenset({ErrorCode.overloaded, ErrorCode.rate_limited})
+PLAY_BUFFER_RANGE_MS = (20.0, 5000.0)  # a packet at least; beyond 5 s the voice is no longer live
 RESEND_HISTORY_PACKETS = 1500  # 30 s of sent input kept to send again after a resume (the server holds 30 s too)
 
 Event = dict[str, Any]
 EventHandler = Callable[[Event], None]
 # Sees every message the server sends, as it arrives and before it is handled: an Opus packet (bytes) or a JSON text.
 MessageHandler = Callable[[bytes | str], None]
+# Sees the converted voice as it arrives: each packet decoded, (960,) float32 at 48 kHz, the output's next samples.
+AudioHandler = Callable[[np.ndarray], None]
 # What the sender puts on the socket: an Opus packet (binary message) or a control message (JSON text).
 Outgoing = bytes | dict[str, Any]
 
 
 class StreamError(Exception):
     """The connection broke or the server broke the protocol; error events are results, not StreamErrors."""
-
-
-class MicrophoneError(Exception):
-    """The microphone cannot be used: the optional `sounddevice` package or PortAudio is missing, or no device."""
 
 
 @dataclass(frozen=True)
@@ -162,9 +190,15 @@ def stream_url(url: str) -> str:
 
 
 def start_message(
-    token: str, voice_id: str, *, realtime: bool = True, seed: int | None = None, settings: dict[str, Any] | None = None
+    token: str,
+    voice_id: str,
+    *,
+    realtime: bool = True,
+    seed: int | None = None,
+    settings: dict[str, Any] | None = None,
+    controls: dict[str, Any] | None = None,
 ) -> Event:
-    """The protocol's start message; settings go unchecked, so that the server's answer (bad_settings) is the one."""
+    """The protocol's start message; settings and controls go unchecked, so that the server's answer is the one."""
     message: Event = {
         "type": "start",
         "version": PROTOCOL_VERSION,
@@ -174,6 +208,8 @@ def start_message(
     }
     if settings:
         message["settings"] = settings
+    if controls:
+        message["controls"] = controls
     if seed is not None:
         message["seed"] = seed
     return message
@@ -212,50 +248,6 @@ async def paced_packets(
             yield {"type": "set_voice", "voice_id": set_voice_at[1]}
 
 
-class Microphone:
-    """The default input device as 20 ms Opus packets at 48 kHz until `stop()`; needs the optional `sounddevice`."""
-
-    def __init__(self) -> None:
-        try:
-            # Imported here: sounddevice is optional, and it loads the PortAudio library when imported.
-            import sounddevice
-        except (ImportError, OSError) as error:  # OSError: the package is there but PortAudio is not
-            raise MicrophoneError(
-                f"--mic needs the optional 'sounddevice' package and PortAudio (pip install sounddevice): {error}"
-            ) from None
-        self._sounddevice = sounddevice
-        self._captured: asyncio.Queue[np.ndarray | None] = asyncio.Queue()
-
-    def stop(self) -> None:
-        """Ends `packets()` after what was captured so far; safe to call from a signal handler on the loop."""
-        self._captured.put_nowait(None)
-
-    async def packets(self) -> AsyncGenerator[Outgoing, None]:
-        """Opens the device and yields its audio as Opus packets until `stop()`; closing the generator closes it."""
-        loop = asyncio.get_running_loop()
-
-        def on_audio(samples: np.ndarray, frames: int, time_info: Any, status: Any) -> None:
-            # PortAudio calls this on its own thread and reuses the buffer afterwards: copy, then hand to the loop.
-            loop.call_soon_threadsafe(self._captured.put_nowait, samples[:, 0].copy())
-
-        try:
-            # The device's own rate: not every device opens at 48 kHz, and resampling here is exact and cheap.
-            rate = int(self._sounddevice.query_devices(kind="input")["default_samplerate"])
-        except self._sounddevice.PortAudioError as error:
-            raise MicrophoneError(f"no microphone: {error}") from None
-        resampler = StreamingResampler(rate, SAMPLE_RATE)
-        chunker: Chunker[np.ndarray] = Chunker(FRAME_SAMPLES)
-        encoder = OpusEncoder()
-        try:
-            with self._sounddevice.InputStream(samplerate=rate, channels=1, dtype="float32", callback=on_audio):
-                # Under 20 ms may stay buffered when stop() arrives; that is after the speaker pressed Ctrl+C.
-                while (captured := await self._captured.get()) is not None:
-                    for frame in chunker.push(resampler.push(torch.from_numpy(captured)).numpy()):
-                        yield encoder.encode(frame)
-        except self._sounddevice.PortAudioError as error:
-            raise MicrophoneError(f"the microphone failed: {error}") from None
-
-
 class ConnectionDropped(StreamError):
     """The connection closed mid-stream without an end or error event: the session may be resumed."""
 
@@ -272,9 +264,15 @@ class _Stream:
     """One stream over one or more connections: a sender task for the input and a receive loop that keeps events
     and decodes the output, on each connection in turn; a connection that drops is followed by one that resumes."""
 
-    def __init__(self, on_event: EventHandler | None, on_message: MessageHandler | None = None) -> None:
+    def __init__(
+        self,
+        on_event: EventHandler | None,
+        on_message: MessageHandler | None = None,
+        on_audio: AudioHandler | None = None,
+    ) -> None:
         self._on_event = on_event
         self._on_message = on_message
+        self._on_audio = on_audio
         self._decoder = OpusDecoder()
         self._ready = asyncio.Event()
         self._ready_event: Event | None = None  # this connection's
@@ -405,9 +403,12 @@ class _Stream:
         if self.first_audio_ms is None and self._first_sent_at is not None:
             self.first_audio_ms = 1000 * (time.monotonic() - self._first_sent_at)
         try:
-            self.output.append(self._decoder.decode(packet))
+            audio = self._decoder.decode(packet)
         except OpusError as error:
             raise StreamError(f"the server sent audio that is not a 20 ms Opus packet: {error}") from None
+        self.output.append(audio)
+        if self._on_audio is not None:
+            self._on_audio(audio)
 
     def _take_event(self, text: str) -> Event:
         try:
@@ -463,19 +464,21 @@ async def run_stream(
     *,
     on_event: EventHandler | None = None,
     on_message: MessageHandler | None = None,
+    on_audio: AudioHandler | None = None,
     resume_attempts: int = RESUME_ATTEMPTS,
 ) -> StreamResult:
     """Runs one stream: `start` (see `start_message`), then `messages` once the server is ready, then end.
 
     `on_event` sees each JSON event once parsed; `on_message` sees each raw message first (byte counts, arrival
-    times of the audio: what a load test measures). A connection that drops mid-stream is replaced by one that
+    times of the audio: what a load test measures); `on_audio` sees the output's samples as they are decoded (what
+    live playback plays). A connection that drops mid-stream is replaced by one that
     resumes the session (up to `resume_attempts` times in a row, `RESUME_BACKOFF_S` apart); the input produced
     meanwhile is sent when it is back, and the server drops what it cannot catch up on (`late` events).
 
     Raises OSError or websockets' InvalidURI / InvalidHandshake when no connection opens, and StreamError when it
     breaks for good; an error event is returned in the result instead.
     """
-    stream = _Stream(on_event, on_message)
+    stream = _Stream(on_event, on_message, on_audio)
     outgoing: asyncio.Queue[Outgoing | None] = asyncio.Queue(maxsize=1)
     # aclosing: however the stream ends, its source is closed (and with it the microphone).
     async with contextlib.aclosing(messages):
@@ -486,6 +489,38 @@ async def run_stream(
             feeder.cancel()
             await asyncio.gather(feeder, return_exceptions=True)
     return stream.result()
+
+
+def retry_wait_s(result: StreamResult, retries_so_far: int) -> float | None:
+    """How long to wait before trying a refused start again; None unless the server refused the start for capacity. The
+    server's `retry_after_s`, doubled for each retry already made (a wave of callers must not come back at once),
+    at most START_RETRY_MAX_S."""
+    error = result.error
+    if error is None or error.get("code") not in RETRYABLE_REFUSALS or result.ready is not None:
+        return None
+    return float(min(START_RETRY_MAX_S, float(error.get("retry_after_s") or START_RETRY_DEFAULT_S) * 2**retries_so_far))
+
+
+async def run_stream_retrying(
+    url: str,
+    start: Event,
+    messages: Callable[[], AsyncGenerator[Outgoing, None]],
+    *,
+    on_wait: Callable[[float, Event], None],
+    retries: int = START_RETRIES,
+    **options: Any,
+) -> StreamResult:
+    """`run_stream`, trying a start that the server refused for capacity again (`retry_wait_s`); `messages` makes
+    a fresh input source for each try, and `on_wait(seconds, error)` tells the person before each wait."""
+    for retries_so_far in range(retries + 1):
+        result = await run_stream(url, start, messages(), **options)
+        wait_s = retry_wait_s(result, retries_so_far)
+        if wait_s is None or retries_so_far == retries:
+            return result
+        assert result.error is not None  # retry_wait_s answers only for a refusal
+        on_wait(wait_s, result.error)
+        await asyncio.sleep(wait_s)
+    raise AssertionError("unreachable: the last try returns")
 
 
 async def _connect_and_resume(
@@ -567,20 +602,31 @@ def parse_setting(text: str) -> tuple[str, Any]:
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m client.stream_client",
-        usage="%(prog)s (INPUT | --mic) OUTPUT (--voice ID | --reference REF) [options]",
+        usage="%(prog)s (INPUT | --mic) OUTPUT (--voice ID | --reference REF) [options] | %(prog)s --list-devices",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("files", nargs="+", type=Path, metavar="FILE", help="INPUT OUTPUT, or OUTPUT alone with --mic")
+    parser.add_argument("files", nargs="*", type=Path, metavar="FILE", help="INPUT OUTPUT, or OUTPUT alone with --mic")
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL (%(default)s)")
     parser.add_argument("--api-key", default=client_api_key(), help=f"API key (default: ${CLIENT_API_KEY})")
-    voice = parser.add_mutually_exclusive_group(required=True)
+    voice = parser.add_mutually_exclusive_group()
     voice.add_argument("--voice", help="id of a voice already on the server")
     voice.add_argument("--reference", type=Path, help="upload this recording as a new voice, then use it")
     parser.add_argument("--fast", action="store_true", help="send the input as fast as possible, not in real time")
     parser.add_argument("--seed", type=int, help="diffusion noise seed, for reproducible output")
     parser.add_argument("--concurrency", type=int, default=1, help="streams of the same input at once (%(default)s)")
-    parser.add_argument("--mic", action="store_true", help="stream the default microphone until Ctrl+C")
+    parser.add_argument("--mic", action="store_true", help="stream the microphone until Ctrl+C")
+    parser.add_argument("--play", action="store_true", help="play the converted voice live, too (real time only)")
+    parser.add_argument(
+        "--play-buffer",
+        type=float,
+        default=1000 * PLAY_PREBUFFER_S,
+        metavar="MS",
+        help="--play: audio buffered before playing (and after an underrun); more absorbs more jitter (%(default)g)",
+    )
+    parser.add_argument("--list-devices", action="store_true", help="list the audio devices, then exit")
+    parser.add_argument("--input-device", metavar="DEVICE", help="--mic's device: index or part of its name")
+    parser.add_argument("--output-device", metavar="DEVICE", help="--play's device: index or part of its name")
     parser.add_argument(
         "--setting",
         type=parse_setting,
@@ -589,9 +635,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="override a stream setting",
     )
+    add_control_flags(parser)
     args = parser.parse_args(argv)
+    if args.list_devices:
+        return args  # needs nothing else
     if len(args.files) != (1 if args.mic else 2):
         parser.error("give INPUT OUTPUT, or --mic OUTPUT")
+    if args.voice is None and args.reference is None:
+        parser.error("give --voice ID or --reference REF")
     if args.api_key is None:
         parser.error(f"give --api-key or set {CLIENT_API_KEY}")
     url = urllib.parse.urlsplit(args.url)
@@ -599,10 +650,22 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error(f"--url must be an http:// or https:// base URL, got {args.url!r}")
     if args.concurrency < 1:
         parser.error("--concurrency must be at least 1")
-    if args.mic and (args.concurrency > 1 or args.fast):
-        parser.error("--mic is one real-time stream: it takes neither --concurrency nor --fast")
+    for flag, given in (("--mic", args.mic), ("--play", args.play)):
+        if given and (args.concurrency > 1 or args.fast):
+            parser.error(f"{flag} is one real-time stream: it takes neither --concurrency nor --fast")
+    if args.input_device is not None and not args.mic:
+        parser.error("--input-device chooses --mic's device: give --mic")
+    if args.output_device is not None and not args.play:
+        parser.error("--output-device chooses --play's device: give --play")
+    low, high = PLAY_BUFFER_RANGE_MS
+    if not low <= args.play_buffer <= high:
+        parser.error(f"--play-buffer must be from {low:g} to {high:g} ms")
     if args.seed is not None and args.seed < 0:
         parser.error("--seed must not be negative")
+    try:
+        args.controls = given_controls(args)
+    except ControlError as error:
+        parser.error(str(error))
     return args
 
 
@@ -624,20 +687,45 @@ def _printer(label: str) -> EventHandler:
     return show
 
 
+def _waiting(label: str) -> Callable[[float, Event], None]:
+    def say(wait_s: float, error: Event) -> None:
+        print(f"{label}: the server is full ({error['code']}: {error['message']}); trying again in {wait_s:.0f} s")
+
+    return say
+
+
 def _read_48k(path: Path) -> np.ndarray:
     audio = read_audio(path)
     return resample(torch.from_numpy(audio.samples), audio.rate, SAMPLE_RATE).numpy()
 
 
 # Failures a user can meet and fix (server down, wrong key or voice, bad file); anything else is a bug.
-EXPECTED_ERRORS = (ClientError, AudioError, StreamError, MicrophoneError, OSError, InvalidURI, InvalidHandshake)
+EXPECTED_ERRORS = (ClientError, AudioError, StreamError, AudioDeviceError, OSError, InvalidURI, InvalidHandshake)
 
 
 async def _run(args: argparse.Namespace) -> int:
     """Everything after argument parsing; expected failures raise, and `main` turns them into messages."""
-    # The input first: a missing package or an unreadable file fails before any network call.
-    microphone = Microphone() if args.mic else None
+    # The input and the speaker first: a missing package, device or file fails before any network call.
+    microphone = None
+    if args.mic:
+        library = sound_library("--mic")
+        microphone = Microphone(library, choose_device(library, args.input_device, "input"))
     packets = [] if microphone is not None else encode_packets(_read_48k(args.files[0]))
+    if args.play:
+        library = sound_library("--play")
+        device = choose_device(library, args.output_device, "output")
+        with Player(library, device, prebuffer_s=args.play_buffer / 1000) as player:
+            result = await _stream(args, microphone, packets, on_audio=player.push)
+            await player.finish()
+        print(f"  {player.stats.describe()}")
+        return result
+    return await _stream(args, microphone, packets)
+
+
+async def _stream(
+    args: argparse.Namespace, microphone: Microphone | None, packets: list[bytes], on_audio: AudioHandler | None = None
+) -> int:
+    """The streams themselves, from the token on; `on_audio` sees the converted voice as it arrives."""
     # urllib blocks: off the event loop, as every network call of a coroutine should be.
     token = await asyncio.to_thread(get_token, args.url, args.api_key)
     voice_id = args.voice
@@ -645,23 +733,41 @@ async def _run(args: argparse.Namespace) -> int:
         uploaded = await asyncio.to_thread(upload_voice, args.url, token, args.reference, args.reference.stem)
         voice_id = uploaded["voice_id"]
         print(f"uploaded {args.reference} as voice {voice_id} ({uploaded['seconds']:.1f} s)")
-    start = start_message(token, voice_id, realtime=not args.fast, seed=args.seed, settings=dict(args.setting))
+    # Only the controls given: absent ones keep the server's neutral defaults.
+    start = start_message(
+        token, voice_id, realtime=not args.fast, seed=args.seed, settings=dict(args.setting), controls=args.controls
+    )
     outputs = _output_paths(args.files[-1], args.concurrency)
     if microphone is not None:
         # Ctrl+C ends the input; the server still converts and returns what was said before it.
         asyncio.get_running_loop().add_signal_handler(signal.SIGINT, microphone.stop)
         print("streaming the microphone; press Ctrl+C to stop", file=sys.stderr)
-        sources = [microphone.packets()]
-    else:
-        sources = [paced_packets(packets, realtime=not args.fast) for _ in outputs]
     labels = [f"stream {index}" for index in range(len(outputs))]
-    attempts = await asyncio.gather(
-        *(
-            run_stream(args.url, start, source, on_event=_printer(label))
-            for source, label in zip(sources, labels, strict=True)
-        ),
-        return_exceptions=True,
-    )
+    if microphone is not None:
+        attempts: list[StreamResult | BaseException] = list(
+            await asyncio.gather(
+                run_stream(args.url, start, microphone.packets(), on_event=_printer(labels[0]), on_audio=on_audio),
+                return_exceptions=True,
+            )
+        )
+    else:
+        # A file can be sent again from its start: a start refused while the service scales up is retried.
+        attempts = list(
+            await asyncio.gather(
+                *(
+                    run_stream_retrying(
+                        args.url,
+                        start,
+                        lambda: paced_packets(packets, realtime=not args.fast),
+                        on_wait=_waiting(label),
+                        on_event=_printer(label),
+                        on_audio=on_audio,
+                    )
+                    for label in labels
+                ),
+                return_exceptions=True,
+            )
+        )
     return _report(labels, outputs, attempts, args.url)
 
 
@@ -706,6 +812,9 @@ def _explain(error: BaseException, url: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        if args.list_devices:
+            print(describe_devices(sound_library("--list-devices")))
+            return 0
         return asyncio.run(_run(args))
     except EXPECTED_ERRORS as error:
         print(f"error: {_explain(error, args.url)}", file=sys.stderr)

@@ -7,12 +7,15 @@ from typing import Any
 import pytest
 from pydantic import TypeAdapter
 
+from app.serving.controls import StreamControls
 from app.streaming.settings import StreamSettings
 from app.transport.protocol import (
     BLOCK_TIME_RANGE,
     MAX_FRAME_BYTES,
     MAX_TEXT_BYTES,
+    PITCH_SHIFT_RANGE,
     BlockEvent,
+    ControlOverrides,
     EndEvent,
     EndMessage,
     ErrorCode,
@@ -30,6 +33,7 @@ from app.transport.protocol import (
     check_audio_frame,
     close_code,
     parse_client_message,
+    published_limits,
 )
 
 
@@ -289,3 +293,32 @@ def test_close_codes(code: ErrorCode, expected: int) -> None:
 def test_every_error_code_has_a_close_code() -> None:
     for code in ErrorCode:
         assert close_code(code) in {1003, 1008, 1009, 1011, 1013}
+
+
+# Published limits (GET /v1/limits: the page's fields take their ranges from them)
+
+
+def schema_bounds(model: type[SettingsOverrides] | type[ControlOverrides]) -> dict[str, dict[str, float]]:
+    """Each field's {"min", "max"} as the model's JSON schema states them: another reading of the same validators."""
+    bounds = {}
+    for name, spec in model.model_json_schema()["properties"].items():
+        [kind] = [option for option in spec.get("anyOf", [spec]) if option.get("type") != "null"]
+        bounds[name] = {key: kind[word] for key, word in (("min", "minimum"), ("max", "maximum")) if word in kind}
+    return bounds
+
+
+def test_published_limits_are_what_the_models_accept() -> None:
+    limits = json.loads(json.dumps(published_limits()))  # what the endpoint sends
+    assert limits["settings"] == schema_bounds(SettingsOverrides)
+    ranges = {name: {k: v for k, v in spec.items() if k != "default"} for name, spec in limits["controls"].items()}
+    assert ranges == schema_bounds(ControlOverrides)
+    assert limits["controls"]["pitch_shift"] == {
+        "min": PITCH_SHIFT_RANGE.low,
+        "max": PITCH_SHIFT_RANGE.high,
+        "default": 0.0,
+    }
+    assert {name: spec["default"] for name, spec in limits["controls"].items()} == dataclasses.asdict(StreamControls())
+    with pytest.raises(ProtocolError):  # the published edge is the enforced one
+        parse_client_message(start(controls={"pitch_shift": PITCH_SHIFT_RANGE.high + 0.5}))
+    parse_client_message(start(controls={"pitch_shift": limits["controls"]["pitch_shift"]["max"]}))
+    assert set(limits["start_retry"]) == {"retries", "default_s", "max_s"}

@@ -44,7 +44,17 @@ from app.transport.protocol import (
 )
 from client import stream_client
 from client.api import ClientError, delete_voice, get_token, list_voices, upload_voice
-from client.stream_client import Event, Microphone, run_stream, start_message, stream_audio, stream_url
+from client.audio_devices import Microphone, sound_library
+from client.stream_client import (
+    Event,
+    encode_packets,
+    paced_packets,
+    run_stream,
+    run_stream_retrying,
+    start_message,
+    stream_audio,
+    stream_url,
+)
 
 BLOCK_FRAMES = 5  # the fake converter's blocks: 100 ms of input
 UNKNOWN_VOICE = "missing"
@@ -66,8 +76,13 @@ class EchoConverter:
     is kept in `failures`, so that the test reports it rather than a confusing client-side error."""
 
     def __init__(
-        self, fail_after_packets: int | None = None, drop_after_packets: int | None = None, forget: bool = False
+        self,
+        fail_after_packets: int | None = None,
+        drop_after_packets: int | None = None,
+        forget: bool = False,
+        refuse_starts: int = 0,
     ) -> None:
+        self.refuse_starts = refuse_starts  # the first starts are refused as a full service refuses them
         self.fail_after_packets = fail_after_packets
         self.drop_after_packets = drop_after_packets  # the first connection drops there (with a new resume token)
         self.forget = forget  # answer resumes with session_expired, as when ingress and converter were both replaced
@@ -96,6 +111,11 @@ class EchoConverter:
         self.messages.append(start)
         if start.voice_id == UNKNOWN_VOICE:
             await self._fail(websocket, ErrorCode.unknown_voice)
+            return
+        if len(self.starts) <= self.refuse_starts:
+            refusal = ErrorEvent(code=ErrorCode.overloaded, message="full", retry_after_s=REFUSED_RETRY_AFTER_S)
+            await websocket.send(refusal.model_dump_json())
+            await websocket.close(close_code(ErrorCode.overloaded))
             return
         resumed_at = None
         if start.resume is not None and self.forget:
@@ -304,6 +324,56 @@ def test_realtime_input_is_paced_and_switches_voice_on_time() -> None:
     assert result.end is not None and result.error is None
 
 
+REFUSED_RETRY_AFTER_S = 0.1
+
+
+def test_a_start_refused_for_capacity_is_retried_after_retry_after_s_with_backoff() -> None:
+    converter = EchoConverter(refuse_starts=2)
+    waits: list[float] = []
+    packets = encode_packets(sine(0.2))
+    with serving(converter) as url:
+        started = time.monotonic()
+        result = asyncio.run(
+            run_stream_retrying(
+                url,
+                start_message("token-1", "voice-1", realtime=False),
+                lambda: paced_packets(packets, realtime=False),
+                on_wait=lambda wait_s, error: waits.append(wait_s),
+            )
+        )
+        elapsed = time.monotonic() - started
+    assert waits == [REFUSED_RETRY_AFTER_S, 2 * REFUSED_RETRY_AFTER_S], "the server's wait, doubled each time"
+    assert elapsed >= sum(waits)
+    assert result.error is None and result.end is not None and len(converter.starts) == 3
+    assert len(converter.packets) == len(packets), "the whole input went once, to the start that was admitted"
+
+
+def test_retries_stop_at_their_limit_and_other_errors_are_not_retried() -> None:
+    converter = EchoConverter(refuse_starts=10)
+    with serving(converter) as url:
+        refused = asyncio.run(
+            run_stream_retrying(
+                url,
+                start_message("token-1", "voice-1", realtime=False),
+                lambda: paced_packets(encode_packets(sine(0.1)), realtime=False),
+                on_wait=lambda wait_s, error: None,
+                retries=1,
+            )
+        )
+    assert refused.error is not None and refused.error["code"] == "overloaded" and len(converter.starts) == 2
+    converter = EchoConverter()
+    with serving(converter) as url:
+        unknown = asyncio.run(
+            run_stream_retrying(
+                url,
+                start_message("token-1", UNKNOWN_VOICE, realtime=False),
+                lambda: paced_packets(encode_packets(sine(0.1)), realtime=False),
+                on_wait=lambda wait_s, error: pytest.fail("an unknown voice is not retried"),
+            )
+        )
+    assert unknown.error is not None and unknown.error["code"] == "unknown_voice" and len(converter.starts) == 1
+
+
 def test_an_unknown_voice_is_returned_as_the_error_without_raising() -> None:
     converter = EchoConverter()
     with serving(converter) as url:
@@ -436,8 +506,10 @@ class FakeInputStream:
     delivered = threading.Event()
     closed = False
 
-    def __init__(self, samplerate: int, channels: int, dtype: str, callback: Callable[..., None]) -> None:
-        assert (samplerate, channels, dtype) == (self.rate, 1, "float32")
+    def __init__(
+        self, device: int | None, samplerate: int, channels: int, dtype: str, callback: Callable[..., None]
+    ) -> None:
+        assert (device, samplerate, channels, dtype) == (None, self.rate, 1, "float32")
         self._callback = callback
         self._thread = threading.Thread(target=self._deliver)
 
@@ -460,12 +532,12 @@ def test_microphone_audio_is_resampled_and_streamed(monkeypatch: pytest.MonkeyPa
     fake = types.SimpleNamespace(
         PortAudioError=type("PortAudioError", (Exception,), {}),
         InputStream=FakeInputStream,
-        query_devices=lambda kind: {"default_samplerate": float(FakeInputStream.rate)},
+        query_devices=lambda device, kind: {"default_samplerate": float(FakeInputStream.rate)},
     )
     monkeypatch.setitem(sys.modules, "sounddevice", fake)
 
     async def record(url: str) -> stream_client.StreamResult:
-        microphone = Microphone()
+        microphone = Microphone(sound_library("--mic"))
         recording = asyncio.create_task(run_stream(url, start_message("token-1", "voice-a"), microphone.packets()))
         # Stop once every callback has run: their audio is then queued ahead of the stop, as after a real Ctrl+C.
         assert await asyncio.to_thread(FakeInputStream.delivered.wait, 5)

@@ -123,7 +123,8 @@ def test_set_controls_is_confirmed_live_by_the_driver(services) -> None:  # noqa
         async with stream_server(stream) as url, websockets.connect(url.replace("http", "ws") + "/v1/stream") as ws:
             await ws.send(json.dumps(start))
             events = [json.loads(await ws.recv())]
-            await ws.send(json.dumps({"type": "set_controls", "silence_threshold_dbfs": -45, "rms_mix_rate": 0.25}))
+            changes = {"silence_threshold_dbfs": -45, "rms_mix_rate": 0.25, "pitch_shift": -5}
+            await ws.send(json.dumps({"type": "set_controls", **changes}))
             events.append(json.loads(await ws.recv()))
             await ws.send(json.dumps({"type": "set_controls", "output_gain_db": 99}))  # out of range
             events.append(json.loads(await ws.recv()))
@@ -140,6 +141,8 @@ def test_set_controls_is_confirmed_live_by_the_driver(services) -> None:  # noqa
             "output_gain_db": 0.0,
             "rms_mix_rate": 0.25,
             "monitor": False,
+            "pitch_shift": -5.0,
+            "noise_suppression": False,
         },
     }
     assert refused["type"] == "error" and "output_gain_db" in refused["message"]

@@ -29,6 +29,12 @@ class StreamControls:
     # call and pacing (so with the same latency, less the model's own delay); the converter still converts it, so
     # that turning monitor off resumes the converted voice exactly where an unmonitored stream would be.
     monitor: bool = False
+    # Semitones up (+) or down (-): the converted voice's pitch, its formants kept (app/audio/pitch_shift.py), applied
+    # on the transport's side to each converted block (LiveSession); 0 leaves the audio bitwise as it was.
+    pitch_shift: float = 0.0
+    # RNNoise on the input (app/audio/denoise.py), after the input gain and before blocks are cut: it costs the
+    # ingress about 1 ms per 20 ms of audio and delays the input by 20 ms while on. Off leaves the input untouched.
+    noise_suppression: bool = False
 
 
 def db_to_gain(db: float) -> float:

@@ -4,7 +4,8 @@ Transport-agnostic (the WebSocket and WebRTC endpoints both drive it) and Ray-ag
 `ConverterClient`). Per session:
 
     48 kHz frames -> stream-resample to 16 kHz -> cut blocks -> bounded queue -> ONE block in flight to the converter
-    -> reply (model rate) -> stream-resample to 48 kHz -> 20 ms frames out, plus a block event
+    -> reply (model rate) -> pitch shift, monitor, loudness (the stream's controls) -> stream-resample to 48 kHz
+    -> 20 ms frames out, plus a block event
 
 Nothing is lost when a converter disappears: the session mirrors its converter's input window and keeps the
 resumable state of the last reply, so on `SessionLost` it re-opens elsewhere with that state and re-sends the block
@@ -25,9 +26,11 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from app.audio.denoise import NoiseControl
 from app.audio.files import resample
 from app.audio.framing import Chunker
 from app.audio.opus import FRAME_SAMPLES, SAMPLE_RATE
+from app.audio.pitch_shift import PitchControl
 from app.audio.stream_resample import StreamingResampler
 from app.serving.controls import Loudness, StreamControls, apply_input_gain
 from app.serving.wire import AttachReply, BlockIn, BlockOut, OpenReply, OpenRequest, ResumeState, SessionLost
@@ -127,6 +130,9 @@ class LiveSession:
         self._voice_request: str | None = None
         self.controls = StreamControls()  # changed live by the client (set_controls)
         self._loudness = Loudness()
+        # On this side of the re-homing: a session that moves to another converter keeps its denoiser's state.
+        self._noise = NoiseControl()
+        self._pitch: PitchControl | None = None  # at the converter's rate, known once open
 
     @property
     def replica(self) -> str:
@@ -176,6 +182,7 @@ class LiveSession:
         self.opened = opened
         self._blocks = Chunker(opened.block_16k)
         self._output = StreamingResampler(opened.sample_rate, SAMPLE_RATE)
+        self._pitch = PitchControl(opened.sample_rate)
         self._window = window
 
     def _open_request(self, resume: ResumeState | None) -> OpenRequest:
@@ -190,7 +197,7 @@ class LiveSession:
         assert self._blocks is not None, "open the session first"
         now = self.clock()
         self._input_samples += len(pcm_48k)
-        pcm_48k = apply_input_gain(self.controls, pcm_48k)
+        pcm_48k = self._noise.apply(self.controls.noise_suppression, apply_input_gain(self.controls, pcm_48k))
         for block in self._blocks.push(self._input.push(torch.from_numpy(pcm_48k)).numpy()):
             self._enqueue(block, now)
         return self._drop_excess()
@@ -205,6 +212,9 @@ class LiveSession:
         """No more input: pad the last block and add the blocks that flush the lookahead."""
         assert self._blocks is not None and self.opened is not None, "open the session first"
         now = self.clock()
+        held = self._noise.flush()  # the denoiser's partial frame, when it is on
+        for block in self._blocks.push(self._input.push(torch.from_numpy(held)).numpy()):
+            self._enqueue(block, now)
         for block in self._blocks.push(self._input.flush().numpy()):
             self._enqueue(block, now)
         last = self._blocks.flush_padded()
@@ -213,7 +223,8 @@ class LiveSession:
         for _ in range(self.opened.flush_blocks):
             self._enqueue(np.zeros(self.opened.block_16k, dtype=np.float32), now)
         # The output ends where the input's last sample comes out: whole blocks would overshoot by up to two.
-        delay_48k = self.opened.delay * SAMPLE_RATE / self.opened.sample_rate
+        assert self._pitch is not None
+        delay_48k = (self.opened.delay + self._pitch.latency) * SAMPLE_RATE / self.opened.sample_rate
         self._frame_budget = -(-int(self._input_samples + delay_48k) // FRAME_SAMPLES)
         self._ended = True
         self._ready.set()
@@ -248,7 +259,7 @@ class LiveSession:
         if pending.dropped:
             # Dropped input is answered with silence, so output block k still answers input block k.
             assert self.opened is not None
-            audio = np.zeros(self.opened.block, dtype=np.float32)
+            audio = self._pitched(np.zeros(self.opened.block, dtype=np.float32))  # keeps the shifter in step
             report = BlockReport(
                 pending.index, self._input_start_ms(pending.index), 0.0, 0.0, 0, True, 0, False, self.voice_id
             )
@@ -274,8 +285,14 @@ class LiveSession:
             rehomed=rehomed,
             voice_id=self.voice_id,
         )
-        audio = self._monitored(pending.samples_16k) if self.controls.monitor else reply.audio
+        # Shifted while monitored too, so that monitor off resumes the shifted voice where it would be.
+        converted = self._pitched(reply.audio)
+        audio = self._monitored(pending.samples_16k) if self.controls.monitor else converted
         return self._frames_of(self._loudness.apply(self.controls, audio, pending.samples_16k)), report
+
+    def _pitched(self, audio: np.ndarray) -> np.ndarray:
+        assert self._pitch is not None
+        return self._pitch.apply(self.controls.pitch_shift, audio)
 
     def _monitored(self, block_16k: np.ndarray) -> np.ndarray:
         """The input block itself at the output's rate and length, in place of its conversion (monitor)."""

@@ -18,9 +18,10 @@
 6. At any time the client may send `SetVoiceMessage` (`{"type": "set_voice", "voice_id": "..."}`); the server
    confirms with a `VoiceSetEvent` that names the first block converted with the new voice.
    Likewise `SetControlsMessage` (`{"type": "set_controls", "input_gain_db": 6}`, any subset of `ControlOverrides`:
-   silence threshold and hangover, input and output gain, loudness matching, monitor) changes the stream's controls
-   from the next block converted; the server confirms with a `ControlsSetEvent` holding all of them. The start
-   message may carry the same fields as `controls` (a resume must send them again: they live with the connection).
+   silence threshold and hangover, input and output gain, loudness matching, monitor, pitch shift, noise
+   suppression) changes the stream's controls from the next block converted; the server confirms with a
+   `ControlsSetEvent` holding all of them. The start message may carry the same fields as `controls` (a resume
+   must send them again: they live with the connection).
 7. To finish, the client sends `EndMessage` (`{"type": "end"}`). The server converts the remaining input, sends an
    `EndEvent` with totals, and closes with code 1000.
    Resuming: a connection that closes without `end` or `error` (the network, or an ingress replica that went away)
@@ -101,6 +102,15 @@ SILENCE_THRESHOLD_RANGE = Range(-120.0, 0.0)  # dBFS; -120 gates only (near) dig
 SILENCE_HANGOVER_RANGE = Range(0.0, 1.0)  # seconds; the window holds at least 0.5 s of input to look back on
 GAIN_DB_RANGE = Range(-30.0, 30.0)
 RMS_MIX_RATE_RANGE = Range(0.0, 1.0)  # RVC's convention: 1 = the model's loudness, 0 = the input's
+PITCH_SHIFT_RANGE = Range(-12.0, 12.0)  # semitones; past an octave the shift fails (README: Pitch shift)
+
+# How a client tries again a start refused for capacity (`overloaded`, `rate_limited`): after the error's
+# `retry_after_s` (START_RETRY_DEFAULT_S when it has none), doubled for each retry already made (a wave of callers
+# must not come back at once), at most START_RETRY_MAX_S, up to START_RETRIES times. The Python client follows it,
+# and the page reads it from GET /v1/limits (`published_limits`).
+START_RETRIES = 5
+START_RETRY_DEFAULT_S = 5.0
+START_RETRY_MAX_S = 120.0
 
 ID_MAX_CHARS = 64  # session, voice and resume ids are short tokens; a longer one is a broken client
 TOKEN_MAX_CHARS = 1024
@@ -218,9 +228,38 @@ class ControlOverrides(_Message):
     output_gain_db: float | None = _bounded(GAIN_DB_RANGE)
     rms_mix_rate: float | None = _bounded(RMS_MIX_RATE_RANGE)
     monitor: bool | None = None  # send the input back unconverted
+    pitch_shift: float | None = _bounded(PITCH_SHIFT_RANGE)  # semitones; the converted voice's pitch, formants kept
+    noise_suppression: bool | None = None  # RNNoise on the input, before the converter hears it
 
     def changes(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True, exclude={"type"})
+
+
+def _field_limits(model: type[BaseModel]) -> dict[str, dict[str, Any]]:
+    """Each field's bounds as the model enforces them: {"min": ge, "max": le}, empty for a field with none."""
+    limits: dict[str, dict[str, Any]] = {}
+    for name, field in model.model_fields.items():
+        bounds: dict[str, Any] = {}
+        for constraint in field.metadata:  # pydantic keeps Field(ge=..., le=...) as annotated_types Ge and Le
+            if hasattr(constraint, "ge"):
+                bounds["min"] = constraint.ge
+            elif hasattr(constraint, "le"):
+                bounds["max"] = constraint.le
+        limits[name] = bounds
+    return limits
+
+
+def published_limits() -> dict[str, Any]:
+    """What GET /v1/limits answers, so that a client's fields span exactly what the server accepts: the range of
+    each setting and control (read from the models that validate them), each control's neutral value (what a stream
+    that never sends it gets), and the retry policy for a refused start."""
+    neutral = dataclasses.asdict(StreamControls())
+    controls = {name: {**bounds, "default": neutral[name]} for name, bounds in _field_limits(ControlOverrides).items()}
+    return {
+        "settings": _field_limits(SettingsOverrides),
+        "controls": controls,
+        "start_retry": {"retries": START_RETRIES, "default_s": START_RETRY_DEFAULT_S, "max_s": START_RETRY_MAX_S},
+    }
 
 
 class ResumeRequest(_Message):

@@ -1,4 +1,4 @@
-// The HTTP API (client/api.py has the Python twin): session tokens, reference voices, ICE servers.
+// The HTTP API (client/api.py has the Python twin): session tokens, reference voices, ICE servers, limits.
 // Every failure is an ApiError whose code names it: unauthorized, too_large, http_404, network, ...
 
 export class ApiError extends Error {
@@ -12,7 +12,8 @@ export class ApiError extends Error {
 async function request(method, path, { bearer, body, query } = {}) {
   let url = path;
   if (query) url += `?${new URLSearchParams(query)}`;
-  const headers = { Authorization: `Bearer ${bearer}`, Accept: "application/json" };
+  const headers = { Accept: "application/json" };
+  if (bearer !== undefined) headers.Authorization = `Bearer ${bearer}`;
   if (body !== undefined) headers["Content-Type"] = "application/octet-stream";
   let response;
   try {
@@ -59,6 +60,15 @@ export async function listVoices(token) {
 /** POST /v1/voices?name=: the file as it is (the server decodes it); answers {voice_id, seconds, name}. */
 export async function uploadVoice(token, file, name) {
   return request("POST", "/v1/voices", { bearer: token, body: file, query: name ? { name } : undefined });
+}
+
+/** GET /v1/limits (public): {settings, controls, start_retry}, see limits.js. */
+export async function getLimits() {
+  const answer = await request("GET", "/v1/limits");
+  if (!answer.settings || !answer.controls || !answer.start_retry) {
+    throw new ApiError("bad_answer", "the limits answer lacks settings, controls or start_retry");
+  }
+  return answer;
 }
 
 /** GET /v1/ice: {"iceServers": [...]}; any failure means no ICE servers (host candidates only). */

@@ -6,8 +6,18 @@
 //   origin the browser hides navigator.mediaDevices and the page says so.
 // - Transports: WebRTC (default; signalling and events on the WebSocket /v1/rtc, ICE servers from GET /v1/ice) and
 //   protocol v1 over the WebSocket /v1/stream with WebCodecs Opus (needs AudioEncoder/AudioDecoder). When WebRTC
-//   fails (no answer within 8 s, signalling refused, ICE or connection failed) the page falls back to the
-//   WebSocket transport once and shows "websocket (fallback)".
+//   fails (no answer within 8 s, signalling refused, ICE not connected within 4 s of the answer, or failed) the page
+//   ends that session on the server (`end`: no converter slot held for a resume) and falls back to the WebSocket
+//   transport once, in a new session, and shows "websocket (fallback)" and how long the fallback took.
+// - Settings (settings.js) shape the blocks and apply to the next session; live controls (controls.js: pitch,
+//   silence, gains, loudness, noise suppression, monitor) go with the start message and, during a call, as
+//   set_controls, confirmed by controls_set. Their ranges and neutral values are the server's (GET /v1/limits):
+//   Start waits for them. Record keeps what the page plays and offers it as a WAV download.
+// - Noise suppression on turns the browser's own off (the microphone is re-opened: audio.js), so the voice is not
+//   suppressed twice; off, the browser's default applies.
+// - A start refused for capacity (overloaded, rate_limited) is tried again as the Python client does (the policy
+//   comes with the limits: retry_after_s, doubled each time, at most max_s, up to `retries` times); the page says
+//   "busy, retrying in N s" with a countdown and a Cancel button meanwhile.
 // - Reconnecting: when an established call's connection drops (the socket closes without an end or error event; for
 //   WebRTC also the media path failing), the page resumes the session on a new connection of the same transport
 //   (protocol step 7): at once, then after 0.5 s, 1 s, 1.5 s, ... up to 6 tries, well within the 30 s the server
@@ -16,15 +26,24 @@
 // - Tested in headless Chromium only. Firefox is not tested here; the page uses standard APIs only (AudioWorklet,
 //   WebCodecs audio, RTCPeerConnection, HTMLMediaElement.setSinkId when AudioContext.setSinkId is missing).
 // - Latency: #latency is the browser-visible round trip of the last block — from the capture of the block's first
-//   input sample to the moment its converted audio reaches the output (measured on the AudioContext clock for the
-//   WebSocket transport, estimated from event arrival + jitter buffer for WebRTC); #server-latency is the server's
-//   own figure (block event latency_ms).
+//   input sample to the moment its converted audio reaches the output: measured on the AudioContext clock for the
+//   WebSocket transport, estimated for WebRTC (event arrival + jitter buffer; the page says "≈ … estimate");
+//   #server-latency is the server's own figure (block event latency_ms).
 //
 // For tests, window.vcState holds the live figures (see the `vcState` object below for every field).
 
-import { ApiError, getIceServers, getToken, listVoices, uploadVoice } from "./api.js";
-import { analyserRms, closeAudio, openAudio, outputRouteSupported, setOutputDevice } from "./audio.js";
+import { ApiError, getIceServers, getLimits, getToken, listVoices, uploadVoice } from "./api.js";
+import {
+  analyserRms, closeAudio, openAudio, outputRouteSupported, setOutputDevice, setServerNoiseSuppression,
+} from "./audio.js";
+import {
+  applyControlLimits, buildSliders, ControlSender, currentControl, readControls, watchControls,
+} from "./controls.js";
 import { describeError, errorInfo, isFatal, SessionError, socketUrl, startMessage } from "./protocol.js";
+import { Recorder } from "./recorder.js";
+import {
+  applySettingLimits, describeLatency, noteBlock, readSettings, resetMeasured, settingElements, showServerSettings,
+} from "./settings.js";
 import { RtcSession } from "./transport-rtc.js";
 import { WebSocketSession } from "./transport-ws.js";
 
@@ -39,6 +58,9 @@ const RESUME_BACKOFF_MS = 500;
 // Refusals that a later try may not meet: counted as failed tries, like a connection that would not open. Any other
 // error event in answer to a resume (unknown_voice, bad_settings, ...) would come again, so it ends the call.
 const TRANSIENT_ERRORS = new Set(["overloaded", "rate_limited", "internal"]);
+// Refusals of a start for capacity: tried again after a wait (startRetryPolicy), saying so.
+const CAPACITY_REFUSALS = new Set(["overloaded", "rate_limited"]);
+const COUNTDOWN_MS = 250;
 const STORAGE = {
   apiKey: "seedvc.apiKey",
   voice: "seedvc.voiceId",
@@ -49,7 +71,8 @@ const STORAGE = {
 
 /** The live figures, for people (rendered below) and tests (window.vcState). Updated in place. */
 const vcState = {
-  connection: "idle", // idle | connecting | connected | reconnecting | closing | closed | failed
+  connection: "idle", // idle | connecting | waiting (to retry a refused start) | connected | reconnecting | closing
+  // | closed | failed
   transport: null, // null | "webrtc" | "websocket" | "websocket (fallback)"
   latencyMs: null, // browser-visible round trip of the last block (ms), null until measured
   serverLatencyMs: null, // the last block event's latency_ms
@@ -58,6 +81,8 @@ const vcState = {
   lateMs: 0, // sum of the late events' dropped_ms
   lateBlocks: 0, // lateMs / blockMs
   lastError: null, // {code, message, retryAfterS} of the last error, null when none since Start
+  startRetry: null, // while a refused start waits to be tried again: {code, attempt, of, waitS}
+  startRetries: 0, // starts refused for capacity and tried again in this call
   outputRms: 0, // linear RMS (0..1) of what is being played
   inputRms: 0, // linear RMS (0..1) of the microphone
   sessionId: null, // from the ready event; kept when a dropped connection is resumed
@@ -67,6 +92,11 @@ const vcState = {
   resumedAtBlock: null, // the index of the first block after the last resume
   lastBlockIndex: null, // the index of the last block event
   fallbackReason: null, // why WebRTC was abandoned, when it was
+  fallbackMs: null, // WebRTC's failure (ICE failed or its deadline) to the fallback connection carrying audio, in ms
+  latencyEstimated: false, // latencyMs is an estimate (WebRTC) rather than measured on the audio clock (WebSocket)
+  controls: null, // the stream's controls, as the last controls_set event confirmed them
+  recording: false, // the converted voice is being recorded
+  recordingSeconds: null, // the length of the last finished recording (its WAV is behind #recording-link)
   ice: null, // WebRTC only: iceConnectionState
   iceGathering: null,
   signaling: null,
@@ -79,6 +109,10 @@ window.vcState = vcState;
 const ui = {};
 let call = null; // the current call (see start()); null when idle
 let tokenCache = null; // {apiKey, token, expiresAt}
+let listedKey = null; // the API key whose voices #voice-select lists
+let recorder = null; // the recording in progress, if any
+let startRetryPolicy = null; // GET /v1/limits start_retry: {retries, default_s, max_s}
+const controlSender = new ControlSender(sendControls);
 
 function $(id) {
   return document.getElementById(id);
@@ -86,9 +120,9 @@ function $(id) {
 
 function init() {
   for (const id of ["api-key", "remember-key", "voice-select", "refresh-voices", "voice-file", "voice-name",
-    "upload-voice", "transport", "input-device", "output-device", "setting-block-time", "setting-diffusion-steps",
-    "start", "stop", "status", "connection-state", "rtc-states", "ice-state", "ice-gathering-state", "signaling-state", "peer-state",
-    "session-id", "session-note", "transport-used", "latency", "server-latency", "block-count", "late-count",
+    "upload-voice", "transport", "input-device", "output-device", "settings-latency",
+    "start", "stop", "cancel-retry", "record", "recording-link", "status", "connection-state", "rtc-states", "ice-state", "ice-gathering-state", "signaling-state", "peer-state",
+    "session-id", "session-note", "transport-used", "latency", "latency-basis", "server-latency", "block-count", "late-count",
     "input-level", "output-level", "input-db", "output-db", "log", "remote-audio", "output-audio"]) {
     ui[id.replace(/-(\w)/g, (_, c) => c.toUpperCase())] = $(id);
   }
@@ -113,6 +147,13 @@ function init() {
   ui.outputDevice.addEventListener("change", onOutputDeviceChange);
   ui.start.addEventListener("click", start);
   ui.stop.addEventListener("click", stop);
+  ui.cancelRetry.addEventListener("click", stop);
+  ui.record.addEventListener("click", () => (recorder ? stopRecording() : startRecording()));
+  buildSliders($("control-sliders"));
+  watchControls((changes) => onControlChange(changes));
+  loadLimits();
+  for (const element of settingElements()) element.addEventListener("input", showLatencyCost);
+  showLatencyCost();
   window.addEventListener("pagehide", () => {
     if (call && call.session) call.session.abort({ code: "page_closed", message: "the page was closed" });
   });
@@ -131,6 +172,21 @@ function init() {
   setInterval(updateMeters, METER_INTERVAL_MS);
   render();
   log("page ready");
+}
+
+/** The server's ranges onto the fields, and its retry policy; Start waits for them (the fields have no others). */
+async function loadLimits() {
+  try {
+    const limits = await getLimits();
+    applySettingLimits(limits.settings);
+    applyControlLimits(limits.controls);
+    startRetryPolicy = limits.start_retry;
+    showLatencyCost();
+    if (!call) ui.start.disabled = false;
+  } catch (error) {
+    showError({ code: errorInfo(error).code, message: `cannot load the server's limits (${errorInfo(error).message}); `
+      + "reload the page" });
+  }
 }
 
 // ---------------------------------------------------------------- page output: status, log, figures
@@ -184,12 +240,18 @@ function render() {
   setText(ui.transportUsed, vcState.transport || "none");
   setText(ui.sessionId, vcState.sessionId || "–");
   setText(ui.sessionNote, vcState.sessionNote ? `(${vcState.sessionNote})` : "");
-  setText(ui.latency, vcState.latencyMs === null ? "–" : `${Math.round(vcState.latencyMs)} ms`);
-  ui.latency.title = vcState.transport === "webrtc"
-    ? "estimated: block event arrival + receive jitter buffer + output latency, from the capture of the block's input"
-    : "capture of a block's first input sample to the start of its converted audio at the output";
+  const measured = vcState.latencyMs !== null;
+  const approximately = vcState.latencyEstimated ? "≈ " : "";
+  setText(ui.latency, measured ? `${approximately}${Math.round(vcState.latencyMs)} ms` : "–");
+  setText(ui.latencyBasis, !measured ? "" : vcState.latencyEstimated
+    ? "(estimate: WebRTC audio cannot be tied to a block; block event arrival + receive jitter buffer + output "
+      + "latency, from the capture of the block's input)"
+    : "(measured on the audio clock: capture of a block's input to its converted audio at the output)");
   setText(ui.serverLatency, vcState.serverLatencyMs === null ? "–" : `${Math.round(vcState.serverLatencyMs)} ms`);
   setText(ui.blockCount, String(vcState.blocks));
+  ui.record.disabled = !vcState.recording && vcState.connection !== "connected";
+  ui.record.setAttribute("aria-pressed", String(vcState.recording));
+  setText(ui.record, vcState.recording ? "Stop recording" : "Record");
   setText(ui.lateCount, String(Math.round(vcState.lateBlocks * 10) / 10));
   ui.lateCount.title = `${vcState.lateMs} ms of input dropped`;
   const rtc = vcState.peer !== null;
@@ -245,9 +307,14 @@ function showLevel(meter, label, rms) {
 // ---------------------------------------------------------------- API key, tokens, voices
 
 function onApiKeyChange() {
-  // A changed key is saved (when asked to) only once the server took it: see sessionToken.
+  // A changed key is saved (when asked to) only once the server took it: see sessionToken. The voices listed were
+  // the previous key's: they go at once, and come back only if the new key lists them.
   localStorage.removeItem(STORAGE.apiKey);
   tokenCache = null;
+  if (ui.apiKey.value.trim() !== listedKey) {
+    listedKey = null;
+    fillVoices([], null, "Checking the key…");
+  }
   refreshVoices();
 }
 
@@ -283,16 +350,24 @@ async function withToken(fn) {
 }
 
 async function refreshVoices(selectId = null) {
-  if (!ui.apiKey.value.trim()) {
+  const apiKey = ui.apiKey.value.trim();
+  if (!apiKey) {
+    listedKey = null;
     fillVoices([], null, "Enter an API key to list voices");
     return;
   }
   ui.refreshVoices.disabled = true;
   try {
     const voices = await withToken(listVoices);
+    if (ui.apiKey.value.trim() !== apiKey) return; // the key changed meanwhile: its own refresh lists its voices
+    listedKey = apiKey;
     fillVoices(voices, selectId, "No voices yet: upload a recording");
     log(`${voices.length} voice${voices.length === 1 ? "" : "s"} available`);
   } catch (error) {
+    if (ui.apiKey.value.trim() !== apiKey) return;
+    // Whatever was listed may not be this key's to use: none are listed until a refresh works.
+    listedKey = null;
+    fillVoices([], null, error.code === "unauthorized" ? "The API key was refused" : "Cannot list the voices");
     showError(error);
   } finally {
     ui.refreshVoices.disabled = false;
@@ -387,21 +462,72 @@ async function onOutputDeviceChange() {
 
 // ---------------------------------------------------------------- start / stop
 
-function readSettings() {
-  const settings = {};
-  const blockTime = parseFloat(ui.settingBlockTime.value);
-  if (Number.isFinite(blockTime)) settings.block_time = blockTime;
-  const steps = parseInt(ui.settingDiffusionSteps.value, 10);
-  if (Number.isFinite(steps)) settings.diffusion_steps = steps;
-  return settings;
-}
-
-function setControls(running) {
+/** Start and Stop, and what needs a new session (transport, microphone, settings), locked while a call runs. */
+function lockForCall(running) {
   ui.start.disabled = running;
   ui.stop.disabled = !running;
-  for (const element of [ui.transport, ui.inputDevice, ui.settingBlockTime, ui.settingDiffusionSteps]) {
-    element.disabled = running;
+  for (const element of [ui.transport, ui.inputDevice, ...settingElements()]) element.disabled = running;
+}
+
+function showLatencyCost() {
+  setText(ui.settingsLatency, describeLatency());
+}
+
+// ---------------------------------------------------------------- live controls
+
+/** A control moved: into the next start message (it reads them all), and to the running session, if any. */
+function onControlChange(changes) {
+  log(`control: ${JSON.stringify(changes)}`);
+  if (call) controlSender.push(changes);
+  if ("noise_suppression" in changes && call && call.engine) matchMicrophone(call.engine);
+}
+
+/** The browser's noise suppression off while the server's is on, the browser's default otherwise (audio.js). */
+function matchMicrophone(engine) {
+  const serverSuppresses = currentControl("noise_suppression") === true;
+  setServerNoiseSuppression(engine, serverSuppresses).then(
+    () => log(`microphone: the browser's noise suppression ${serverSuppresses ? "off" : "as the browser's default"}`),
+    (error) => showError({ code: "microphone", message: `cannot re-open the microphone: ${errorInfo(error).message}` }),
+  );
+}
+
+function sendControls(changes) {
+  if (!call || !call.session || !call.session.setControls(changes)) return false;
+  log(`set_controls sent: ${JSON.stringify(changes)}`);
+  return true;
+}
+
+// ---------------------------------------------------------------- recording
+
+async function startRecording() {
+  const engine = call && call.engine;
+  if (!engine || recorder) return;
+  recorder = new Recorder();
+  update({ recording: true });
+  try {
+    await recorder.start(engine);
+    log("recording the converted voice");
+  } catch (error) {
+    recorder = null;
+    update({ recording: false });
+    showError({ code: "recording_failed", message: `cannot record: ${errorInfo(error).message}` });
   }
+}
+
+/** Stops the recording (the call may go on) and offers it as a WAV file. */
+function stopRecording() {
+  if (!recorder) return;
+  const seconds = recorder.seconds;
+  const blob = recorder.stop();
+  recorder = null;
+  if (ui.recordingLink.href) URL.revokeObjectURL(ui.recordingLink.href);
+  ui.recordingLink.href = URL.createObjectURL(blob);
+  const stamp = new Date().toISOString().slice(0, 19).replace(/[-:]/g, "").replace("T", "-");
+  ui.recordingLink.download = `seedvc-converted-${stamp}.wav`;
+  ui.recordingLink.textContent = `Download the recording (${seconds.toFixed(1)} s, WAV)`;
+  ui.recordingLink.hidden = false;
+  update({ recording: false, recordingSeconds: seconds });
+  log(`recording stopped: ${seconds.toFixed(1)} s`);
 }
 
 function resetFigures(kind) {
@@ -414,6 +540,8 @@ function resetFigures(kind) {
     lateMs: 0,
     lateBlocks: 0,
     lastError: null,
+    startRetry: null,
+    startRetries: 0,
     sessionId: null,
     sessionNote: null,
     resumes: 0,
@@ -421,6 +549,9 @@ function resetFigures(kind) {
     resumedAtBlock: null,
     lastBlockIndex: null,
     fallbackReason: null,
+    fallbackMs: null,
+    latencyEstimated: false,
+    controls: null,
     ice: null,
     iceGathering: null,
     signaling: null,
@@ -446,11 +577,15 @@ async function start() {
     settings: readSettings(), // what a new session of this call asks for (the fields are locked during a call)
     resume: null, // {session_id, resume_token} once the server is ready: what resumes the session after a drop
     reconnect: null, // while the call is being resumed: {attempts, tokenRetried, timer, outcome}
+    retry: null, // while a start refused for capacity waits to be tried again: {timer, countdown}
+    startRetries: 0, // starts of this call refused for capacity so far
     iceServers: null, // the last ICE servers fetched (a reconnect reuses them when GET /v1/ice fails)
+    fallbackFrom: null, // performance.now() of WebRTC's failure, until the fallback connection carries audio
   };
   call = thisCall;
   resetFigures(kind);
-  setControls(true);
+  resetMeasured();
+  lockForCall(true);
   setConnection("connecting");
   setStatus("Connecting…");
   try {
@@ -461,16 +596,21 @@ async function start() {
       abandon(thisCall);
       return;
     }
-    thisCall.engine = await openAudio({
+    const microphone = {
       inputDeviceId: ui.inputDevice.value,
-      outputDeviceId: ui.outputDevice.disabled ? "" : ui.outputDevice.value,
+      serverSuppresses: currentControl("noise_suppression") === true,
       outputElement: ui.outputAudio,
       log,
+    };
+    thisCall.engine = await openAudio({
+      ...microphone,
+      outputDeviceId: ui.outputDevice.disabled ? "" : ui.outputDevice.value,
     }).catch((error) => {
       if (error.code !== "output_device") throw error;
       log(error.message, "warning");
-      return openAudio({ inputDeviceId: ui.inputDevice.value, outputDeviceId: "", outputElement: ui.outputAudio, log });
+      return openAudio({ ...microphone, outputDeviceId: "" });
     });
+    matchMicrophone(thisCall.engine); // noise suppression switched while the microphone opened
     refreshDevices(); // labels are visible now that the page may use the mic
     if (thisCall.stopping) {
       abandon(thisCall);
@@ -507,6 +647,9 @@ async function beginWebRtc(thisCall, token) {
     engine: thisCall.engine,
     remoteAudio: ui.remoteAudio,
     hooks: sessionHooks(thisCall, thisCall.generation),
+    // A failed first connection is followed by a new session over WebSocket (fallBack): the server may free this
+    // one. A failed try to resume is followed by another try, which needs the session held.
+    endsOnFallback: !thisCall.reconnect,
   }).begin();
 }
 
@@ -527,11 +670,12 @@ function beginWebSocket(thisCall, token) {
  * for again once the call is back (reconnected()).
  */
 function callStart(thisCall, token) {
+  const controls = readControls(); // the controls live with the connection: a resume sends them again
   if (thisCall.resume) {
     thisCall.voiceId = thisCall.activeVoice;
-    return startMessage({ token, voiceId: thisCall.activeVoice, resume: thisCall.resume });
+    return startMessage({ token, voiceId: thisCall.activeVoice, controls, resume: thisCall.resume });
   }
-  return startMessage({ token, voiceId: thisCall.voiceId, settings: thisCall.settings });
+  return startMessage({ token, voiceId: thisCall.voiceId, settings: thisCall.settings, controls });
 }
 
 /** What a transport session reports; anything from a session that is no longer the current one is ignored. */
@@ -542,7 +686,10 @@ function sessionHooks(thisCall, generation) {
     onState: (state) => current() && sessionState(thisCall, state),
     onStartSent: () => current() && armReadyTimer(thisCall),
     onEvent: (event) => current() && handleEvent(thisCall, event),
-    onRoundTrip: (ms) => current() && update({ latencyMs: Math.max(0, Math.round(ms)) }),
+    onRoundTrip: (ms) => current() && update({
+      latencyMs: Math.max(0, Math.round(ms)),
+      latencyEstimated: thisCall.session instanceof RtcSession,
+    }),
     onRtcState: (name, value) => current() && onRtcState(name, value),
     onClosed: (outcome) => current() && sessionClosed(thisCall, outcome),
   };
@@ -554,6 +701,12 @@ function sessionState(thisCall, state) {
     // The page says "reconnecting" until a new connection carries audio both ways, whatever each try goes through.
     if (state !== "connected") return;
     reconnected(thisCall);
+  }
+  if (state === "connected" && thisCall.fallbackFrom !== null) {
+    const fallbackMs = Math.round(performance.now() - thisCall.fallbackFrom);
+    thisCall.fallbackFrom = null;
+    update({ fallbackMs });
+    log(`fallback connected ${fallbackMs} ms after WebRTC failed`);
   }
   setConnection(state);
 }
@@ -575,6 +728,9 @@ function handleEvent(thisCall, event) {
       clearTimeout(thisCall.readyTimer);
       thisCall.resume = { session_id: event.session_id, resume_token: event.resume_token };
       update({ sessionId: event.session_id, blockMs: event.block_ms });
+      showServerSettings(event.settings);
+      showLatencyCost();
+      controlSender.flush(); // controls changed while the session was not ready
       if (thisCall.reconnect) {
         const resumed = event.resumed_at_block !== null && event.resumed_at_block !== undefined;
         thisCall.reconnect.outcome = resumed ? "resumed" : "new session";
@@ -596,6 +752,8 @@ function handleEvent(thisCall, event) {
     case "block":
       if (vcState.blocks === 0) log(`first block: server latency ${Math.round(event.latency_ms)} ms`);
       update({ blocks: vcState.blocks + 1, serverLatencyMs: event.latency_ms, lastBlockIndex: event.index });
+      noteBlock(event);
+      showLatencyCost();
       break;
     case "late": {
       const lateMs = vcState.lateMs + event.dropped_ms;
@@ -607,6 +765,10 @@ function handleEvent(thisCall, event) {
       thisCall.activeVoice = event.voice_id;
       log(`voice_set: ${event.voice_id} from block ${event.from_block}`);
       setStatus(`Voice switched to ${voiceName(event.voice_id)} from block ${event.from_block}.`, "ok");
+      break;
+    case "controls_set":
+      update({ controls: event.controls });
+      log(`controls_set: ${JSON.stringify(event.controls)}`);
       break;
     case "warning":
       log(`warning ${event.code}: ${event.message}`, "warning");
@@ -644,7 +806,7 @@ function voiceName(voiceId) {
   return option ? option.text : voiceId;
 }
 
-function sessionClosed(thisCall, { error, fallback, dropped }) {
+function sessionClosed(thisCall, { error, fallback, dropped, failedAt }) {
   clearTimeout(thisCall.readyTimer);
   if (error && !thisCall.stopping) {
     if (thisCall.reconnect) {
@@ -657,8 +819,16 @@ function sessionClosed(thisCall, { error, fallback, dropped }) {
     }
   }
   if (error && fallback && thisCall.kind === "webrtc" && !thisCall.fellBack && !thisCall.stopping) {
-    fallBack(thisCall, error);
+    fallBack(thisCall, error, failedAt);
     return;
+  }
+  if (error && CAPACITY_REFUSALS.has(error.code) && !thisCall.stopping && !thisCall.reconnect
+    && thisCall.session && !thisCall.session.ready && thisCall.startRetries < startRetryPolicy.retries) {
+    waitToRetryStart(thisCall, error);
+    return;
+  }
+  if (error && CAPACITY_REFUSALS.has(error.code) && thisCall.startRetries > 0) {
+    error = { ...error, message: `${error.message} (gave up after ${thisCall.startRetries} tries again)` };
   }
   if (error) {
     if (vcState.lastError === null || vcState.lastError.code !== error.code
@@ -671,6 +841,70 @@ function sessionClosed(thisCall, { error, fallback, dropped }) {
     if (ui.status.dataset.kind !== "error") setStatus("Stopped.");
   }
   endCall(thisCall);
+}
+
+// ---------------------------------------------------------------- a start refused for capacity
+
+/**
+ * The server had no room for a new session (overloaded, rate_limited): wait as the Python client does
+ * (client/stream_client.py retry_wait_s: the error's retry_after_s, doubled for each retry already made, at most
+ * max_s), counting down on the page with a Cancel button, then start again on the same microphone.
+ */
+function waitToRetryStart(thisCall, error) {
+  const policy = startRetryPolicy;
+  const afterS = typeof error.retry_after_s === "number" ? error.retry_after_s : policy.default_s;
+  const waitS = Math.min(policy.max_s, afterS * 2 ** thisCall.startRetries);
+  thisCall.startRetries += 1;
+  thisCall.session = null;
+  const due = performance.now() + waitS * 1000;
+  const attempt = { code: error.code, attempt: thisCall.startRetries, of: policy.retries, waitS };
+  log(`start refused (${describeError(error)}); trying again in ${waitS} s (${attempt.attempt} of ${attempt.of})`,
+    "warning");
+  const countDown = () => {
+    const leftS = Math.max(0, Math.ceil((due - performance.now()) / 1000));
+    setStatus(`Busy: the service has no room for another call right now (${error.code}). Retrying in ${leftS} s `
+      + `(try ${attempt.attempt} of ${attempt.of}); Cancel to stop waiting.`, "warning");
+  };
+  thisCall.retry = {
+    timer: setTimeout(() => retryStart(thisCall), waitS * 1000),
+    countdown: setInterval(countDown, COUNTDOWN_MS),
+  };
+  countDown();
+  ui.cancelRetry.hidden = false;
+  update({ startRetry: attempt, startRetries: thisCall.startRetries, sessionId: null });
+  setConnection("waiting");
+}
+
+function clearRetry(thisCall) {
+  if (!thisCall.retry) return;
+  clearTimeout(thisCall.retry.timer);
+  clearInterval(thisCall.retry.countdown);
+  thisCall.retry = null;
+  ui.cancelRetry.hidden = true;
+  update({ startRetry: null });
+}
+
+async function retryStart(thisCall) {
+  clearRetry(thisCall);
+  if (call !== thisCall) return;
+  setConnection("connecting");
+  setStatus(`Connecting (try ${thisCall.startRetries + 1})…`);
+  try {
+    await beginSession(thisCall, await sessionToken());
+  } catch (failure) {
+    failCall(thisCall, failure);
+  }
+}
+
+/** The call's next session, on its transport (WebSocket once it fell back), unless Stop was pressed meanwhile. */
+async function beginSession(thisCall, token) {
+  if (call !== thisCall) return;
+  if (thisCall.stopping) {
+    abandon(thisCall);
+    return;
+  }
+  if (thisCall.kind === "webrtc" && !thisCall.fellBack) await beginWebRtc(thisCall, token);
+  else beginWebSocket(thisCall, token);
 }
 
 // ---------------------------------------------------------------- reconnecting
@@ -718,13 +952,7 @@ async function tryAgain(thisCall) {
     }
     return;
   }
-  if (call !== thisCall) return;
-  if (thisCall.stopping) {
-    abandon(thisCall);
-    return;
-  }
-  if (thisCall.kind === "webrtc" && !thisCall.fellBack) await beginWebRtc(thisCall, token);
-  else beginWebSocket(thisCall, token);
+  await beginSession(thisCall, token);
 }
 
 /** A try to get the call back failed: try again, start a new session, or give up. */
@@ -782,10 +1010,13 @@ function giveUp(thisCall, error) {
 
 // ---------------------------------------------------------------- fallback, failures, stop
 
-/** WebRTC failed: once per call, go on over the WebSocket transport with the same mic and output. */
-async function fallBack(thisCall, error) {
+/**
+ * WebRTC failed: once per call, go on over the WebSocket transport with the same mic and output, in a new session
+ * (the failed one was ended on the server when it had started: RtcSession.fail).
+ */
+async function fallBack(thisCall, error, failedAt) {
   thisCall.fellBack = true;
-  // A new session: if the server held one for the failed call, it lets it expire.
+  thisCall.fallbackFrom = failedAt ?? performance.now();
   thisCall.resume = null;
   const reason = describeError(error);
   log(`WebRTC failed (${reason}); falling back to WebSocket + WebCodecs`, "warning");
@@ -832,8 +1063,11 @@ function endCall(thisCall) {
   call = null;
   clearTimeout(thisCall.readyTimer);
   if (thisCall.reconnect) clearTimeout(thisCall.reconnect.timer);
+  clearRetry(thisCall);
+  stopRecording(); // before the audio context closes
   if (thisCall.engine) closeAudio(thisCall.engine);
-  setControls(false);
+  controlSender.clear();
+  lockForCall(false);
   updateMeters();
 }
 
@@ -844,10 +1078,10 @@ async function stop() {
   ui.stop.disabled = true;
   setConnection("closing");
   setStatus("Stopping…");
-  // With a session, its onClosed ends the call; without one, start(), fallBack() or tryAgain() notices `stopping`,
-  // and between two tries to reconnect nothing runs that would.
+  // With a session, its onClosed ends the call; without one, start(), fallBack(), tryAgain() or retryStart()
+  // notices `stopping`, and between two tries (to reconnect, or to start) nothing runs that would.
   if (thisCall.session) await thisCall.session.stop();
-  else if (thisCall.reconnect) abandon(thisCall);
+  else if (thisCall.reconnect || thisCall.retry) abandon(thisCall);
 }
 
 init();

@@ -1,11 +1,13 @@
 // The page's audio graph: one AudioContext per call, holding the microphone, the two level meters, the capture
 // worklet (WebSocket transport), a jitter-buffered player for decoded frames, and the route to the output device.
 //
-//   mic ─► micSource ─┬─► inputAnalyser ─► keepAlive (gain 0) ─► destination
-//                     └─► capture worklet (20 ms chunks, 48 kHz mono) ─► keepAlive
-//   decoded frames / remote WebRTC stream ─► outputBus ─► outputAnalyser ─► destination (or an <audio> element)
+//   mic ─► micSource ─► micBus ─┬─► inputAnalyser ─► keepAlive (gain 0) ─► destination
+//                               └─► capture worklet (20 ms chunks, 48 kHz mono) ─► keepAlive
+//   decoded frames / remote WebRTC stream ─► outputBus ─┬─► outputAnalyser ─► destination (or an <audio> element)
+//                                                       └─► capture worklet while recording (recorder.js) ─► keepAlive
 //
 // Analysers and the worklet feed a silent gain node on the destination so that every browser keeps pulling them.
+// micBus stays while the microphone behind it is re-opened (setServerNoiseSuppression).
 
 export const SAMPLE_RATE = 48000; // of the Opus packets, both ways (protocol v1)
 export const FRAME_SAMPLES = 960; // 20 ms at 48 kHz
@@ -18,9 +20,12 @@ export class AudioSetupError extends Error {
   }
 }
 
-/** Opens the microphone and builds the graph; call from a click handler so that the context may start. */
-export async function openAudio({ inputDeviceId, outputDeviceId, outputElement, log }) {
-  const micStream = await openMicrophone(inputDeviceId);
+/**
+ * Opens the microphone and builds the graph; call from a click handler so that the context may start.
+ * `serverSuppresses`: the stream's noise_suppression control (see microphoneConstraints).
+ */
+export async function openAudio({ inputDeviceId, serverSuppresses, outputDeviceId, outputElement, log }) {
+  const micStream = await openMicrophone(inputDeviceId, serverSuppresses);
   let context;
   let micSource;
   try {
@@ -40,9 +45,11 @@ export async function openAudio({ inputDeviceId, outputDeviceId, outputElement, 
   keepAlive.gain.value = 0;
   keepAlive.connect(context.destination);
 
+  const micBus = context.createGain();
+  micSource.connect(micBus);
   const inputAnalyser = context.createAnalyser();
   inputAnalyser.fftSize = 2048;
-  micSource.connect(inputAnalyser);
+  micBus.connect(inputAnalyser);
   inputAnalyser.connect(keepAlive);
 
   const outputBus = context.createGain();
@@ -54,6 +61,12 @@ export async function openAudio({ inputDeviceId, outputDeviceId, outputElement, 
     context,
     micStream,
     micSource,
+    micBus,
+    micDeviceId: inputDeviceId,
+    serverSuppresses: serverSuppresses === true,
+    micSwitch: Promise.resolve(), // the last re-opening of the microphone, so that they run one after another
+    micListeners: new Set(), // fn(track): told when a re-opened microphone's track replaces the previous one
+    closed: false,
     keepAlive,
     inputAnalyser,
     outputBus,
@@ -61,6 +74,7 @@ export async function openAudio({ inputDeviceId, outputDeviceId, outputElement, 
     outputElement,
     elementRoute: null, // a MediaStreamAudioDestinationNode when the output goes through outputElement
     sampleBuffer: new Float32Array(inputAnalyser.fftSize),
+    captureModule: null, // the capture worklet's addModule promise, once the first capture starts
   };
   outputAnalyser.connect(context.destination);
   await setOutputDevice(engine, outputDeviceId);
@@ -69,18 +83,23 @@ export async function openAudio({ inputDeviceId, outputDeviceId, outputElement, 
   return engine;
 }
 
-async function openMicrophone(deviceId) {
+/**
+ * What the page asks of the microphone. With the server's noise suppression on (the stream's noise_suppression
+ * control) the browser's own is off, so that the voice is not suppressed twice; with it off, the browser's default.
+ */
+export function microphoneConstraints(deviceId, serverSuppresses) {
+  const audio = { channelCount: 1, echoCancellation: true, autoGainControl: false };
+  if (serverSuppresses) audio.noiseSuppression = false;
+  if (deviceId) audio.deviceId = { exact: deviceId };
+  return audio;
+}
+
+async function openMicrophone(deviceId, serverSuppresses) {
   if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
     throw new AudioSetupError("insecure_context",
       "the microphone is only available on a secure origin (https:// or http://localhost)");
   }
-  const audio = {
-    channelCount: 1,
-    echoCancellation: true,
-    noiseSuppression: false, // the model wants the voice as it is
-    autoGainControl: false,
-  };
-  if (deviceId) audio.deviceId = { exact: deviceId };
+  const audio = microphoneConstraints(deviceId, serverSuppresses);
   try {
     return await navigator.mediaDevices.getUserMedia({ audio, video: false });
   } catch (error) {
@@ -142,10 +161,41 @@ function routeToDestination(engine) {
   engine.elementRoute = null;
 }
 
-/** Starts posting 20 ms chunks {samples: Float32Array(960), time} to onChunk; returns a function that stops it. */
-export async function startCapture(engine, onChunk) {
-  const { context, micSource, keepAlive } = engine;
-  await context.audioWorklet.addModule(WORKLET_URL);
+/**
+ * Keeps the microphone consistent with the server's noise suppression turned on or off during a call (see
+ * microphoneConstraints). Chromium resolves applyConstraints({noiseSuppression}) but keeps the old processing
+ * (getSettings() unchanged), and a second getUserMedia on an open device gets the open source's processing (both
+ * measured with Chromium 156): so the track is stopped and the microphone opened again (a few ms), and the new
+ * track takes the old one's place behind micBus and with the micListeners (a WebRTC sender). Returns when done.
+ */
+export function setServerNoiseSuppression(engine, serverSuppresses) {
+  engine.micSwitch = engine.micSwitch.catch(() => {}).then(async () => {
+    if (engine.closed || engine.serverSuppresses === serverSuppresses) return;
+    engine.serverSuppresses = serverSuppresses;
+    for (const track of engine.micStream.getTracks()) track.stop();
+    const stream = await openMicrophone(engine.micDeviceId, serverSuppresses);
+    if (engine.closed) {
+      for (const track of stream.getTracks()) track.stop();
+      return;
+    }
+    engine.micSource.disconnect();
+    engine.micStream = stream;
+    engine.micSource = engine.context.createMediaStreamSource(stream);
+    engine.micSource.connect(engine.micBus);
+    for (const listener of engine.micListeners) listener(stream.getAudioTracks()[0]);
+  });
+  return engine.micSwitch;
+}
+
+/**
+ * Starts posting 20 ms chunks {samples: Float32Array(960), time} of `source` (the microphone unless given: the
+ * recorder taps outputBus) to onChunk; returns a function that stops it.
+ */
+export async function startCapture(engine, onChunk, source = engine.micBus) {
+  const { context, keepAlive } = engine;
+  // Once per context: a module added again would register its processor again, which throws.
+  engine.captureModule ??= context.audioWorklet.addModule(WORKLET_URL);
+  await engine.captureModule;
   const node = new AudioWorkletNode(context, "capture-processor", {
     numberOfInputs: 1,
     numberOfOutputs: 1,
@@ -155,13 +205,13 @@ export async function startCapture(engine, onChunk) {
     channelInterpretation: "speakers", // down-mix stereo to mono
   });
   node.port.onmessage = (event) => onChunk(event.data);
-  micSource.connect(node);
+  source.connect(node);
   node.connect(keepAlive);
   return function stopCapture() {
     node.port.onmessage = null;
     node.port.postMessage("stop");
     try {
-      micSource.disconnect(node);
+      source.disconnect(node);
       node.disconnect();
     } catch {
       // already disconnected: the context is closing
@@ -246,6 +296,7 @@ export function analyserRms(engine, analyser) {
 }
 
 export async function closeAudio(engine) {
+  engine.closed = true;
   for (const track of engine.micStream.getTracks()) track.stop();
   if (engine.elementRoute) {
     engine.outputElement.pause();

@@ -17,10 +17,15 @@ export class SessionError extends Error {
   }
 }
 
-/** `resume` ({session_id, resume_token}) reattaches to a session whose connection dropped (protocol step 7). */
-export function startMessage({ token, voiceId, settings, resume }) {
+/**
+ * `resume` ({session_id, resume_token}) reattaches to a session whose connection dropped (protocol step 7); the
+ * live `controls` live with the connection, so a resume sends them again. Only fields that are set are sent, so a
+ * server that predates a field is asked for it only when the user uses it.
+ */
+export function startMessage({ token, voiceId, settings, controls, resume }) {
   const message = { type: "start", version: PROTOCOL_VERSION, token, voice_id: voiceId, realtime: true };
   if (settings && Object.keys(settings).length > 0) message.settings = settings;
+  if (controls && Object.keys(controls).length > 0) message.controls = controls;
   if (resume) message.resume = resume;
   return message;
 }
