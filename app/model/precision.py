@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 class Precision(enum.StrEnum):
@@ -95,18 +95,83 @@ def disable_tf32() -> None:
 
 _MATRIX_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d)
 
+# A reduced-precision kernel can be plain wrong for some shapes on some hardware. Measured (torch 2.9.1, Intel Xeon
+# with AMX): oneDNN's AMX path gives a grouped Conv1d with 4 channels per group and an even kernel (XLS-R's positional
+# convolution at the test fixture's size) a mean relative error of 1.06 in bf16: its output is noise. Right kernels
+# stay near 0.003 (bf16's 8-bit mantissa); the same layer on AVX512-BF16 alone gives 0.003. So every layer is run once
+# on a probe in both types when it is converted, and one off by more than this is kept in float32.
+MAX_REDUCED_LAYER_ERROR = 0.05
 
-def convert_matrix_weights(module: nn.Module, dtype: torch.dtype, keep: tuple[nn.Module, ...] = ()) -> None:
+
+@dataclass(frozen=True)
+class WrongReducedKernel:
+    """A layer kept in float32 because its reduced-precision kernel computed wrong results on this device."""
+
+    name: str
+    relative_error: float  # mean |reduced - float32| / mean |float32| on the probe
+
+    def __str__(self) -> str:
+        return f"{self.name} (relative error {self.relative_error:.2f})"
+
+
+def convert_matrix_weights(
+    module: nn.Module, dtype: torch.dtype, keep: tuple[nn.Module, ...] = (), name: str = ""
+) -> list[WrongReducedKernel]:
     """Convert the weights and biases of `module`'s matrix layers (linear, conv) to `dtype`, in place, once.
 
     Autocast would otherwise re-cast every float32 weight on every call. Norm gains, learned activations (Snake's
     alpha) and buffers (RoPE tables, time-embedding frequencies, windows) stay float32, and so does every layer inside
-    a module of `keep`.
+    a module of `keep`. A layer whose reduced kernel computes wrong results here stays float32 too: returned, named
+    below `name`.
     """
     kept = {id(layer) for parent in keep for layer in parent.modules()}
-    for layer in module.modules():
+    wrong = []
+    for layer_name, layer in module.named_modules(prefix=name):
         if isinstance(layer, _MATRIX_LAYERS) and id(layer) not in kept:
-            layer.to(dtype)
+            error = _convert_checked(layer, dtype)
+            if error > MAX_REDUCED_LAYER_ERROR:
+                _keep_float32(layer)
+                wrong.append(WrongReducedKernel(layer_name, error))
+    return wrong
+
+
+def _convert_checked(layer: nn.Module, dtype: torch.dtype) -> float:
+    """Convert `layer` to `dtype`; its mean relative error against float32 on a random probe, under autocast.
+
+    Only the probe runs in inference mode: parameters converted inside it would become inference tensors.
+    """
+    weight = next(layer.parameters())
+    probe = _probe(layer).to(weight.device)
+    with torch.inference_mode(), full_precision(weight.device):
+        reference = layer(probe)
+    layer.to(dtype)
+    with torch.inference_mode(), torch.autocast(weight.device.type, dtype=dtype):
+        reduced = layer(probe).float()
+    scale = float(reference.abs().mean())
+    return float((reduced - reference).abs().mean()) / scale if scale > 0 else 0.0
+
+
+def _probe(layer: nn.Module) -> Tensor:
+    """A random input the layer accepts, a little longer than its kernel reaches (seeded: the check is repeatable)."""
+    generator = torch.Generator().manual_seed(0)
+    if isinstance(layer, nn.Linear):
+        return torch.randn(8, layer.in_features, generator=generator)
+    assert isinstance(layer, nn.Conv1d | nn.Conv2d | nn.ConvTranspose1d)
+    reach = [d * (k - 1) + 1 for d, k in zip(layer.dilation, layer.kernel_size, strict=True)]
+    return torch.randn(1, layer.in_channels, *(r + 32 for r in reach), generator=generator)
+
+
+def _keep_float32(layer: nn.Module) -> None:
+    """Weights back to float32, and the layer computes in float32 inside autocast (its output is float32)."""
+    layer.float()
+    forward = layer.forward
+    device_type = next(layer.parameters()).device.type
+
+    def float32_forward(*inputs: Tensor) -> Tensor:
+        with torch.autocast(device_type, enabled=False):
+            return forward(*(tensor.float() for tensor in inputs))
+
+    layer.forward = float32_forward  # this one instance only, set once at conversion
 
 
 def compute_context(precision: Precision, device: torch.device) -> contextlib.AbstractContextManager[None]:

@@ -75,9 +75,21 @@ class SeedVC(nn.Module):
         if self.precision is not Precision.FP32:
             raise ValueError(f"the model already computes in {self.precision}; load it again for {choice.precision}")
         dtype = choice.precision.dtype
-        convert_matrix_weights(self.content_encoder, dtype)
-        convert_matrix_weights(self.dit, dtype)
-        convert_matrix_weights(self.vocoder, dtype, keep=(self.vocoder.f0_predictor, self.vocoder.m_source))
+        wrong = [
+            *convert_matrix_weights(self.content_encoder, dtype, name="content_encoder"),
+            *convert_matrix_weights(self.dit, dtype, name="dit"),
+            *convert_matrix_weights(
+                self.vocoder, dtype, keep=(self.vocoder.f0_predictor, self.vocoder.m_source), name="vocoder"
+            ),
+        ]
+        if wrong:
+            log.warning(
+                "%s kernels on %s compute wrong results for %d layer(s), kept in float32: %s",
+                choice.precision,
+                self.device,
+                len(wrong),
+                ", ".join(map(str, wrong)),
+            )
         self.precision = choice.precision
         return choice
 
