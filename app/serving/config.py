@@ -24,7 +24,8 @@ ICE_URL_SCHEMES = ("stun:", "stuns:", "turn:", "turns:")
 # real-time profile", bench/cpu_profile.py); the settings it leaves out are the README's. Through the service a step
 # costs ~1.6x what the engine alone measures (Opus, resampling and Serve share the 2 cores with the engine's threads),
 # so the engine's real-time factor must stay near 0.5: a 0.8 s block, 2 steps without guidance, short contexts
-# (p99 block latency of one stream through the service: 0.85-1.14 s with 3 steps, 0.75 and 0.86 s with 2).
+# (p99 block latency of one stream through the service on 2 AVX512-BF16 cores: 0.85-1.14 s with 3 steps, 0.75 and
+# 0.86 s with 2; on 2 AMX cores, 0.61-0.65 s with 2 in five runs).
 CPU_REALTIME_PROFILE = SettingsOverrides(
     block_time=0.8, diffusion_steps=2, cfg_rate=0.0, ce_context=0.5, dit_context=0.15, max_prompt=1.0
 )
