@@ -93,11 +93,6 @@ class LiveCall:
         return next((e["session_id"] for e in self.events if e["type"] == "ready"), None)
 
     @property
-    def current_session_id(self) -> str | None:
-        """The session the call runs now: a restart opens a new one (a resume or re-home keeps it)."""
-        return next((e["session_id"] for e in reversed(self.events) if e["type"] == "ready"), None)
-
-    @property
     def blocks(self) -> int:
         return sum(1 for e in self.events if e["type"] == "block")
 
@@ -203,7 +198,7 @@ def ingress_replicas() -> dict[str, str]:
 
 
 def sessions_by_replica(calls: list[LiveCall]) -> dict[str, set[str]]:
-    ids = {call.current_session_id for call in calls if call.current_session_id is not None}
+    ids = {call.session_id for call in calls if call.session_id is not None}
     return {replica: ids & set(replica_stats(replica)["blocks_by_session"]) for replica in converter_replicas()}
 
 
@@ -301,19 +296,11 @@ def test_redeploying_the_whole_app_under_eight_live_sessions(app: ServeApp, pari
         redeploy(parity, voices)
         load.wait_for(lambda: not before & set(converter_replicas()), "the old converters to go")
         load.wait_for(lambda: len(ingress_replicas()) == 2, "the old ingress replicas to go")
-        # Serve replaces the two deployments in no set order: a session whose ingress went first resumes through a
-        # new ingress straight onto a new converter, with no re-home of its own (seen once in a full run).
-        load.wait_for(lambda: all_on_new_converters(load.calls), "every session to run on a new converter")
     load.check_every_session_went_on("whole application redeployed")
     figures = [(c.event_count("resume_token"), c.result.resumes, c.result.restarts) for c in load.calls if c.result]
     print(f"(re-homes, resumes, restarts) per session: {figures}")
+    assert all(rehomes + restarts >= 1 for rehomes, _, restarts in figures), "every session's converter was replaced"
     assert all(resumes + restarts >= 1 for _, resumes, restarts in figures), "every session's ingress was replaced"
-
-
-def all_on_new_converters(calls: list[LiveCall]) -> bool:
-    """Every call's current session is held by a converter replica that runs now (called once the old ones are gone)."""
-    held = set().union(*sessions_by_replica(calls).values())
-    return all(call.current_session_id in held for call in calls)
 
 
 def declare(parity: ParitySet, voices: Path, converters: int) -> None:
