@@ -57,6 +57,7 @@ from app.audio.opus import FRAME_SAMPLES, OpusDecoder, OpusEncoder, OpusError
 from app.audio.pacing import Pacer
 from app.cli_controls import ControlError, add_control_flags, given_controls
 from app.environment import CLIENT_API_KEY, client_api_key
+from app.transport.limits import TokenBucket
 from app.transport.protocol import (
     FRAME_MS,
     PROTOCOL_VERSION,
@@ -92,6 +93,11 @@ RESUME_BACKOFF_S = 0.5
 RETRYABLE_REFUSALS = frozenset({ErrorCode.overloaded, ErrorCode.rate_limited})
 PLAY_BUFFER_RANGE_MS = (20.0, 5000.0)  # a packet at least; beyond 5 s the voice is no longer live
 RESEND_HISTORY_PACKETS = 1500  # 30 s of sent input kept to send again after a resume (the server holds 30 s too)
+# A real-time stream's input goes out at most this many times real time beyond a burst of this many seconds: after a
+# drop, what is sent again and what was recorded meanwhile go out at once, and a new session that replaced a lost one
+# has only the server's limits for new connections (app/transport/limits.py: 3x and 5 s by default) to take it in.
+CATCH_UP_SPEED = 2.0
+CATCH_UP_BURST_S = 2.0
 
 Event = dict[str, Any]
 EventHandler = Callable[[Event], None]
@@ -297,7 +303,7 @@ class _Stream:
         self._ready_event = None
         self._decoder = OpusDecoder()  # the server's encoder of a new connection starts afresh
         await websocket.send(json.dumps(start))
-        sender = asyncio.create_task(self._send(websocket, outgoing))
+        sender = asyncio.create_task(self._send(websocket, outgoing, realtime=start.get("realtime", True)))
         receiver = asyncio.create_task(self._receive(websocket))
         try:
             await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
@@ -339,14 +345,19 @@ class _Stream:
             restarts=self.restarts,
         )
 
-    async def _send(self, websocket: ClientConnection, outgoing: asyncio.Queue[Outgoing | None]) -> None:
+    async def _send(
+        self, websocket: ClientConnection, outgoing: asyncio.Queue[Outgoing | None], *, realtime: bool
+    ) -> None:
         try:
             async with asyncio.timeout(READY_TIMEOUT_S):
                 await self._ready.wait()
         except TimeoutError:
             raise StreamError(f"the server sent no ready event within {READY_TIMEOUT_S:.0f} s") from None
+        # A file's input is read by the server only as fast as it converts: nothing to hold back.
+        allowance = TokenBucket(CATCH_UP_SPEED, CATCH_UP_BURST_S) if realtime else None
         try:
             for packet in self._unconverted():
+                await _allowed(allowance)
                 await websocket.send(packet)
             while (message := await outgoing.get()) is not None:
                 if isinstance(message, bytes):
@@ -354,6 +365,7 @@ class _Stream:
                         self._first_sent_at = time.monotonic()
                     self._sent.append(message)
                     self._packets_sent += 1
+                    await _allowed(allowance)
                     await websocket.send(message)  # returns once the write buffer drains: no unbounded backlog
                 else:
                     if message.get("type") == "set_voice":
@@ -440,6 +452,15 @@ class _Stream:
     def _fatal(self, error: Event) -> bool:
         # Protocol step 8: once started, unknown_voice can only answer set_voice, and the stream goes on.
         return not (self.ready is not None and error.get("code") == ErrorCode.unknown_voice)
+
+
+async def _allowed(allowance: TokenBucket | None) -> None:
+    """Waits until `allowance` holds one packet's time, and takes it (no wait without one)."""
+    if allowance is None:
+        return
+    while (wait_s := allowance.time_until(FRAME_SECONDS)) > 0:
+        await asyncio.sleep(wait_s)
+    allowance.take(FRAME_SECONDS)
 
 
 def _why(closed: ConnectionClosed) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from app.serving.config import IngressConfig
-from app.transport.limits import ConnectionLimits, MessageLimits, TokenBucket
+from app.transport.limits import MAX_RESEND_S, ConnectionLimits, MessageLimits, TokenBucket
 from app.transport.protocol import CLOSE_POLICY_VIOLATION, ErrorCode, ProtocolError, close_code
 from tests.fakes import FakeClock
 
@@ -73,6 +73,44 @@ def test_audio_three_times_real_time_is_fine_and_a_flood_is_too_fast() -> None:
         connection.audio(FRAME_S)
     assert refused.value.code == ErrorCode.too_fast
     assert "3 times real time" in refused.value.message
+
+
+def test_a_resumed_connection_may_send_its_resend_at_once_but_only_once() -> None:
+    clock = FakeClock()
+    fresh = ConnectionLimits(limits(audio_speed=3.0, audio_burst_s=1.0), clock)
+    resumed = ConnectionLimits(limits(audio_speed=3.0, audio_burst_s=1.0), clock)
+    resumed.allow_resend(6.0)  # the converter stood 6 s behind the client when its connection came back
+    backlog = [FRAME_S] * round(7.0 / FRAME_S)  # the resend and the burst, in one go
+    with pytest.raises(ProtocolError):
+        for seconds in backlog:
+            fresh.audio(seconds)
+    for seconds in backlog:
+        resumed.audio(seconds)
+    with pytest.raises(ProtocolError) as refused:  # the credit is spent: a flood is a flood again
+        resumed.audio(FRAME_S)
+    assert refused.value.code == ErrorCode.too_fast
+    clock.now += 10.0  # refilling goes back to the burst, not to the credit
+    with pytest.raises(ProtocolError):
+        for _ in range(round(1.1 / FRAME_S)):
+            resumed.audio(FRAME_S)
+
+
+def test_a_resend_allowance_is_capped() -> None:
+    clock = FakeClock()
+    connection = ConnectionLimits(limits(audio_speed=3.0, audio_burst_s=1.0), clock)
+    connection.allow_resend(3600.0)  # an hour-old session whose converter stands at block 0 is not resending
+    connection.audio(MAX_RESEND_S + 1.0)  # the cap and the burst
+    with pytest.raises(ProtocolError):
+        connection.audio(FRAME_S)
+
+
+def test_a_negative_resend_allows_nothing() -> None:
+    clock = FakeClock()
+    connection = ConnectionLimits(limits(audio_speed=3.0, audio_burst_s=1.0), clock)
+    connection.allow_resend(-5.0)  # clocks of two machines: the converter ahead of the session's age
+    connection.audio(1.0)
+    with pytest.raises(ProtocolError):
+        connection.audio(FRAME_S)
 
 
 def test_text_messages_are_limited() -> None:

@@ -324,6 +324,29 @@ def test_realtime_input_is_paced_and_switches_voice_on_time() -> None:
     assert result.end is not None and result.error is None
 
 
+@pytest.mark.parametrize("realtime", [True, False])
+def test_a_backlog_goes_out_within_the_catch_up_allowance_when_real_time(realtime: bool) -> None:
+    """Input that piled up (a drop, a stalled microphone) goes out at most CATCH_UP_SPEED times real time beyond a
+    burst of CATCH_UP_BURST_S: the server's limits would end a real-time stream sent faster. A file's is not held."""
+    converter = EchoConverter()
+    audio = sine(4.0)
+    packets = stream_client.encode_packets(audio)
+    start = stream_client.start_message("token-1", "voice-a", realtime=realtime)
+    with serving(converter) as url:
+        result = asyncio.run(stream_client.run_stream(url, start, paced_packets(packets, realtime=False)))
+    assert result.error is None and converter.packets == packets
+    arrived = np.array(converter.packet_times) - converter.packet_times[0]
+    # Packet k may go once (k + 1) packets' time is within the burst plus the speed times the time gone by.
+    earliest = ((np.arange(len(packets)) + 1) * stream_client.FRAME_SECONDS - stream_client.CATCH_UP_BURST_S) / (
+        stream_client.CATCH_UP_SPEED
+    )
+    if realtime:
+        assert np.all(arrived >= earliest - stream_client.FRAME_SECONDS), "faster than the allowance"
+        assert arrived[-1] < earliest[-1] + 1.0, "held back more than the allowance asks"
+    else:
+        assert arrived[-1] < earliest[-1] / 2, "a file's input is not held back"
+
+
 REFUSED_RETRY_AFTER_S = 0.1
 
 

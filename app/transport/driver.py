@@ -243,7 +243,12 @@ class SessionDriver(ABC):
         self.events = self.stream.block_events(session, self.owner)
         self.stream.stream_opened(self.transport)
         # Only the time before this connection: its own is on the limits' clock already.
-        self.limits.count_earlier(self.connected_at - session.started_at)
+        earlier_s = self.connected_at - session.started_at
+        self.limits.count_earlier(earlier_s)
+        if ready.resumed_at_block is not None:
+            # The client sends again all it recorded since the block the converter stands at: at most the
+            # session's age less the input converted, which the limits must not mistake for a flood.
+            self.limits.allow_resend(earlier_s - ready.resumed_at_block * ready.block_ms / 1000)
         await self.send_text(ready.model_dump_json())
         how = "started" if ready.resumed_at_block is None else f"resumed at block {ready.resumed_at_block}"
         log.info("%s %s: %s on converter %s", self.noun, session.session_id, how, session.replica)

@@ -1,7 +1,9 @@
 """What one connection may send, and for how long: the limits both live transports enforce in their reader loops.
 
 - Audio of a real-time stream: at most `audio_speed` times real time, sustained, plus `audio_burst_s` seconds at once
-  (a client catching up after a network stall sends its backlog in one go). Anything faster is not a microphone: it
+  (a client catching up after a network stall sends its backlog in one go). A resumed session may also send again
+  what its converter had not reached when the old connection dropped, plus what was recorded while it was down: the
+  protocol asks for that resend, so it is allowed on top, once (`allow_resend`). Anything faster is not a microphone: it
   costs decoding and is then dropped as late input anyway. Streams that are not real time need no such limit, since
   the server reads their input only as fast as it converts it.
 - Text messages: at most `text_per_s` a second plus `text_burst` at once; a client sends a handful per session.
@@ -34,6 +36,9 @@ T = TypeVar("T")
 Clock = Callable[[], float]
 # Refills add up float time steps: without slack, a client exactly at the rate would be refused for a rounding error.
 ROUNDING_SLACK = 1e-9
+# The most a resend may hold: a dropped client has the converter's detached-session TTL (30 s by default) to come
+# back and keeps 30 s of input to send again (client/stream_client.py); beyond that it is no longer a resend.
+MAX_RESEND_S = 60.0
 
 
 class TokenBucket:
@@ -48,15 +53,28 @@ class TokenBucket:
         self._level = burst
         self._updated = clock()
 
+    def _refill(self) -> None:
+        now = self._clock()
+        refilled = min(self.burst, self._level + (now - self._updated) * self.rate)
+        self._level = max(self._level, refilled)  # a credit above `burst` is kept until it is spent
+        self._updated = now
+
+    def time_until(self, amount: float) -> float:
+        """Seconds until the bucket holds `amount` (0 when it does now); `amount` must not exceed `burst`."""
+        self._refill()
+        return max(0.0, (amount - self._level) / self.rate)
+
     def take(self, amount: float = 1.0) -> bool:
         """Takes `amount` if the bucket holds it; False (and nothing taken) otherwise."""
-        now = self._clock()
-        self._level = min(self.burst, self._level + (now - self._updated) * self.rate)
-        self._updated = now
+        self._refill()
         if self._level < amount - ROUNDING_SLACK:
             return False
         self._level -= amount
         return True
+
+    def credit(self, amount: float) -> None:
+        """Adds `amount` once, beyond `burst` if need be (what refills never exceed)."""
+        self._level += max(0.0, amount)
 
 
 @dataclass(frozen=True)
@@ -106,6 +124,10 @@ class ConnectionLimits:
     def count_earlier(self, seconds: float) -> None:
         """A resumed session's time on its earlier connections counts towards its maximum length too."""
         self._deadline -= max(0.0, seconds)
+
+    def allow_resend(self, seconds: float) -> None:
+        """A resumed session's client sends `seconds` of input again at once: the protocol's resend, not a flood."""
+        self._audio.credit(min(seconds, MAX_RESEND_S))
 
     def audio(self, seconds: float) -> None:
         """Counts `seconds` of received real-time audio; too_fast beyond the allowance."""

@@ -39,11 +39,12 @@
 
 Text messages are at most `MAX_TEXT_BYTES`. Unknown fields are rejected, so a typo never goes unnoticed.
 Limits (app/transport/limits.py, set in the ingress config): real-time audio may arrive at most a few times faster than
-real time and text messages a few a second (`too_fast`); a session lasts at most `max_session_s` (`session_too_long`);
-the start message must come within `start_timeout_s` of the connection (`not_started`); a session that receives no
-media at all for `idle_input_timeout_s` ends (`idle_timeout`: silence is media, and so are DTX packets). Converted
-audio the client does not take in time (it sends faster than real time and reads in real time) waits at most
-`max_output_backlog_s`; beyond that the oldest is dropped and a `warning` event with code `output_dropped` says so.
+real time (a resumed session's resend, step 7, is allowed on top, once) and text messages a few a second (`too_fast`); a
+session lasts at most `max_session_s` (`session_too_long`); the start message must come within `start_timeout_s` of the
+connection (`not_started`); a session that receives no media at all for `idle_input_timeout_s` ends (`idle_timeout`:
+silence is media, and so are DTX packets). Converted audio the client does not take in time (it sends faster than real
+time and reads in real time) waits at most `max_output_backlog_s`; beyond that the oldest is dropped and a `warning`
+event with code `output_dropped` says so.
 
 WebRTC calls (`/v1/rtc`, spelled out step by step in app/transport/webrtc.py) reuse these messages and events on a
 signalling WebSocket, plus `OfferMessage` and `AnswerEvent` for the SDP; the audio travels on the call's track

@@ -139,6 +139,39 @@ def test_a_real_time_stream_within_the_limits_is_untouched(limited: ServeApp) ->
     assert result.error is None and result.end is not None
 
 
+async def resumed_with_a_backlog(served: ServeApp, dropped_for_s: float) -> dict[str, Any]:
+    """A stream that drops after 1 s of real-time input and comes back `dropped_for_s` later with a resume, sending
+    at once what a client sends then (client/stream_client.py): the input since the block its converter stands at.
+    Returns the event the resumed connection ends with."""
+    audio = packets(served, 4.0)
+    start = start_message(served.token, served.voice_id, realtime=True)
+    async with websockets.connect(WS_URL + "/v1/stream") as socket:
+        await socket.send(json.dumps(start))
+        ready = json.loads(await socket.recv())
+        began = asyncio.get_running_loop().time()
+        await send_all_paced(socket, audio[:50])
+        socket.transport.abort()  # no close frame: a dropped network, which leaves the session to resume
+    await asyncio.sleep(dropped_for_s)
+    resume = {"session_id": ready["session_id"], "resume_token": ready["resume_token"]}
+    async with websockets.connect(WS_URL + "/v1/stream") as socket:
+        await socket.send(json.dumps({**start, "resume": resume}))
+        resumed = json.loads(await socket.recv())
+        assert resumed["type"] == "ready" and resumed["resumed_at_block"] is not None, resumed
+        recorded = round((asyncio.get_running_loop().time() - began) * 1000 / 20)  # 20 ms packets since the first
+        converted = resumed["resumed_at_block"] * resumed["block_ms"] // 20
+        await send_all(socket, [*audio[converted:recorded], json.dumps({"type": "end"})])
+        async for message in socket:
+            if isinstance(message, str) and (event := json.loads(message))["type"] in ("end", "error"):
+                return event
+    raise AssertionError("the resumed stream closed without an end or error event")
+
+
+def test_a_resumed_stream_may_send_its_backlog_at_once(limited: ServeApp) -> None:
+    """The backlog after 1.5 s away is more than the 1 s burst and 1.5x real time allow: the resume allows it."""
+    event = asyncio.run(resumed_with_a_backlog(limited, dropped_for_s=1.5))
+    assert event["type"] == "end", event
+
+
 # -- origins -------------------------------------------------------------------------------------------------------
 
 

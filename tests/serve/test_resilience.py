@@ -10,6 +10,8 @@ tests/serve/test_streaming.py's), and eight real-time sessions of the tiny model
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator
@@ -54,11 +56,20 @@ DEPLOY_TIMEOUT_S = 300
 BLOCKS_BEFORE_FAULT = 8  # every session is well under way before the fault
 # A hang, or a session that waited for a timeout, would show as many seconds; a re-home or a resume takes a fraction.
 GAP_BOUND_MS = 5000.0
-# Issue 16's targets when an ingress replica dies with the model converting: sessions of the other ingress must not
-# notice (their output is paced, so any converter stall shows as a gap), resumed ones come back within a second.
+# A whole redeployment starts four new replicas (each imports torch and Ray) on the same two cores while the sessions
+# run: gaps of 5.0-6.7 s were measured under outside load. A lost session would wait out the client's 30 s ready
+# timeout or the converter's 30 s detached-session TTL, well above this.
+REDEPLOY_GAP_BOUND_MS = 10_000.0
+# When an ingress replica dies with the model converting, sessions of the other ingress must not notice (their output
+# is paced, so any converter stall shows as a gap) and resumed ones come back quickly. The stall this guards against
+# (Ray's RPC reporting replies to a dead caller, deployments/app.py RAY_WORKER_ENV) cost 1.1-2.2 s, then 1 s per reply,
+# when it was found; bystanders see 57-431 ms on a quiet machine and up to 668 ms in loaded CI runs, with the killed
+# replica's replacement starting on the same two cores, and resumed sessions 455-969 ms. (Without RAY_WORKER_ENV two
+# runs in December 2026 saw bystanders at 217-658 ms: that stall no longer shows here, so this bound catches a stall
+# of a second or more from any cause.)
 CONVERTING_STREAMS = 4
-BYSTANDER_GAP_MS = 500.0
-RESUMED_GAP_MS = 1000.0
+BYSTANDER_GAP_MS = 1000.0
+RESUMED_GAP_MS = 1500.0
 # Short drains, so that replaced replicas go quickly: a test must not wait out production's 30 s / 300 s.
 FAST_DRAIN = {"graceful_shutdown_timeout_s": 3.0, "graceful_shutdown_wait_loop_s": 0.5}
 
@@ -104,6 +115,14 @@ class LiveCall:
         """The longest gap between audio packets that arrived from `start` to `end` (monotonic seconds)."""
         times = [t for t in self.audio_times if start <= t <= end]
         return 1000 * float(np.diff(times).max()) if len(times) > 1 else 0.0
+
+    @property
+    def converter(self) -> str:
+        """The converter replica holding the session now: its latest resume token names it (the token's claims are
+        signed, not encrypted: app/transport/sessions.py)."""
+        token = next(e["resume_token"] for e in reversed(self.events) if e["type"] in ("ready", "resume_token"))
+        payload = token.split(".")[0]
+        return str(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["rep"])
 
     def event_count(self, kind: str) -> int:
         return sum(1 for e in self.events if e["type"] == kind)
@@ -166,7 +185,7 @@ class LiveLoad:
             assert all(call.failure is None for call in self.calls), [call.failure for call in self.calls]
             time.sleep(0.05)
 
-    def check_every_session_went_on(self, label: str) -> list[float]:
+    def check_every_session_went_on(self, label: str, gap_bound_ms: float = GAP_BOUND_MS) -> list[float]:
         """Every session ended normally, its blocks in order; prints and returns the longest output gaps."""
         for call in self.calls:
             assert call.failure is None, f"{call.session_id}: {call.failure!r}"
@@ -176,7 +195,7 @@ class LiveLoad:
                 assert indexes == sorted(set(indexes)), f"{call.session_id}: blocks out of order"
         gaps = sorted(call.longest_gap_ms for call in self.calls)
         print(f"\n{label}: longest output gap per session (ms): {[round(gap) for gap in gaps]}")
-        assert gaps[-1] < GAP_BOUND_MS, f"{label}: a session's output stopped for {gaps[-1]:.0f} ms"
+        assert gaps[-1] < gap_bound_ms, f"{label}: a session's output stopped for {gaps[-1]:.0f} ms"
         return gaps
 
 
@@ -290,16 +309,19 @@ def test_redeploying_the_whole_app_under_eight_live_sessions(app: ServeApp, pari
     """Every replica is replaced, new ones first (max_surge_percent). An old converter that stops loses its sessions:
     they re-home through their ingress, which still runs its sockets. When the old ingress stops in turn, its clients
     resume on a new one. If the converter a session re-homed to was itself an old one, stopped by then, the resume
-    finds nothing and the client starts a new session: the call goes on either way."""
+    finds nothing and the client starts a new session: the call goes on either way. Which of these a client sees
+    depends on the order Serve replaces replicas in and on which events reached it before an old socket closed
+    ((re-homes, resumes, restarts) = (0, 1, 0) was seen once), so the test checks the outcome: the converter that
+    holds each session at its end, which its latest resume token names, is a new one."""
     before = set(converter_replicas())
     with LiveLoad(app) as load:
         redeploy(parity, voices)
         load.wait_for(lambda: not before & set(converter_replicas()), "the old converters to go")
         load.wait_for(lambda: len(ingress_replicas()) == 2, "the old ingress replicas to go")
-    load.check_every_session_went_on("whole application redeployed")
+    load.check_every_session_went_on("whole application redeployed", REDEPLOY_GAP_BOUND_MS)
     figures = [(c.event_count("resume_token"), c.result.resumes, c.result.restarts) for c in load.calls if c.result]
     print(f"(re-homes, resumes, restarts) per session: {figures}")
-    assert all(rehomes + restarts >= 1 for rehomes, _, restarts in figures), "every session's converter was replaced"
+    assert not before & {call.converter for call in load.calls}, "every session's converter was replaced"
     assert all(resumes + restarts >= 1 for _, resumes, restarts in figures), "every session's ingress was replaced"
 
 
