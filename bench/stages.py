@@ -6,6 +6,11 @@ Usage (from the repo root):
     .venv/bin/python -m bench.stages --threads 2 --blocks 20 --json /tmp/stages.json
     .venv/bin/python -m bench.stages --device cuda --batch 8  # 8 streams stepped together
     .venv/bin/python -m bench.stages --model hub              # the official weights (or --model BUNDLE_DIR)
+    .venv/bin/python -m bench.stages --precision bf16 --compile dit content_encoder  # bf16, compiled networks
+
+`--compile` runs the named networks through torch.compile (inductor, dynamic shapes), compiled during the warm-up
+blocks, whose time the report prints. It measures what compiling would gain; the service itself does not compile on
+a CPU (README, "Precision and speed").
 
 Without `--model` the networks are built at full size with random weights (bench/full_size.py): no download, and the
 same shapes, so the same cost, as the real checkpoints. Settings are StreamSettings' defaults (upstream README's
@@ -43,6 +48,7 @@ import torch
 from torch import Tensor
 
 from app.audio.files import Audio
+from app.model.precision import Precision
 from app.model.seedvc import SeedVC
 from app.streaming.settings import CONTENT_RATE, StreamGeometry, StreamSettings
 from app.streaming.stream import Stream, step_streams
@@ -109,6 +115,8 @@ def source_blocks(count: int, block_16k: int, seed: int) -> list[Tensor]:
     return list(torch.from_numpy(wave).split(block_16k))
 
 
+COMPILABLE = ("content_encoder", "dit")  # SeedVC's networks that are called as modules (the vocoder is not)
+
 # ---- running ------------------------------------------------------------------------------------------------------
 
 
@@ -123,6 +131,8 @@ class BenchArgs:
     cfg_rate: float
     batch: int
     seed: int
+    precision: Precision
+    compile: list[str]
     json: Path | None
     trace: Path | None
 
@@ -159,16 +169,21 @@ def run_blocks(model: SeedVC, streams: Sequence[Stream], inputs: Sequence[Sequen
     return rows
 
 
-def benchmark(model: SeedVC, voice: Voice, settings: StreamSettings, args: BenchArgs) -> list[dict[str, float]]:
+def benchmark(
+    model: SeedVC, voice: Voice, settings: StreamSettings, args: BenchArgs
+) -> tuple[list[dict[str, float]], float]:
+    """The measured blocks' rows, and the seconds the warm-up blocks took (compilation included)."""
     streams = [Stream(model, voice, settings, seed=args.seed + index) for index in range(args.batch)]
     size = streams[0].geometry.block_16k
     inputs = [source_blocks(args.warmup + args.blocks, size, seed=args.seed + 1000 + s) for s in range(args.batch)]
+    warm_up_started = time.perf_counter()
     run_blocks(model, streams, [blocks[: args.warmup] for blocks in inputs])
+    warm_up_s = time.perf_counter() - warm_up_started
     with profiler(args.trace, model.device) as prof:
         rows = run_blocks(model, streams, [blocks[args.warmup :] for blocks in inputs])
     if prof is not None and args.trace is not None:
         prof.export_chrome_trace(str(args.trace))
-    return rows
+    return rows, warm_up_s
 
 
 # ---- reporting ----------------------------------------------------------------------------------------------------
@@ -200,7 +215,9 @@ def format_report(
         f"{meta['load_average_1min'][1]:.1f} after the run (anything above the thread count means contention)",
         f"settings: {describe_settings(meta['settings'])}",
         f"prompt {meta['prompt_frames']} mel frames + {geometry.mel_frames} per block; content window "
-        f"{geometry.window_16k} samples at 16 kHz; warm-up {meta['warmup']} blocks, measured {meta['blocks']}",
+        f"{geometry.window_16k} samples at 16 kHz; warm-up {meta['warmup']} blocks ({meta['warm_up_s']:.1f} s), "
+        f"measured {meta['blocks']}",
+        f"precision {meta['precision']}; compiled with torch.compile: {', '.join(meta['compile']) or 'nothing'}",
         "parameters: " + ", ".join(f"{name} {count / 1e6:.2f} M" for name, count in counts.items()),
         "",
         f"{'stage':<18}{'median ms':>11}{'p90 ms':>10}{'max ms':>10}{'share':>8}",
@@ -246,6 +263,12 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchArgs:
     parser.add_argument("--cfg-rate", type=float, default=defaults.cfg_rate, help="classifier-free guidance rate")
     parser.add_argument("--batch", type=int, default=1, help="streams stepped together in one batched pass")
     parser.add_argument("--seed", type=int, default=0, help="random weights, synthetic audio, stream noise")
+    parser.add_argument(
+        "--precision", type=Precision, choices=list(Precision), default=Precision.FP32, help="compute precision"
+    )
+    parser.add_argument(
+        "--compile", nargs="+", default=[], choices=COMPILABLE, help="networks to run through torch.compile"
+    )
     parser.add_argument("--json", type=Path, help="write per-block rows and the summary here")
     parser.add_argument("--trace", type=Path, help="torch.profiler chrome trace of the measured blocks (slows them)")
     ns = parser.parse_args(argv)
@@ -271,13 +294,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     device = torch.device(args.device)
     settings = StreamSettings(diffusion_steps=args.steps, cfg_rate=args.cfg_rate)
     model = load_model(args.model, device, args.seed)
+    precision = model.set_precision(args.precision).precision
+    for network in args.compile:
+        getattr(model, network).compile(dynamic=True)
     counts = parameter_counts(model)
     geometry = StreamGeometry.from_settings(settings, model.sample_rate, model.config.mel.hop_length)
     samples = int(REFERENCE_SECONDS * model.sample_rate)
     reference = Audio(voiced_signal(samples, model.sample_rate, (180.0, 240.0), args.seed), model.sample_rate)
     voice = prepare_voice(model, reference, settings.max_prompt)
     load_before = os.getloadavg()[0]
-    rows = benchmark(model, voice, settings, args)
+    rows, warm_up_s = benchmark(model, voice, settings, args)
     load_after = os.getloadavg()[0]
     summary = summarize(rows)
     meta = {
@@ -285,6 +311,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "batch": args.batch,
         "blocks": args.blocks,
         "warmup": args.warmup,
+        "warm_up_s": warm_up_s,
+        "precision": str(precision),
+        "compile": args.compile,
         "seed": args.seed,
         "torch": torch.__version__,
         "settings": asdict(settings),
