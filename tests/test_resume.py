@@ -20,7 +20,7 @@ from app.serving.converter import ConverterService
 from app.serving.live import BlockReport, LateReport, LiveSession
 from app.serving.local import LocalConverterClient
 from app.serving.metrics import RecordedMetrics
-from app.serving.wire import ResumeState, SessionLost, SessionTakenOver
+from app.serving.wire import OpenReply, OpenRequest, ResumeState, SessionLost, SessionTakenOver
 from app.streaming.settings import StreamSettings
 from app.transport.protocol import ErrorCode, ProtocolError, ResumeRequest, SettingsOverrides, StartMessage
 from app.transport.sessions import StreamServices
@@ -263,3 +263,51 @@ def test_a_resumed_sessions_totals_count_its_earlier_connections(parity: ParityS
     assert first.total_dropped_blocks >= 2
     assert (dropped, answered_before) == (first.total_dropped_blocks, first.blocks_answered)
     assert late.total_dropped_ms == pytest.approx(late.dropped_ms + 1000 * SETTINGS.block_time * dropped)
+
+
+async def answered(session: LiveSession) -> BlockReport:
+    """The report of the session's next output block (there must be one)."""
+    output = await session.next_output()
+    assert output is not None
+    return output[1]
+
+
+def test_a_rehome_after_dropped_blocks_numbers_on_after_them(parity: ParitySet, model: SeedVC, voice_ids) -> None:
+    """Blocks dropped as silence never reach the converter. A re-home right after them must still tell the new
+    converter where the numbering stands: were the connection to drop before its next block, a client resuming
+    there would be told to send blocks again that it already has (seen in a redeploy under load)."""
+    store, (voice, _) = voice_ids
+    client = make_client(model, store)
+    session = LiveSession(client, "s", voice, SETTINGS, 5, max_backlog_blocks=2)
+    opened: list[OpenRequest] = []
+    open_on = client.open
+
+    async def recorded_open(request: OpenRequest) -> OpenReply:
+        opened.append(request)
+        return await open_on(request)
+
+    client.open = recorded_open  # type: ignore[method-assign]
+    audio = input_48k(parity)
+
+    async def scenario() -> list[BlockReport]:
+        await session.open()
+        start = 0
+        while not session.pending_blocks:  # one block, converted: the session has a state to move
+            session.feed(audio[start : start + FRAME])
+            start += FRAME
+        reports = [await answered(session)]
+        while session.total_dropped_blocks < 3:  # input piles up faster than it is taken: the oldest drops
+            session.feed(audio[start : start + FRAME])
+            start += FRAME
+        client.lose(session.replica)  # the dropped blocks are answered without it; the next one finds it gone
+        while session.pending_blocks:
+            reports.append(await answered(session))
+        return reports
+
+    reports = asyncio.run(scenario())
+    rehomed = next(report for report in reports if report.rehomed)
+    assert [report.index for report in reports] == list(range(len(reports)))
+    assert sum(report.steps == 0 and report.batch_size == 0 for report in reports[: rehomed.index]) >= 3
+    [reopen] = opened[1:]
+    assert reopen.resume is not None and reopen.resume.next_index == rehomed.index
+    assert reopen.resume.blocks_done == 1, "the dropped blocks were not converted"

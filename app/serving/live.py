@@ -270,7 +270,7 @@ class LiveSession:
             try:
                 await self.client.set_voice(self.session_id, self.voice_id, self.replica)
             except SessionLost:
-                await self._reopen()
+                await self._reopen(pending.index)
         reply, rehomed = await self._convert(pending)
         self._advance_window(pending.samples_16k)
         self._state = reply.state
@@ -344,12 +344,19 @@ class LiveSession:
                 return await self.client.convert(block, self.replica), rehomed
             except SessionLost:
                 log.warning("session %s lost its converter at block %d; re-opening", self.session_id, pending.index)
-                await self._reopen()
+                await self._reopen(pending.index)
                 rehomed = True
         raise SessionLost(f"session {self.session_id} could not be re-opened after {MAX_REOPENS_PER_BLOCK} tries")
 
-    async def _reopen(self) -> None:
-        self.opened = await self.client.open(self._open_request(self.resume_state))
+    async def _reopen(self, next_index: int) -> None:
+        """Opens the session on another converter, numbering on from `next_index`, the block being converted now.
+
+        The blocks before it were answered, dropped ones with silence that the lost converter never saw (its state
+        says where it stood before them): the new one must not hand them out again to a client that resumes."""
+        state = self.resume_state
+        if state is not None:
+            state = replace(state, next_index=max(state.next_index, next_index))
+        self.opened = await self.client.open(self._open_request(state))
         self.rehomes += 1
 
     # -- control -------------------------------------------------------------------------------------------------
