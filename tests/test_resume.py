@@ -272,7 +272,9 @@ async def answered(session: LiveSession) -> BlockReport:
     return output[1]
 
 
-def test_a_rehome_after_dropped_blocks_numbers_on_after_them(parity: ParitySet, model: SeedVC, voice_ids) -> None:
+def test_a_rehome_after_dropped_blocks_numbers_on_after_them(
+    parity: ParitySet, model: SeedVC, voice_ids, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Blocks dropped as silence never reach the converter. A re-home right after them must still tell the new
     converter where the numbering stands: were the connection to drop before its next block, a client resuming
     there would be told to send blocks again that it already has (seen in a redeploy under load)."""
@@ -286,7 +288,7 @@ def test_a_rehome_after_dropped_blocks_numbers_on_after_them(parity: ParitySet, 
         opened.append(request)
         return await open_on(request)
 
-    client.open = recorded_open  # type: ignore[method-assign]
+    monkeypatch.setattr(client, "open", recorded_open)
     audio = input_48k(parity)
 
     async def scenario() -> list[BlockReport]:

@@ -702,6 +702,9 @@ def source_48k(parity: ParitySet, seconds: float) -> np.ndarray:
     return audio[: int(SAMPLE_RATE * seconds)]
 
 
+FOUND_CORRELATION = 0.5  # a stretch of the input counts as found in the output from this normalised correlation on
+
+
 def lossy_call_input(parity: ParitySet) -> np.ndarray:
     """8 s of speech for the lossy-network tests: enough losses to count; reversed in its second half, so that no
     stretch repeats (a stretch found at another delay would be a skip)."""
@@ -894,7 +897,11 @@ def test_a_lossy_network_keeps_the_call_concealed_not_shortened(
     # takes its 20 ms out of the timeline: the call's ~40 losses would move the end ~0.8 s earlier.) It may move
     # later: each direction's buffer holds up to REORDER_PACKETS once packets go missing, and the output track
     # plays silence while the converted audio is late.
-    delays = np.array([delay for delay, _ in delays_and_correlations(audio, call.output_48k)])
+    # Only stretches found clearly say where they came back: a faint one whose best match is poor (seen at -5.5 s to
+    # +5.6 s in a call whose other stretches sat at 0.27-0.29 s) says nothing about the timeline. That every stretch
+    # is there is the continuity check's claim, below.
+    found = delays_and_correlations(audio, call.output_48k)
+    delays = np.array([delay for delay, correlation in found if correlation > FOUND_CORRELATION])
     quarter = len(delays) // 4
     first, last = np.median(delays[:quarter]), np.median(delays[-quarter:])
     block = call.events[0]["block_ms"] * SAMPLE_RATE // 1000
@@ -904,4 +911,4 @@ def test_a_lossy_network_keeps_the_call_concealed_not_shortened(
     correlations = correlations_at(
         audio, call.output_48k, round(np.median(delays)), 2 * REORDER_PACKETS * FRAME_SAMPLES
     )
-    assert np.median(correlations) > 0.8 and np.mean(correlations > 0.5) >= 0.8, correlations
+    assert np.median(correlations) > 0.8 and np.mean(correlations > FOUND_CORRELATION) >= 0.8, correlations
